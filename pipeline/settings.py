@@ -1,0 +1,216 @@
+"""One frozen settings object, built once from the environment at the entry point and passed down."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret value that never shows itself in logs, reprs or tracebacks."""
+
+    _value: str = field(repr=False)
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    name: str
+    default: str
+    meaning: str
+
+
+# The single list of every environment variable: the CLI's --help and the README table come from here.
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("CRISISWATCH_KAFKA_BOOTSTRAP", "", "Kafka bootstrap servers (host:port,...). Empty: start the embedded broker."),
+    EnvVar("CRISISWATCH_DATABASE_URL", "", "PostgreSQL URL (postgresql://...). Empty: start embedded PostgreSQL."),
+    EnvVar("CRISISWATCH_DATA_DIR", ".crisiswatch", "Where the embedded profile keeps PostgreSQL data, worker state, logs."),
+    EnvVar("CRISISWATCH_PARTITIONS", "4", "Partitions of each topic created by crisiswatch (scale-out limit)."),
+    EnvVar("CRISISWATCH_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
+    EnvVar("CRISISWATCH_KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used."),
+    EnvVar("CRISISWATCH_KAFKA_SASL_USERNAME", "", "SASL user name."),
+    EnvVar("CRISISWATCH_KAFKA_SASL_PASSWORD", "", "SASL password (secret; never logged)."),
+    EnvVar("CRISISWATCH_KAFKA_SSL_CAFILE", "", "CA bundle for TLS to the brokers."),
+    EnvVar("CRISISWATCH_API_HOST", "127.0.0.1", "Ingest API listen address."),
+    EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port."),
+    EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated and printed."),
+    EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated and printed."),
+    EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
+    EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
+    EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
+    EnvVar("CRISISWATCH_CHECKIN_RETENTION_DAYS", "30", "Days of check-in history kept in PostgreSQL."),
+    EnvVar("CRISISWATCH_DWELL_SECONDS", "120", "How long a citizen must stay outside before 'exited' is sent (anti-flap)."),
+    EnvVar("CRISISWATCH_HYSTERESIS_M", "50", "Minimum distance beyond the edge before a citizen counts as outside."),
+    EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced in one call."),
+    EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
+    EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
+    EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+)
+
+
+def _bool(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}: expected true/false, got {raw!r}")
+
+
+def _int(name: str, raw: str, minimum: int = 0) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, raw: str, minimum: float = 0.0) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kafka_bootstrap: str = ""
+    database_url: Secret = Secret("")
+    data_dir: Path = Path(".crisiswatch")
+    partitions: int = 4
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: Secret = Secret("")
+    kafka_ssl_cafile: str = ""
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    ingest_token: Secret = Secret("")
+    operator_token: Secret = Secret("")
+    max_body_bytes: int = 2_000_000
+    worker_web_port: int = 6066
+    sink_metrics_port: int = 9102
+    checkin_retention_days: int = 30
+    dwell_seconds: float = 120.0
+    hysteresis_m: float = 50.0
+    batch_size: int = 2000
+    batch_wait_s: float = 0.05
+    exercise_mode: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.database_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+
+        def get(name: str) -> str:
+            return next(v.default for v in ENV_VARS if v.name == name) if name not in e else e[name]
+
+        level = get("CRISISWATCH_LOG_LEVEL").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError(f"CRISISWATCH_LOG_LEVEL: expected DEBUG/INFO/WARNING/ERROR, got {level!r}")
+        protocol = get("CRISISWATCH_KAFKA_SECURITY_PROTOCOL").upper()
+        if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise SettingsError(f"CRISISWATCH_KAFKA_SECURITY_PROTOCOL: unknown protocol {protocol!r}")
+        return cls(
+            kafka_bootstrap=get("CRISISWATCH_KAFKA_BOOTSTRAP").strip(),
+            database_url=Secret(get("CRISISWATCH_DATABASE_URL").strip()),
+            data_dir=Path(get("CRISISWATCH_DATA_DIR")),
+            partitions=_int("CRISISWATCH_PARTITIONS", get("CRISISWATCH_PARTITIONS"), 1),
+            kafka_security_protocol=protocol,
+            kafka_sasl_mechanism=get("CRISISWATCH_KAFKA_SASL_MECHANISM"),
+            kafka_sasl_username=get("CRISISWATCH_KAFKA_SASL_USERNAME"),
+            kafka_sasl_password=Secret(get("CRISISWATCH_KAFKA_SASL_PASSWORD")),
+            kafka_ssl_cafile=get("CRISISWATCH_KAFKA_SSL_CAFILE"),
+            api_host=get("CRISISWATCH_API_HOST"),
+            api_port=_int("CRISISWATCH_API_PORT", get("CRISISWATCH_API_PORT")),
+            ingest_token=Secret(get("CRISISWATCH_INGEST_TOKEN")),
+            operator_token=Secret(get("CRISISWATCH_OPERATOR_TOKEN")),
+            max_body_bytes=_int("CRISISWATCH_MAX_BODY_BYTES", get("CRISISWATCH_MAX_BODY_BYTES"), 1024),
+            worker_web_port=_int("CRISISWATCH_WORKER_WEB_PORT", get("CRISISWATCH_WORKER_WEB_PORT")),
+            sink_metrics_port=_int("CRISISWATCH_SINK_METRICS_PORT", get("CRISISWATCH_SINK_METRICS_PORT")),
+            checkin_retention_days=_int("CRISISWATCH_CHECKIN_RETENTION_DAYS", get("CRISISWATCH_CHECKIN_RETENTION_DAYS"), 1),
+            dwell_seconds=_float("CRISISWATCH_DWELL_SECONDS", get("CRISISWATCH_DWELL_SECONDS")),
+            hysteresis_m=_float("CRISISWATCH_HYSTERESIS_M", get("CRISISWATCH_HYSTERESIS_M")),
+            batch_size=_int("CRISISWATCH_BATCH_SIZE", get("CRISISWATCH_BATCH_SIZE"), 1),
+            batch_wait_s=_float("CRISISWATCH_BATCH_WAIT_S", get("CRISISWATCH_BATCH_WAIT_S")),
+            exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
+            log_level=level,
+        )
+
+    def with_generated_tokens(self) -> Settings:
+        """Embedded profile: fill in any missing API token with a fresh random one."""
+        return replace(
+            self,
+            ingest_token=self.ingest_token or Secret(secrets.token_urlsafe(24)),
+            operator_token=self.operator_token or Secret(secrets.token_urlsafe(24)),
+        )
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security options in kafka-python's spelling (aiokafka takes the same names)."""
+        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            opts.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                        sasl_plain_password=self.kafka_sasl_password.get())
+        if self.kafka_ssl_cafile:
+            opts["ssl_cafile"] = self.kafka_ssl_cafile
+        return opts
+
+    def env(self) -> dict[str, str]:
+        """The environment that rebuilds these settings in a child process."""
+        return {
+            "CRISISWATCH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "CRISISWATCH_DATABASE_URL": self.database_url.get(),
+            "CRISISWATCH_DATA_DIR": str(self.data_dir),
+            "CRISISWATCH_PARTITIONS": str(self.partitions),
+            "CRISISWATCH_KAFKA_SECURITY_PROTOCOL": self.kafka_security_protocol,
+            "CRISISWATCH_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+            "CRISISWATCH_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+            "CRISISWATCH_KAFKA_SASL_PASSWORD": self.kafka_sasl_password.get(),
+            "CRISISWATCH_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "CRISISWATCH_API_HOST": self.api_host,
+            "CRISISWATCH_API_PORT": str(self.api_port),
+            "CRISISWATCH_INGEST_TOKEN": self.ingest_token.get(),
+            "CRISISWATCH_OPERATOR_TOKEN": self.operator_token.get(),
+            "CRISISWATCH_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "CRISISWATCH_WORKER_WEB_PORT": str(self.worker_web_port),
+            "CRISISWATCH_SINK_METRICS_PORT": str(self.sink_metrics_port),
+            "CRISISWATCH_CHECKIN_RETENTION_DAYS": str(self.checkin_retention_days),
+            "CRISISWATCH_DWELL_SECONDS": str(self.dwell_seconds),
+            "CRISISWATCH_HYSTERESIS_M": str(self.hysteresis_m),
+            "CRISISWATCH_BATCH_SIZE": str(self.batch_size),
+            "CRISISWATCH_BATCH_WAIT_S": str(self.batch_wait_s),
+            "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
+            "CRISISWATCH_LOG_LEVEL": self.log_level,
+        }

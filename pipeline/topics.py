@@ -1,0 +1,30 @@
+"""Topic names: the one place that spells them."""
+
+from __future__ import annotations
+
+from typing import Final
+
+CHECKINS: Final = "checkins"
+CITIZENS: Final = "citizens"
+CRISIS_EVENTS: Final = "crisis-events"
+ACKS: Final = "acks"
+WARNINGS: Final = "warnings"
+CRISIS_STATUS: Final = "crisis-status"
+FEED_REVIEW: Final = "feed-review"
+DLQ: Final = "dlq"
+
+# Topics every deployment needs; per-country warning topics are created on first use.
+CORE_TOPICS: Final = (CHECKINS, CITIZENS, CRISIS_EVENTS, ACKS, WARNINGS, CRISIS_STATUS, FEED_REVIEW, DLQ)
+
+# Headers on a dead-lettered message.
+DLQ_REASON_HEADER: Final = "crisiswatch-dlq-reason"
+DLQ_SOURCE_TOPIC_HEADER: Final = "crisiswatch-dlq-topic"
+DLQ_STAGE_HEADER: Final = "crisiswatch-dlq-stage"
+
+
+def country_warning_topic(country_code: str) -> str:
+    """``warnings.<CC>``: warnings about crises in one country, for that country's crisis managers."""
+    cc = country_code.upper()
+    if len(cc) != 2 or not cc.isascii() or not cc.isalpha():
+        raise ValueError(f"not an ISO 3166-1 alpha-2 code: {country_code!r}")
+    return f"{WARNINGS}.{cc}"

@@ -1,0 +1,108 @@
+"""The one way producers hand events to Kafka (kafka-python), with outages made explicit.
+
+``publish`` returns only after the broker acknowledged every message (acks=all), so a caller
+that answers 2xx after it has really handed the input to Kafka. A broker that cannot be
+reached raises :class:`BrokerUnavailable` — HTTP callers turn that into 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import topics
+from pipeline.settings import Settings
+from schemas import Event, encode
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """Kafka did not acknowledge the messages in time; nothing can be promised about them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def key_of(event: Event) -> bytes | None:
+    """Partition key per DESIGN: citizen for check-ins, warnings, acks and citizens; crisis for crisis events."""
+    for attr in ("citizen_id", "crisis_id"):
+        value = getattr(event, attr, None)
+        if isinstance(value, str):
+            return value.encode("utf-8")
+    return None
+
+
+TOPIC_OF_SCHEMA: dict[str, str] = {
+    "checkin/1": topics.CHECKINS,
+    "citizen/1": topics.CITIZENS,
+    "crisis/1": topics.CRISIS_EVENTS,
+    "ack/1": topics.ACKS,
+    "warning/1": topics.WARNINGS,
+    "crisis-status/1": topics.CRISIS_STATUS,
+}
+
+
+def outgoing(event: Event, topic: str | None = None) -> Outgoing:
+    return Outgoing(topic or TOPIC_OF_SCHEMA[event.SCHEMA], key_of(event), encode(event))
+
+
+def dead_letter(raw: bytes, reason: str, source_topic: str, stage: str, key: bytes | None = None) -> Outgoing:
+    headers = ((topics.DLQ_REASON_HEADER, reason.encode("utf-8")[:1000]),
+               (topics.DLQ_SOURCE_TOPIC_HEADER, source_topic.encode("utf-8")),
+               (topics.DLQ_STAGE_HEADER, stage.encode("utf-8")))
+    return Outgoing(topics.DLQ, key, raw, headers)
+
+
+class Publisher:
+    """A kafka-python producer with acks=all; one per process, closed on shutdown."""
+
+    def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float = 10.0,
+                 client_id: str = "crisiswatch-producer") -> None:
+        self.bootstrap = bootstrap or settings.kafka_bootstrap
+        self.timeout_s = timeout_s
+        self._options = settings.kafka_client_options()
+        self._client_id = client_id
+        self._producer: Any = None
+
+    def _get(self) -> Any:
+        if self._producer is None:
+            from kafka import KafkaProducer
+            from kafka.errors import KafkaError
+
+            try:
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=5,
+                    max_block_ms=int(self.timeout_s * 1000), request_timeout_ms=int(self.timeout_s * 1000),
+                    retries=3, max_in_flight_requests_per_connection=1, **self._options)
+            except KafkaError as exc:
+                raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
+        return self._producer
+
+    def publish(self, messages: Iterable[Outgoing]) -> int:
+        """Send and wait for every acknowledgement; return how many were written."""
+        from kafka.errors import KafkaError
+
+        producer = self._get()
+        try:
+            futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers)) for m in messages]
+            for future in futures:
+                future.get(timeout=self.timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"Kafka did not acknowledge: {exc}") from exc
+        return len(futures)
+
+    def publish_events(self, events: Sequence[Event]) -> int:
+        return self.publish(outgoing(e) for e in events)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=self.timeout_s)
+            self._producer = None

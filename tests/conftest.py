@@ -1,0 +1,48 @@
+"""Session-scoped real servers: the embedded Tansu broker and embedded PostgreSQL.
+
+Integration tests get their own topics (``fresh_topic``) and consumer groups, so they never
+see each other's messages. PostgreSQL is one server per session with the migrations applied.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.embedded import EmbeddedBroker, EmbeddedPostgres, apply_migrations, create_topics, ensure_topics
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    broker = EmbeddedBroker.start(log_path=log)
+    try:
+        ensure_topics(broker.bootstrap, partitions=4)
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pg = EmbeddedPostgres.start(Path(tmp_path_factory.mktemp("pg")))
+    try:
+        apply_migrations(pg.url)
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def fresh_topic(kafka_bootstrap: str) -> Callable[..., str]:
+    """Create a topic with a unique name for one test; returns its name."""
+
+    def make(prefix: str = "t", partitions: int = 4) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        create_topics(kafka_bootstrap, [name], partitions)
+        return name
+
+    return make
