@@ -1,0 +1,472 @@
+"""The ingest API: check-ins, citizens' self-reports, operator crises and citizens' replies into Kafka.
+
+Every request goes through three steps, in this order:
+
+1. **parse** — authenticate the bearer token, read the body within the size limit, decode JSON;
+2. **validate** — pure functions with no I/O (:func:`parse_checkins`, :func:`parse_citizen`,
+   :func:`parse_crisis`, :func:`parse_ack`): fill in what clients may leave out, check against the
+   JSON Schema, build typed events. A batch is valid as a whole or refused as a whole;
+3. **publish** — hand every event to Kafka and answer ``202`` only after the broker acknowledged
+   each of them; an unreachable broker is ``503``, never a ``2xx``.
+
+Every refusal is a JSON object ``{"error": ..., "reason": ..., "field": ...}``: ``field`` is a JSON
+path into the request body (``$[3].lat``, ``$.checkins[3].lat``, ``$.geometry``) when one field is
+to blame.
+
+Tokens: ``CRISISWATCH_INGEST_TOKEN`` opens check-ins, citizens and acks; ``CRISISWATCH_OPERATOR_TOKEN``
+opens crises and, as the stronger token, the ingest endpoints too. A token that is not configured
+opens nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any, Final, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from pipeline import topics
+from pipeline.domain.countries import countries_for
+from pipeline.domain.geometry import GeometryError, normalise_geometry
+from pipeline.metrics import ApiMetrics
+from pipeline.settings import Secret, Settings
+from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
+from schemas import Ack, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj
+from schemas.codec import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+
+MAX_BATCH: Final = 1000
+DATETIME_FIELDS: Final = frozenset({"observed_at", "received_at", "effective", "expires"})
+_REQUIRED: Final = re.compile(r"'([A-Za-z_]+)' is a required property")
+
+# What an operator may leave out when declaring a crisis. An operator drawing an area is
+# declaring danger now, so the defaults lean towards warning people rather than staying quiet.
+OPERATOR_DEFAULTS: Final[Mapping[str, Any]] = {
+    "op": "upsert",
+    "source": "operator",
+    "category": "safety",
+    "severity": "severe",
+    "urgency": "immediate",
+    "certainty": "likely",
+    "buffer_km": 0,
+    "expires": None,
+    "instruction": "Follow the instructions of local authorities and reply to tell us whether you are safe.",
+    "url": "",
+    "references": [],
+}
+DEFAULT_CRISIS_TITLE: Final = "Crisis declared by operator"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: pure functions, no I/O. They raise InvalidEvent (422) or BatchTooLarge (413).
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchTooLarge(ValueError):
+    """More items in one request than :data:`MAX_BATCH`."""
+
+
+def parse_event(obj: Any, model: type[E], at: str = "$") -> E:
+    """One JSON object to a typed event; ``schema`` may be left out. ``at`` prefixes error paths."""
+    if not isinstance(obj, Mapping):
+        raise InvalidEvent(f"expected a JSON object ({model.SCHEMA})", at)
+    filled = {"schema": model.SCHEMA, **obj}
+    try:
+        return from_obj(filled, model)
+    except InvalidEvent as exc:
+        path, reason = _readable(exc, filled)
+        raise InvalidEvent(reason, at + path.removeprefix("$")) from None
+
+
+def _readable(exc: InvalidEvent, obj: Mapping[str, Any]) -> tuple[str, str]:
+    """Point a missing field's error at the field itself, and say what a date-time must look like
+    (jsonschema's "does not match '^\\d{4}...'" helps nobody)."""
+    missing = _REQUIRED.fullmatch(exc.reason)
+    if missing:
+        return f"{exc.field}.{missing[1]}", "required field is missing"
+    name = exc.field.removeprefix("$.")
+    value = obj.get(name)
+    if name in DATETIME_FIELDS and isinstance(value, str):
+        return exc.field, f"{value!r} is not an RFC 3339 date-time with a UTC offset (e.g. 2025-03-01T12:00:00Z)"
+    return exc.field, exc.reason
+
+
+def parse_checkins(body: Any) -> list[Checkin]:
+    """One check-in, a JSON array of them, or ``{"checkins": [...]}``; all valid, or an error naming the item."""
+    if isinstance(body, list):
+        prefix, items = "$", body
+    elif isinstance(body, Mapping) and "checkins" in body:
+        prefix, items = "$.checkins", body["checkins"]
+        if not isinstance(items, list):
+            raise InvalidEvent("expected an array of check-ins", prefix)
+    elif isinstance(body, Mapping):
+        return [parse_event(body, Checkin)]
+    else:
+        raise InvalidEvent('expected a check-in object, an array of check-ins, or {"checkins": [...]}')
+    if len(items) > MAX_BATCH:
+        raise BatchTooLarge(f"{len(items)} check-ins in one request; the limit is {MAX_BATCH}")
+    if not items:
+        raise InvalidEvent("empty batch", prefix)
+    return [parse_event(item, Checkin, f"{prefix}[{i}]") for i, item in enumerate(items)]
+
+
+def parse_citizen(body: Any) -> Citizen:
+    """A citizen's registration or update (the "Lapor Diri" self-report)."""
+    return parse_event(body, Citizen)
+
+
+def parse_ack(body: Any, now: datetime) -> Ack:
+    """A citizen's reply; ``received_at`` defaults to now, ``channel`` to ``app``."""
+    if not isinstance(body, Mapping):
+        raise InvalidEvent("expected a JSON object (ack/1)")
+    return parse_event({"received_at": format_time(now), "channel": "app", **body}, Ack)
+
+
+def parse_crisis(body: Any, now: datetime, new_id: Callable[[], str]) -> Crisis:
+    """An operator's crisis: defaults filled in, geometry normalised, country codes derived.
+
+    ``version`` becomes ``max(given, now in epoch milliseconds)`` so that successive operator
+    events for one crisis always increase. ``op: cancel`` needs only ``crisis_id``.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidEvent("expected a JSON object (crisis/1)")
+    op = body.get("op", OPERATOR_DEFAULTS["op"])
+    if op not in ("upsert", "cancel"):
+        raise InvalidEvent("must be 'upsert' or 'cancel'", "$.op")
+    crisis_id = body.get("crisis_id")
+    if crisis_id is None:
+        if op == "cancel":
+            raise InvalidEvent("a cancel must name the crisis_id it cancels", "$.crisis_id")
+        crisis_id = new_id()
+    given_version = body.get("version", 0)
+    if isinstance(given_version, bool) or not isinstance(given_version, int):
+        raise InvalidEvent("must be an integer", "$.version")
+
+    geometry = body.get("geometry")
+    if geometry is None and op == "upsert":
+        raise InvalidEvent("declaring a crisis needs a GeoJSON Polygon or MultiPolygon", "$.geometry")
+    if geometry is not None:
+        geometry = normalised_geometry(geometry)
+    country_codes = body.get("country_codes")
+    if country_codes is None:
+        country_codes = list(countries_for(geometry)) if geometry is not None else []
+
+    filled = {
+        **OPERATOR_DEFAULTS,
+        "title": DEFAULT_CRISIS_TITLE if op == "upsert" else "",
+        "source_ref": crisis_id,
+        "effective": format_time(now),
+        **body,
+        "op": op,
+        "crisis_id": crisis_id,
+        "version": max(given_version, int(now.timestamp() * 1000)),
+        "geometry": geometry,
+        "country_codes": country_codes,
+    }
+    return parse_event(filled, Crisis)
+
+
+def normalised_geometry(raw: Any, at: str = "$.geometry") -> dict[str, Any]:
+    """Any GeoJSON Polygon or MultiPolygon an operator draws, normalised (closed, valid, split at the antimeridian)."""
+    try:
+        return normalise_geometry(raw)
+    except GeometryError as exc:
+        raise InvalidEvent(str(exc), at) from None
+
+
+def decode_json(raw: bytes) -> Any:
+    """Request bytes to JSON; NaN and Infinity are not JSON and would slip past range checks."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(raw, parse_constant=refuse)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: authentication, bounded body reading, error responses, publishing.
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status, turned into ``{"error", "reason", "field"}`` JSON."""
+
+    def __init__(self, status: int, error: str, reason: str, field: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.error, self.reason, self.field = status, error, reason, field
+        self.headers = dict(headers or {})
+
+
+class ErrorBody(BaseModel):
+    error: str
+    reason: str
+    field: str | None = None
+
+
+class Accepted(BaseModel):
+    accepted: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTopics:
+    """Where each endpoint publishes (injectable so tests can use their own topics)."""
+
+    checkins: str = topics.CHECKINS
+    citizens: str = topics.CITIZENS
+    crises: str = topics.CRISIS_EVENTS
+    acks: str = topics.ACKS
+
+
+@dataclass(frozen=True, slots=True)
+class _TokenCheck:
+    """Which configured tokens open an endpoint; the other known tokens get 403 instead of 401."""
+
+    allowed: tuple[Secret, ...]
+    known: tuple[Secret, ...]
+    disabled_reason: str
+    realm: str = "crisiswatch"
+    _scheme: HTTPBearer = field(default_factory=lambda: HTTPBearer(auto_error=False))
+
+    def dependency(self) -> Callable[[HTTPAuthorizationCredentials | None], Awaitable[None]]:
+        async def check(credentials: HTTPAuthorizationCredentials | None = Depends(self._scheme)) -> None:  # noqa: B008
+            self.verify(None if credentials is None else credentials.credentials)
+
+        return check
+
+    def verify(self, presented: str | None) -> None:
+        if not presented:
+            raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'})
+        if not any(self.allowed):
+            raise ApiError(401, "unauthorized", self.disabled_reason,
+                           headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="invalid_token"'})
+        # Compare against every token, always, so the time taken says nothing about which one matched.
+        allowed = [_same(presented, secret) for secret in self.allowed]
+        known = [_same(presented, secret) for secret in self.known]
+        if any(allowed):
+            return
+        if any(known):
+            raise ApiError(403, "forbidden", "this token may not use this endpoint",
+                           headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="insufficient_scope"'})
+        raise ApiError(401, "unauthorized", "invalid bearer token",
+                       headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="invalid_token"'})
+
+
+def _same(presented: str, secret: Secret) -> bool:
+    """Constant-time comparison; an unset token matches nothing, not even an empty one."""
+    return bool(secret) and hmac.compare_digest(presented.encode("utf-8"), secret.get().encode("utf-8"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+
+    Content-Length is checked first, and the streamed bytes are counted too, because a chunked
+    request has no Content-Length and a client may send more than it declared.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise ApiError(413, "too_large", f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _messages(events: Sequence[Event], topic: str) -> list[Outgoing]:
+    """Encode for Kafka. An event too large for the pipeline's consumers is refused here rather than dead-lettered
+    there; only a crisis with a very detailed area can get this big, since the models drop unknown fields."""
+    out = [outgoing(e, topic) for e in events]
+    for message in out:
+        if len(message.value) > MAX_MESSAGE_BYTES:
+            raise ApiError(413, "too_large", f"event of {len(message.value)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte "
+                           "message limit")
+    return out
+
+
+def _schema_file(name: str) -> dict[str, Any]:
+    text = resources.files("schemas").joinpath("json", name.replace("/", "-") + ".schema.json").read_text("utf-8")
+    return dict(json.loads(text))
+
+
+def _inline_defs(node: Any, defs: Mapping[str, Any]) -> Any:
+    """Replace local ``#/$defs/...`` references, which would not resolve inside the OpenAPI document."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_defs(copy.deepcopy(defs[ref.removeprefix("#/$defs/")]), defs)
+        return {k: _inline_defs(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_defs(v, defs) for v in node]
+    return node
+
+
+def request_schema(name: str, optional: Sequence[str] = ()) -> dict[str, Any]:
+    """The wire JSON Schema as an OpenAPI request body schema; ``schema`` and ``optional`` may be omitted."""
+    schema = _schema_file(name)
+    defs = schema.pop("$defs", {})
+    schema.pop("$schema", None)
+    schema.pop("$id", None)
+    schema["required"] = [f for f in schema.get("required", []) if f not in ("schema", *optional)]
+    return dict(_inline_defs(schema, defs))
+
+
+def _body(schema: Mapping[str, Any], description: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "description": description,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def _checkins_schema() -> dict[str, Any]:
+    one = request_schema("checkin/1")
+    many = {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": one}
+    return {"oneOf": [one, many, {"type": "object", "properties": {"checkins": many}, "required": ["checkins"]}]}
+
+
+_CRISIS_OPTIONAL = (*OPERATOR_DEFAULTS, "crisis_id", "version", "title", "source_ref", "effective", "geometry",
+                    "country_codes")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    meaning = {401: "missing or invalid bearer token", 403: "token not allowed on this endpoint",
+               413: "body or batch too large", 422: "invalid input: the field (JSON path) and the reason",
+               503: "Kafka unreachable: nothing was accepted, retry later"}
+    return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
+
+
+def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
+               *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None) -> FastAPI:
+    """The ingest API. Nothing global: settings, publisher, metrics registry and clock come in."""
+    routes = api_topics or ApiTopics()
+    make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
+    metrics = ApiMetrics(registry)
+    known = (settings.ingest_token, settings.operator_token)
+    ingest_auth = _TokenCheck((settings.ingest_token, settings.operator_token), known,
+                              "no token is configured for this endpoint (CRISISWATCH_INGEST_TOKEN); it is disabled")
+    operator_auth = _TokenCheck((settings.operator_token,), known,
+                                "no operator token is configured (CRISISWATCH_OPERATOR_TOKEN); this endpoint is disabled")
+    ingest = [Depends(ingest_auth.dependency())]
+    operator = [Depends(operator_auth.dependency())]
+
+    app = FastAPI(title="crisiswatch ingest API", version="1",
+                  description="Check-ins, citizens' self-reports, operator crises and citizens' replies, into Kafka. "
+                              "202 means Kafka acknowledged every event.")
+
+    @app.exception_handler(ApiError)
+    async def refused(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("request refused", extra={"path": request.url.path, "status": exc.status, "reason": exc.reason})
+        else:
+            log.info("request refused", extra={"path": request.url.path, "status": exc.status, "reason": exc.reason,
+                                               "field": exc.field})
+        body = ErrorBody(error=exc.error, reason=exc.reason, field=exc.field).model_dump(exclude_none=True)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        endpoint = request.url.path if request.url.path in paths else "other"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def body_json(request: Request) -> Any:
+        raw = await read_body(request, settings.max_body_bytes)
+        try:
+            return decode_json(raw)
+        except InvalidEvent as exc:
+            raise ApiError(422, "invalid", exc.reason, exc.field) from None
+
+    async def publish(messages: list[Outgoing]) -> None:
+        try:
+            await run_in_threadpool(publisher.publish, messages)
+        except BrokerUnavailable as exc:
+            raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        for message in messages:
+            metrics.published.labels(message.topic).inc()
+
+    def validated(parse: Callable[[], E | list[E]]) -> list[E]:
+        try:
+            result = parse()
+        except InvalidEvent as exc:
+            raise ApiError(422, "invalid", exc.reason, exc.field) from None
+        except BatchTooLarge as exc:
+            raise ApiError(413, "too_large", str(exc)) from None
+        return result if isinstance(result, list) else [result]
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/checkins", status_code=202, response_model=Accepted, dependencies=ingest, tags=["ingest"],
+              responses=_errors(401, 403, 413, 422, 503),
+              openapi_extra=_body(_checkins_schema(), f"one checkin/1, an array of up to {MAX_BATCH}, or "
+                                  '{"checkins": [...]}; "schema" may be omitted'))
+    async def post_checkins(request: Request) -> JSONResponse:
+        body = await body_json(request)
+        checkins = validated(lambda: parse_checkins(body))
+        await publish(_messages(checkins, routes.checkins))
+        return JSONResponse({"accepted": len(checkins)}, status_code=202)
+
+    @app.post("/v1/citizens", status_code=202, response_model=Accepted, dependencies=ingest, tags=["ingest"],
+              responses=_errors(401, 403, 413, 422, 503),
+              openapi_extra=_body(request_schema("citizen/1"), "register or update a citizen (Lapor Diri)"))
+    async def post_citizen(request: Request) -> JSONResponse:
+        body = await body_json(request)
+        citizens = validated(lambda: parse_citizen(body))
+        await publish(_messages(citizens, routes.citizens))
+        return JSONResponse({"accepted": 1}, status_code=202)
+
+    @app.post("/v1/acks", status_code=202, response_model=Accepted, dependencies=ingest, tags=["ingest"],
+              responses=_errors(401, 403, 413, 422, 503),
+              openapi_extra=_body(request_schema("ack/1", ("received_at", "channel")),
+                                  'a citizen\'s reply, "safe" or "need_help"; received_at defaults to now, channel to app'))
+    async def post_ack(request: Request) -> JSONResponse:
+        body = await body_json(request)
+        acks = validated(lambda: parse_ack(body, clock()))
+        await publish(_messages(acks, routes.acks))
+        return JSONResponse({"accepted": 1}, status_code=202)
+
+    @app.post("/v1/crises", status_code=202, dependencies=operator, tags=["operator"],
+              responses={202: {"description": "the crisis/1 event as published"}, **_errors(401, 403, 413, 422, 503)},
+              openapi_extra=_body(request_schema("crisis/1", _CRISIS_OPTIONAL),
+                                  "declare, update or cancel a crisis; everything but geometry has a default "
+                                  "(a cancel needs only crisis_id and op)"))
+    async def post_crisis(request: Request) -> JSONResponse:
+        body = await body_json(request)
+        crises = validated(lambda: parse_crisis(body, clock(), make_crisis_id))
+        await publish(_messages(crises, routes.crises))
+        log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
+                                             "version": crises[0].version})
+        return JSONResponse(crises[0].to_dict(), status_code=202)
+
+    paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    return app
