@@ -1,0 +1,145 @@
+"""Thin kafka-python plumbing shared by the consumers: group consumers, the message envelope,
+offsets to commit, and retry-with-backoff for outages (never for bad data)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One Kafka record as the consumers see it; the envelope stays in the adapters."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def from_record(cls, record: Any) -> Message:
+        headers = tuple((str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ()))
+        return cls(record.topic, int(record.partition), int(record.offset), record.key,
+                   record.value if record.value is not None else b"", headers)
+
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTimeouts:
+    """Consumer-group timings. Short by default: the embedded broker makes a join wait for the
+    rebalance timeout (``max_poll_interval_ms``), and the consumers poll continuously anyway."""
+
+    max_poll_interval_ms: int = 5000
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+
+
+DEFAULT_TIMEOUTS: Final = GroupTimeouts()
+
+
+def group_consumer(bootstrap: str, topic_names: Sequence[str], group_id: str, client_options: Mapping[str, Any],
+                   timeouts: GroupTimeouts = DEFAULT_TIMEOUTS, client_id: str | None = None) -> Any:
+    """A kafka-python consumer in ``group_id`` with manual commits, reading new groups from the start."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(
+        *topic_names, bootstrap_servers=bootstrap, group_id=group_id, client_id=client_id or group_id,
+        enable_auto_commit=False, auto_offset_reset="earliest",
+        max_poll_interval_ms=timeouts.max_poll_interval_ms, session_timeout_ms=timeouts.session_timeout_ms,
+        heartbeat_interval_ms=timeouts.heartbeat_interval_ms, **client_options)
+
+
+def poll_messages(consumer: Any, timeout_s: float, max_records: int) -> list[Message]:
+    """One poll, flattened in partition order (order within a partition is kept)."""
+    batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+    return [Message.from_record(r) for records in batches.values() for r in records]
+
+
+def next_offsets(messages: Iterable[Message]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition), the offset to commit: one past the last message handled."""
+    out: dict[tuple[str, int], int] = {}
+    for m in messages:
+        tp = (m.topic, m.partition)
+        out[tp] = max(out.get(tp, 0), m.offset + 1)
+    return out
+
+
+def commit(consumer: Any, messages: Sequence[Message], timeout_s: float = 10.0) -> bool:
+    """Commit the offsets after ``messages``. A failed commit only means redelivery (the writers are
+    idempotent), so it is logged and reported, never raised."""
+    from kafka import TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets(messages).items()}
+    if not offsets:
+        return True
+    try:
+        consumer.commit(offsets, timeout_ms=int(timeout_s * 1000))
+    except KafkaError as exc:
+        log.warning("offset commit failed; the batch will be redelivered and rewritten idempotently",
+                    extra={"error": repr(exc)})
+        return False
+    return True
+
+
+def dlq_label(field: str) -> str:
+    """A bounded metric label for a dead letter: the JSON path of the fault, array indices dropped."""
+    out, depth = [], 0
+    for ch in field:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out) or "$"
+
+
+class Stopped(Exception):
+    """Raised by :func:`retry` when asked to stop before the action succeeded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial_s: float = 0.5
+    maximum_s: float = 30.0
+    factor: float = 2.0
+
+    def delays(self) -> Iterable[float]:
+        delay = self.initial_s
+        while True:
+            yield delay
+            delay = min(self.maximum_s, delay * self.factor)
+
+
+DEFAULT_BACKOFF: Final = Backoff()
+
+
+def retry(action: Callable[[], T], *, outage: tuple[type[BaseException], ...], stop: threading.Event, what: str,
+          backoff: Backoff = DEFAULT_BACKOFF, on_outage: Callable[[BaseException], None] = lambda exc: None) -> T:
+    """Run ``action`` until it succeeds, waiting with backoff after each outage error.
+
+    Anything not listed in ``outage`` propagates at once. Raises :class:`Stopped` when ``stop``
+    is set while waiting: the caller then leaves without committing, so nothing is lost.
+    """
+    for attempt, delay in enumerate(backoff.delays(), start=1):
+        try:
+            return action()
+        except outage as exc:
+            on_outage(exc)
+            log.warning("%s failed, retrying in %.1fs", what, delay, extra={"attempt": attempt, "error": repr(exc)})
+        if stop.wait(delay):
+            raise Stopped(what)
+    raise AssertionError("unreachable")

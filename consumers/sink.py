@@ -1,0 +1,480 @@
+"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings and acks from Kafka into
+the tables of deploy/sql, idempotently and at least once.
+
+Three failures, three paths:
+
+* a message that is not a valid event of its topic's schema → ``dlq`` with the reason;
+* a row PostgreSQL refuses (a value it cannot store) → that row alone goes to ``dlq``;
+* PostgreSQL or Kafka unreachable → retry with backoff, never dead-letter, never skip.
+
+Offsets are committed only after the database transaction (and any dead-lettering) succeeded,
+so a crash replays the batch, and the deterministic keys make the replay a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry
+
+from consumers.kafka_io import (
+    DEFAULT_BACKOFF,
+    DEFAULT_TIMEOUTS,
+    Backoff,
+    GroupTimeouts,
+    Message,
+    Stopped,
+    commit,
+    dlq_label,
+    group_consumer,
+    poll_messages,
+    retry,
+)
+from pipeline import topics
+from pipeline.metrics import SinkMetrics
+from pipeline.settings import Settings
+from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
+from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning, decode
+from schemas.models import Event
+
+log = logging.getLogger(__name__)
+
+GROUP_ID: Final = "crisiswatch-sink"
+STAGE: Final = "sink"
+
+Row = tuple[Any, ...]
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- tables and pure row building -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """How one event type lands in one table. ``upsert``: the latest event wins (the registry);
+    otherwise the first row with a key is kept and later ones are no-ops (history, audit)."""
+
+    name: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    upsert: bool = False
+    jsonb: frozenset[str] = frozenset()
+
+    def key_of(self, row: Row) -> Row:
+        return tuple(row[self.columns.index(c)] for c in self.key)
+
+
+CHECKINS_TABLE: Final = TableSpec("checkins", ("citizen_id", "observed_at", "source", "lat", "lon", "accuracy_m"),
+                                  key=("citizen_id", "observed_at", "source"))
+CITIZENS_TABLE: Final = TableSpec(
+    "citizens", ("citizen_id", "name", "nationality", "language", "channels", "emergency_contacts",
+                 "location_tracking", "trip_country", "trip_from", "trip_until"),
+    key=("citizen_id",), upsert=True, jsonb=frozenset({"channels", "emergency_contacts"}))
+CRISES_TABLE: Final = TableSpec(
+    "crises", ("crisis_id", "version", "op", "source", "source_ref", "title", "category", "severity", "urgency",
+               "certainty", "geometry", "buffer_km", "country_codes", "effective", "expires", "instruction", "url",
+               "references", "language", "status"),
+    key=("crisis_id", "version"), jsonb=frozenset({"geometry"}))
+WARNINGS_TABLE: Final = TableSpec(
+    "warnings", ("warning_id", "citizen_id", "crisis_id", "crisis_version", "kind", "severity", "title", "instruction",
+                 "distance_km", "lat", "lon", "observed_at", "emitted_at", "country_codes"),
+    key=("warning_id",))
+ACKS_TABLE: Final = TableSpec("acks", ("citizen_id", "crisis_id", "received_at", "status", "channel", "note"),
+                              key=("citizen_id", "crisis_id", "received_at", "status", "channel"))
+
+TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE)
+
+
+def checkin_row(event: Checkin) -> Row:
+    return (event.citizen_id, event.observed_at, event.source, event.lat, event.lon, event.accuracy_m)
+
+
+def _opt_date(value: Any) -> date | None:
+    return None if value is None else date.fromisoformat(str(value))
+
+
+def citizen_row(event: Citizen) -> Row:
+    trip = event.trip or {}
+    return (event.citizen_id, event.name, event.nationality, event.language,
+            [{"type": c.type, "address": c.address} for c in event.channels],
+            [dict(c) for c in event.emergency_contacts], event.location_tracking,
+            trip.get("country"), _opt_date(trip.get("from")), _opt_date(trip.get("until")))
+
+
+def crisis_row(event: Crisis) -> Row:
+    return (event.crisis_id, event.version, event.op, event.source, event.source_ref, event.title, event.category,
+            event.severity, event.urgency, event.certainty,
+            None if event.geometry is None else dict(event.geometry), event.buffer_km, list(event.country_codes),
+            event.effective, event.expires, event.instruction, event.url, list(event.references), event.language,
+            event.status)
+
+
+def warning_row(event: Warning) -> Row:
+    return (event.warning_id, event.citizen_id, event.crisis_id, event.crisis_version, event.kind, event.severity,
+            event.title, event.instruction, event.distance_km, event.lat, event.lon, event.observed_at,
+            event.emitted_at, list(event.country_codes))
+
+
+def ack_row(event: Ack) -> Row:
+    return (event.citizen_id, event.crisis_id, event.received_at, event.status, event.channel, event.note)
+
+
+def row_for(event: Event) -> tuple[TableSpec, Row]:
+    """The table an event belongs in and its row."""
+    if isinstance(event, Checkin):
+        return CHECKINS_TABLE, checkin_row(event)
+    if isinstance(event, Citizen):
+        return CITIZENS_TABLE, citizen_row(event)
+    if isinstance(event, Crisis):
+        return CRISES_TABLE, crisis_row(event)
+    if isinstance(event, Warning):
+        return WARNINGS_TABLE, warning_row(event)
+    if isinstance(event, Ack):
+        return ACKS_TABLE, ack_row(event)
+    raise InvalidEvent(f"the sink stores no {event.SCHEMA} events", "$.schema")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkTopics:
+    """The topics the sink reads, each carrying exactly one event type."""
+
+    checkins: str = topics.CHECKINS
+    citizens: str = topics.CITIZENS
+    crisis_events: str = topics.CRISIS_EVENTS
+    warnings: str = topics.WARNINGS
+    acks: str = topics.ACKS
+
+    def models(self) -> dict[str, type[Event]]:
+        pairs: list[tuple[str, type[Event]]] = [
+            (self.checkins, Checkin), (self.citizens, Citizen), (self.crisis_events, Crisis),
+            (self.warnings, Warning), (self.acks, Ack)]
+        if len({t for t, _ in pairs}) != len(pairs):
+            raise ValueError("each sink topic must carry one event type; got a topic twice")
+        return dict(pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkRow:
+    table: TableSpec
+    values: Row
+    source: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message that will not be written, with the reason that goes into the dlq header."""
+
+    message: Message
+    reason: str
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    rows: tuple[SinkRow, ...]
+    rejected: tuple[Rejected, ...]
+
+
+def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]]) -> Prepared:
+    """Decode a polled batch into rows, the bad messages set aside with their reasons. Pure."""
+    rows: list[SinkRow] = []
+    rejected: list[Rejected] = []
+    for message in messages:
+        model = models.get(message.topic)
+        if model is None:
+            rejected.append(Rejected(message, f"the sink does not read topic {message.topic!r}", "topic"))
+            continue
+        try:
+            spec, values = row_for(decode(message.value, model))
+        except InvalidEvent as exc:
+            rejected.append(Rejected(message, str(exc), dlq_label(exc.field)))
+        except (KeyError, TypeError, ValueError) as exc:
+            rejected.append(Rejected(message, f"$: {exc}", "$"))
+        else:
+            rows.append(SinkRow(spec, values, message))
+    return Prepared(tuple(rows), tuple(rejected))
+
+
+def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:
+    """Rows grouped by table, one per key: the last for upsert tables (latest wins), the first for
+    the others (what is already there stays). A statement may not touch one key twice."""
+    by_table: dict[str, dict[Row, SinkRow]] = {}
+    for row in rows:
+        keyed = by_table.setdefault(row.table.name, {})
+        key = row.table.key_of(row.values)
+        if row.table.upsert:
+            keyed.pop(key, None)
+            keyed[key] = row
+        else:
+            keyed.setdefault(key, row)
+    return {table: list(keyed.values()) for table, keyed in by_table.items()}
+
+
+def retention_cutoff(now: datetime, retention_days: int) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError("naive datetime")
+    return now - timedelta(days=retention_days)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def _outage_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "PostgreSQL is not usable now": retried, never blamed on the data.
+    A missing table (migrations not applied) is one of them: the operator fixes it, nothing is lost."""
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.InterfaceError, psycopg.ProgrammingError, psycopg.InternalError)
+
+
+def _bad_data_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+
+    return (psycopg.DataError, psycopg.IntegrityError)
+
+
+@dataclass
+class WriteOutcome:
+    written: dict[str, int] = field(default_factory=dict)
+    refused: list[tuple[SinkRow, str]] = field(default_factory=list)
+
+
+class PostgresStore:
+    """Batched, idempotent writes: COPY into a temporary table, then one INSERT ... ON CONFLICT."""
+
+    def __init__(self, database_url: str, connect_timeout_s: int = 5) -> None:
+        self._url = database_url
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: Any = None
+
+    def _connection(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout_s,
+                                         application_name="crisiswatch-sink")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _adapt(self, spec: TableSpec, values: Row) -> Row:
+        from psycopg.types.json import Jsonb
+
+        return tuple(Jsonb(v) if c in spec.jsonb and v is not None else v for c, v in zip(spec.columns, values, strict=True))
+
+    @staticmethod
+    def _conflict_clause(spec: TableSpec) -> Any:
+        from psycopg import sql
+
+        key = sql.SQL(", ").join(map(sql.Identifier, spec.key))
+        if not spec.upsert:
+            return sql.SQL("ON CONFLICT ({}) DO NOTHING").format(key)
+        rest = [c for c in spec.columns if c not in spec.key]
+        table = sql.Identifier(spec.name)
+        return sql.SQL("ON CONFLICT ({key}) DO UPDATE SET {sets}, updated_at = now() "
+                       "WHERE ({old}) IS DISTINCT FROM ({new})").format(
+            key=key,
+            sets=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in rest),
+            old=sql.SQL(", ").join(sql.SQL("{}.{}").format(table, sql.Identifier(c)) for c in rest),
+            new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in rest))
+
+    def _copy_insert(self, conn: Any, spec: TableSpec, rows: Sequence[SinkRow]) -> int:
+        from psycopg import sql
+
+        table, staging = sql.Identifier(spec.name), sql.Identifier(f"incoming_{spec.name}")
+        columns = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                        .format(staging, table))
+            cur.execute(sql.SQL("TRUNCATE {}").format(staging))
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staging, columns)) as copy:
+                for row in rows:
+                    copy.write_row(self._adapt(spec, row.values))
+            cur.execute(sql.SQL("INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} {conflict}").format(
+                table=table, columns=columns, staging=staging, conflict=self._conflict_clause(spec)))
+            return int(cur.rowcount)
+
+    def _insert_one(self, conn: Any, spec: TableSpec, row: SinkRow) -> int:
+        from psycopg import sql
+
+        query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) {}").format(
+            sql.Identifier(spec.name), sql.SQL(", ").join(map(sql.Identifier, spec.columns)),
+            sql.SQL(", ").join(sql.Placeholder() * len(spec.columns)), self._conflict_clause(spec))
+        with conn.cursor() as cur:
+            cur.execute(query, self._adapt(spec, row.values))
+            return int(cur.rowcount)
+
+    def write(self, rows: Iterable[SinkRow]) -> WriteOutcome:
+        """Write a batch in one transaction; return rows written per table and the rows PostgreSQL
+        refused (each with the reason). Raises an outage error, after which the batch is retried whole."""
+        bad_data = _bad_data_errors()
+        outcome = WriteOutcome()
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                for table_name, table_rows in dedupe(rows).items():
+                    spec = table_rows[0].table
+                    try:
+                        with conn.transaction():
+                            outcome.written[table_name] = self._copy_insert(conn, spec, table_rows)
+                        continue
+                    except bad_data:
+                        pass  # find the rows PostgreSQL refuses, one savepoint each
+                    written = 0
+                    for row in table_rows:
+                        try:
+                            with conn.transaction():
+                                written += self._insert_one(conn, spec, row)
+                        except bad_data as exc:
+                            outcome.refused.append((row, f"postgresql refused the row for {table_name}: {exc}"))
+                    outcome.written[table_name] = written
+        except _outage_errors():
+            self.close()
+            raise
+        return outcome
+
+    def purge_checkins(self, cutoff: datetime) -> int:
+        """Delete check-in history observed before ``cutoff``; return how many rows went."""
+        try:
+            with self._connection().cursor() as cur:
+                cur.execute("DELETE FROM checkins WHERE observed_at < %s", (cutoff,))
+                return int(cur.rowcount)
+        except _outage_errors():
+            self.close()
+            raise
+
+
+def purge_checkin_history(database_url: str, retention_days: int, now: datetime) -> int:
+    """One retention sweep: delete check-ins older than ``retention_days`` before ``now``."""
+    store = PostgresStore(database_url)
+    try:
+        return store.purge_checkins(retention_cutoff(now, retention_days))
+    finally:
+        store.close()
+
+
+# --- the consumer loop ------------------------------------------------------------------------
+
+
+class PostgresSink:
+    """Consumer group ``crisiswatch-sink`` over the five event topics, into PostgreSQL."""
+
+    def __init__(self, settings: Settings, metrics: SinkMetrics, *, bootstrap: str | None = None,
+                 database_url: str | None = None, sink_topics: SinkTopics = SinkTopics(), group_id: str = GROUP_ID,
+                 publisher: Publisher | None = None, clock: Clock = utc_now,
+                 timeouts: GroupTimeouts = DEFAULT_TIMEOUTS, backoff: Backoff = DEFAULT_BACKOFF,
+                 retention_interval_s: float = 3600.0, poll_timeout_s: float = 0.5, batch_size: int | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.bootstrap = bootstrap or settings.kafka_bootstrap
+        self.models = sink_topics.models()
+        self.group_id = group_id
+        self.store = PostgresStore(database_url or settings.database_url.get())
+        self._own_publisher = publisher is None
+        self.publisher = publisher or Publisher(settings, bootstrap=self.bootstrap, client_id="crisiswatch-sink-dlq")
+        self.clock = clock
+        self.timeouts = timeouts
+        self.backoff = backoff
+        self.retention_interval_s = retention_interval_s
+        self.poll_timeout_s = poll_timeout_s
+        self.batch_size = batch_size or settings.batch_size
+        self._next_purge = 0.0
+        self.healthy = True
+
+    def _outage(self, exc: BaseException) -> None:
+        self.healthy = False
+        self.metrics.errors.inc()
+
+    def _connect(self, stop: threading.Event) -> Any:
+        from kafka.errors import KafkaError
+
+        return retry(lambda: group_consumer(self.bootstrap, list(self.models), self.group_id,
+                                            self.settings.kafka_client_options(), self.timeouts),
+                     outage=(KafkaError,), stop=stop, what="connect to Kafka", backoff=self.backoff, on_outage=self._outage)
+
+    def handle(self, messages: Sequence[Message], stop: threading.Event) -> None:
+        """Write one polled batch and dead-letter what cannot be written. Returns once both are
+        durable; raises :class:`Stopped` if asked to stop during an outage (nothing committed)."""
+        prepared = prepare(messages, self.models)
+
+        def write() -> WriteOutcome:
+            started = time.perf_counter()
+            outcome = self.store.write(prepared.rows)
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            return outcome
+
+        outcome = retry(write, outage=_outage_errors(), stop=stop, what="write to PostgreSQL", backoff=self.backoff,
+                        on_outage=self._outage)
+        self.healthy = True
+        for table, count in outcome.written.items():
+            self.metrics.rows.labels(table=table).inc(count)
+        rejected = [*prepared.rejected, *(Rejected(row.source, reason, "database") for row, reason in outcome.refused)]
+        if rejected:
+            letters: list[Outgoing] = [dead_letter(r.message.value, r.reason, r.message.topic, STAGE, r.message.key)
+                                       for r in rejected]
+            retry(lambda: self.publisher.publish(letters), outage=(BrokerUnavailable,), stop=stop,
+                  what="publish to dlq", backoff=self.backoff, on_outage=self._outage)
+            for r in rejected:
+                self.metrics.dlq.labels(stage=STAGE, reason=r.label).inc()
+                log.warning("dead-lettered", extra={"where": r.message.where(), "reason": r.reason})
+
+    def purge_due(self, stop: threading.Event) -> int | None:
+        """Run the check-in retention sweep when its interval has passed; return rows deleted."""
+        if time.monotonic() < self._next_purge:
+            return None
+        cutoff = retention_cutoff(self.clock(), self.settings.checkin_retention_days)
+        deleted = retry(lambda: self.store.purge_checkins(cutoff), outage=_outage_errors(), stop=stop,
+                        what="purge check-in history", backoff=self.backoff, on_outage=self._outage)
+        self._next_purge = time.monotonic() + self.retention_interval_s
+        if deleted:
+            log.info("check-in history purged", extra={"deleted": deleted, "before": cutoff.isoformat()})
+        return deleted
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
+        from kafka.errors import KafkaError
+
+        consumer: Any = None
+        try:
+            consumer = self._connect(stop)
+            log.info("sink consuming", extra={"topics": sorted(self.models), "group": self.group_id})
+            while not stop.is_set():
+                try:
+                    messages = poll_messages(consumer, self.poll_timeout_s, self.batch_size)
+                except KafkaError as exc:
+                    self._outage(exc)
+                    log.warning("poll failed", extra={"error": repr(exc)})
+                    stop.wait(self.backoff.initial_s)
+                    continue
+                if messages:
+                    self.handle(messages, stop)
+                    commit(consumer, messages)
+                self.purge_due(stop)
+        except Stopped as exc:
+            log.info("sink stopped during an outage; the uncommitted batch will be redelivered", extra={"during": str(exc)})
+        finally:
+            if consumer is not None:
+                consumer.close(autocommit=False)
+            self.store.close()
+            if self._own_publisher:
+                self.publisher.close()
+
+
+def make_sink(settings: Settings, registry: CollectorRegistry | None = None, **kwargs: Any) -> PostgresSink:
+    """A sink with its own :class:`SinkMetrics` on ``registry`` (a fresh one if none is given)."""
+    return PostgresSink(settings, SinkMetrics(registry or CollectorRegistry()), **kwargs)
