@@ -179,10 +179,10 @@ class Leg:
     at_base: bool
 
     def position(self, at: datetime) -> Point:
-        if at <= self.depart:
-            return self.origin
         if at >= self.arrive:
             return self.destination
+        if at <= self.depart:
+            return self.origin
         fraction = (at - self.depart) / (self.arrive - self.depart)
         return _between(self.origin, self.destination, fraction)
 
