@@ -19,6 +19,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from schemas import Crisis
 
@@ -50,6 +51,12 @@ class ParseContext:
     exercise_mode: bool = False
     max_bytes: int = 10_000_000
     source_name: str = ""
+    # Preferred language (BCP 47, e.g. "id", "fr-CA") among a multilingual CAP alert's <info> blocks.
+    language: str | None = None
+    # A geopy geocoder, duck-typed: ``.geocode(query)`` -> ``geopy.location.Location`` or None (news place names).
+    geocoder: Any = None
+    # News items whose confidence is below this go to review instead of straight to citizens.
+    min_confidence: float = 0.6
 
 
 @dataclass(frozen=True, slots=True)
