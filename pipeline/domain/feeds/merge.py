@@ -57,6 +57,7 @@ from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import nearest_points
 
+from pipeline.domain import geometry
 from schemas import Crisis
 from schemas.models import SEVERITY_RANK
 
@@ -401,6 +402,15 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 def _union(geometries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if len(geometries) == 1:
         return dict(geometries[0])
+    try:
+        return geometry.union(geometries)
+    except geometry.GeometryError:
+        # Each part was accepted on its own (so, for instance, the union of many large areas may pass
+        # the normaliser's share-of-the-globe limit): keep every area rather than drop a warning.
+        return _plain_union(geometries)
+
+
+def _plain_union(geometries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     shapes = [s for g in geometries if (s := _shape(g)) is not None]
     merged = shapely.make_valid(shapely.unary_union(shapes))
     polygons = [p for p in getattr(merged, "geoms", [merged]) if p.geom_type in ("Polygon", "MultiPolygon")]
