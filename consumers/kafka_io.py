@@ -143,3 +143,32 @@ def retry(action: Callable[[], T], *, outage: tuple[type[BaseException], ...], s
         if stop.wait(delay):
             raise Stopped(what)
     raise AssertionError("unreachable")
+
+
+def read_topic(bootstrap: str, topic: str, until: Callable[[list[Message]], bool], timeout_s: float = 30.0,
+               client_options: Mapping[str, Any] | None = None) -> list[Message]:
+    """Read ``topic`` from its beginning, without a consumer group, until ``until(messages_so_far)``
+    holds or ``timeout_s`` passes; return what was read. For tests and operator tooling."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             allow_auto_create_topics=False, **(client_options or {}))
+    seen: list[Message] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions and time.monotonic() < deadline:
+            time.sleep(0.2)
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return seen
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        consumer.seek_to_beginning(*assigned)
+        while not until(seen) and time.monotonic() < deadline:
+            seen += poll_messages(consumer, 0.5, 1000)
+        return seen
+    finally:
+        consumer.close()

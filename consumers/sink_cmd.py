@@ -1,0 +1,106 @@
+"""``crisiswatch sink``: the PostgreSQL sink and the per-country warning router in one process,
+with /metrics and /health. SIGTERM or Ctrl-C finishes the batch in hand, commits, and exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from consumers.router import WarningRouter
+from consumers.sink import PostgresSink
+from pipeline.metrics import SinkMetrics
+from pipeline.observability import serve_metrics, setup_logging
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-router", action="store_true",
+                        help="only write to PostgreSQL; do not copy warnings to warnings.<CC> topics")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="port of /metrics and /health [env CRISISWATCH_SINK_METRICS_PORT]")
+
+
+def run_sink(settings: Settings, stop_event: threading.Event, *, registry: CollectorRegistry | None = None,
+             router: bool = True, serve_http: bool = True, metrics_port: int | None = None) -> int:
+    """Run the sink (and the router) until ``stop_event`` is set; return 0, or 1 if a part failed.
+
+    Needs ``settings.kafka_bootstrap`` and ``settings.database_url``; ``crisiswatch up`` calls this
+    with the embedded servers' addresses filled in.
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = SinkMetrics(registry)
+    parts: list[tuple[str, Callable[[threading.Event], None], Callable[[], bool]]] = []
+    sink = PostgresSink(settings, metrics)
+    parts.append(("sink", sink.run, lambda: sink.healthy))
+    if router:
+        warning_router = WarningRouter(settings, metrics)
+        parts.append(("router", warning_router.run, lambda: warning_router.healthy))
+
+    failed: list[str] = []
+
+    def guarded(name: str, body: Callable[[threading.Event], None]) -> Callable[[], None]:
+        def target() -> None:
+            try:
+                body(stop_event)
+            except Exception:
+                log.exception("%s failed; stopping", name)
+                failed.append(name)
+                stop_event.set()
+        return target
+
+    threads = [threading.Thread(target=guarded(name, body), name=f"crisiswatch-{name}") for name, body, _ in parts]
+
+    def healthy() -> bool:
+        return all(t.is_alive() for t in threads) and all(ok() for _, _, ok in parts)
+
+    server = None
+    if serve_http:
+        port = settings.sink_metrics_port if metrics_port is None else metrics_port
+        server = serve_metrics(registry, settings.api_host, port, healthy)
+        log.info("sink metrics at http://%s:%d/metrics", settings.api_host, port)
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    finally:
+        stop_event.set()
+        for thread in threads:
+            thread.join()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    missing = [name for name, value in (("CRISISWATCH_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+                                        ("CRISISWATCH_DATABASE_URL", settings.database_url.get())) if not value]
+    if missing:
+        print(f"crisiswatch sink: set {' and '.join(missing)} (or run `crisiswatch up`, which starts the sink)",
+              file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, "crisiswatch-sink")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return run_sink(settings, stop, router=not args.no_router, metrics_port=args.metrics_port)
+    except OSError as exc:  # the metrics port is taken
+        print(f"crisiswatch sink: {exc}", file=sys.stderr)
+        return 2
