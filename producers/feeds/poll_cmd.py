@@ -43,7 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    setup_logging(settings.log_level, "crisiswatch-feeds")
+    # --once reports failures as one plain line each; keep routine log lines out of its stderr.
+    setup_logging("ERROR" if args.once and settings.log_level != "DEBUG" else settings.log_level, "crisiswatch-feeds")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
