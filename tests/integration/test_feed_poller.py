@@ -8,6 +8,7 @@ the dead-letter topic with a reason, and nothing is marked as sent until Kafka h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -83,10 +84,8 @@ def feed_server() -> Iterator[FeedServer]:
             if not self.path.startswith("/unsized"):
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the poller hung up on purpose
                 self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the poller hung up on purpose (too large, too slow)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -321,3 +320,40 @@ def test_cli_serves_metrics_and_stops_cleanly_on_sigterm(kafka_bootstrap: str, t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples not present")
+def test_real_gdacs_and_usgs_feeds_are_announced_once(
+        kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer, tmp_path: Path) -> None:
+    # served without validators, as some publishers do: only the poller's own memory prevents repeats
+    feed_server.put("/gdacs.xml", (SAMPLES / "gdacs" / "gdacs_rss_7d_2022-11-26_whatisc-up25.xml").read_bytes())
+    feed_server.put("/usgs.geojson", (SAMPLES / "usgs" / "usgs_4.5_week_2020-10-10_josem279.geojson").read_bytes())
+    config = feeds_config(feed_server, ("gdacs", "/gdacs.xml", "auto"), ("usgs", "/usgs.geojson", "auto"))
+    results = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    assert all(r.ok for r in results), results
+    published = read_all(kafka_bootstrap, feed_topics.crisis)
+    assert len(published) == sum(r.published for r in results) > 0
+    assert len({(e.crisis_id, e.version) for e in crises(kafka_bootstrap, feed_topics.crisis)}) == len(published)
+
+    state = tmp_path / STATE_FILE_NAME
+    saved = json.loads(state.read_text("utf-8"))
+    for feed in saved["feeds"].values():
+        feed["sha256"] = None  # as if both publishers re-rendered their documents
+    state.write_text(json.dumps(saved), "utf-8")
+    again = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    assert all(r.ok and r.published == 0 for r in again), again
+    assert len(read_all(kafka_bootstrap, feed_topics.crisis)) == len(published)
+
+
+def test_a_damaged_state_file_is_set_aside_and_polling_goes_on(
+        kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer, tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE_NAME).write_bytes(b'{"format": 1, "feeds": {"usgs": ')
+    feed_server.put("/usgs.geojson", usgs_document(), '"usgs-1"')
+    config = feeds_config(feed_server, ("usgs", "/usgs.geojson", "usgs"))
+    [result] = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    assert result.ok and result.published == 2
+    assert [p.name for p in tmp_path.glob(f"{STATE_FILE_NAME}.corrupt-*")] == [f"{STATE_FILE_NAME}.corrupt-20240101T080000Z"]
+    assert json.loads((tmp_path / STATE_FILE_NAME).read_text("utf-8"))["feeds"]["usgs"]["etag"] == '"usgs-1"'
