@@ -635,8 +635,8 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
     panels = dashboard_panels()
     assert len({p["id"] for p in panels}) == len(panels)
     datasource = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
-    assert datasource["type"] == "prometheus" and datasource["url"] == f"http://prometheus:{9090}"
-    assert "prometheus" in services()
+    prometheus_port = services()["prometheus"]["ports"][0].split(":")[-1]
+    assert datasource["type"] == "prometheus" and datasource["url"] == f"http://prometheus:{prometheus_port}"
     occupied: set[tuple[int, int]] = set()
     for panel in panels:
         grid = panel["gridPos"]
