@@ -77,11 +77,14 @@ class Publisher:
             from kafka import KafkaProducer
             from kafka.errors import KafkaError
 
+            timeout_ms = int(self.timeout_s * 1000)
+            # kafka-python 3 waits bootstrap_timeout_ms (30 s by default) for an unreachable broker.
+            bootstrap = {"bootstrap_timeout_ms": timeout_ms} if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG else {}
             try:
                 self._producer = KafkaProducer(
                     bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=5,
-                    max_block_ms=int(self.timeout_s * 1000), request_timeout_ms=int(self.timeout_s * 1000),
-                    retries=3, max_in_flight_requests_per_connection=1, **self._options)
+                    max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                    retries=3, max_in_flight_requests_per_connection=1, **bootstrap, **self._options)
             except KafkaError as exc:
                 raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
         return self._producer
