@@ -1,0 +1,471 @@
+"""The ingest API through its HTTP interface, publishing to the real embedded broker.
+
+Each module gets its own topics; each test reads back only the citizen or crisis ids it made up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from pipeline.cli import main
+from pipeline.embedded import create_topics, free_port
+from pipeline.settings import Secret, Settings
+from producers.api import MAX_BATCH, ApiTopics, create_app
+from producers.publisher import Publisher
+from schemas import Ack, Checkin, Citizen, Crisis, decode
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
+INGEST = {"Authorization": "Bearer ingest-secret"}
+OPERATOR = {"Authorization": "Bearer operator-secret"}
+
+
+def fixed_clock() -> datetime:
+    return NOW
+
+
+@pytest.fixture(scope="module")
+def api_topics(kafka_bootstrap: str) -> ApiTopics:
+    suffix = uuid.uuid4().hex[:8]
+    names = ApiTopics(checkins=f"api-checkins-{suffix}", citizens=f"api-citizens-{suffix}",
+                      crises=f"api-crises-{suffix}", acks=f"api-acks-{suffix}")
+    create_topics(kafka_bootstrap, [names.checkins, names.citizens, names.crises, names.acks], 2)
+    return names
+
+
+@pytest.fixture(scope="module")
+def settings(kafka_bootstrap: str) -> Settings:
+    return Settings(kafka_bootstrap=kafka_bootstrap, ingest_token=Secret("ingest-secret"),
+                    operator_token=Secret("operator-secret"))
+
+
+@pytest.fixture(scope="module")
+def publisher(settings: Settings) -> Iterator[Publisher]:
+    pub = Publisher(settings, timeout_s=10)
+    yield pub
+    pub.close()
+
+
+def make_client(settings: Settings, publisher: Publisher, api_topics: ApiTopics | None = None) -> TestClient:
+    app = create_app(settings, publisher, CollectorRegistry(), fixed_clock, api_topics=api_topics)
+    return TestClient(app)
+
+
+@pytest.fixture
+def client(settings: Settings, publisher: Publisher, api_topics: ApiTopics) -> TestClient:
+    return make_client(settings, publisher, api_topics)
+
+
+def records_for(bootstrap: str, topic: str, keys: set[str], expected: int | None = None) -> list[Any]:
+    """The records on ``topic`` whose key is one of ``keys``, read with assign + seek_to_beginning.
+
+    Reading goes on until at least ``expected`` records were found and the topic is drained: past
+    its listed end offsets (which the embedded broker may report short of the true end) and one
+    poll that brought nothing new. Duplicates would therefore show.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert partitions, f"topic {topic} has no partitions"
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        end = consumer.end_offsets(partitions)
+        found: list[Any] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            batches = consumer.poll(timeout_ms=500)
+            found += [r for batch in batches.values() for r in batch if r.key is not None and r.key.decode() in keys]
+            drained = not batches and all(consumer.position(tp) >= end[tp] for tp in partitions)
+            if drained and len(found) >= (expected or 0):
+                return found
+        raise AssertionError(f"found {len(found)} of {expected} records on {topic} in 30 s")
+    finally:
+        consumer.close()
+
+
+def checkin(citizen_id: str, **overrides: Any) -> dict[str, Any]:
+    """A check-in as a client sends it: no ``schema`` field."""
+    body = {"citizen_id": citizen_id, "lat": -6.2, "lon": 106.8, "accuracy_m": 25,
+            "observed_at": "2025-03-01T11:59:00+07:00", "source": "app"}
+    body.update(overrides)
+    return body
+
+
+def new_id(prefix: str = "c") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# --- check-ins ---------------------------------------------------------------------------------
+
+
+def test_single_checkin_is_on_the_topic_when_202_is_answered(client: TestClient, kafka_bootstrap: str,
+                                                              api_topics: ApiTopics) -> None:
+    cid = new_id()
+    response = client.post("/v1/checkins", json=checkin(cid), headers=INGEST)
+
+    assert response.status_code == 202
+    assert response.json() == {"accepted": 1}
+    [record] = records_for(kafka_bootstrap, api_topics.checkins, {cid}, 1)
+    event = decode(record.value, Checkin)
+    assert event.citizen_id == cid and event.lat == -6.2 and event.accuracy_m == 25
+    assert event.observed_at == datetime(2025, 3, 1, 4, 59, tzinfo=UTC)
+    assert json.loads(record.value)["schema"] == "checkin/1"
+
+
+@pytest.mark.parametrize("wrap", [lambda items: items, lambda items: {"checkins": items}], ids=["array", "object"])
+def test_batch_forms_publish_every_item(client: TestClient, kafka_bootstrap: str, api_topics: ApiTopics, wrap: Any) -> None:
+    ids = [new_id() for _ in range(5)]
+    response = client.post("/v1/checkins", json=wrap([checkin(i) for i in ids]), headers=INGEST)
+
+    assert response.status_code == 202
+    assert response.json() == {"accepted": 5}
+    records = records_for(kafka_bootstrap, api_topics.checkins, set(ids), len(ids))
+    assert sorted(r.key.decode() for r in records) == sorted(ids)
+
+
+def test_full_batch_of_the_limit_is_accepted(client: TestClient, kafka_bootstrap: str, api_topics: ApiTopics) -> None:
+    ids = [new_id() for _ in range(MAX_BATCH)]
+    response = client.post("/v1/checkins", json=[checkin(i) for i in ids], headers=INGEST)
+
+    assert response.status_code == 202
+    assert response.json() == {"accepted": MAX_BATCH}
+    assert len(records_for(kafka_bootstrap, api_topics.checkins, set(ids), MAX_BATCH)) == MAX_BATCH
+
+
+@pytest.mark.parametrize(("body", "field", "reason"), [
+    (checkin("x", lat=91), "$.lat", "91 is greater than the maximum of 90"),
+    (checkin("x", lon="106.8"), "$.lon", "is not of type 'number'"),
+    ({k: v for k, v in checkin("x").items() if k != "observed_at"}, "$.observed_at", "required field is missing"),
+    (checkin("x", observed_at="2025-03-01T11:59:00"), "$.observed_at", "UTC offset"),
+    (checkin("x", source="carrier-pigeon"), "$.source", "is not one of"),
+    (checkin("x", schema="checkin/2"), "$.schema", "expected schema 'checkin/1'"),
+    ({**checkin("x"), "citizen_id": ""}, "$.citizen_id", "should be non-empty"),
+    ([], "$", "empty batch"),
+    ({"checkins": "many"}, "$.checkins", "expected an array"),
+    ("hello", "$", "expected a check-in object"),
+], ids=["bad-lat", "lon-as-string", "missing-field", "datetime-without-offset", "unknown-source", "wrong-schema",
+        "empty-id", "empty-batch", "checkins-not-array", "not-an-object"])
+def test_invalid_checkin_gets_422_with_field_and_reason(client: TestClient, body: Any, field: str, reason: str) -> None:
+    response = client.post("/v1/checkins", json=body, headers=INGEST)
+
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+    assert reason in response.json()["reason"]
+
+
+def test_non_json_and_nan_are_refused(client: TestClient) -> None:
+    not_json = client.post("/v1/checkins", content=b"{lat: 1", headers=INGEST)
+    nan = client.post("/v1/checkins", headers={**INGEST, "Content-Type": "application/json"},
+                      content=b'{"citizen_id": "x", "lat": NaN, "lon": 1, "observed_at": "2025-03-01T00:00:00Z", '
+                              b'"source": "app"}')
+
+    assert not_json.status_code == 422 and not_json.json()["reason"].startswith("not JSON")
+    assert nan.status_code == 422 and "NaN is not a JSON number" in nan.json()["reason"]
+
+
+@pytest.mark.parametrize(("wrap", "field"), [(lambda items: items, "$[3].lat"),
+                                             (lambda items: {"checkins": items}, "$.checkins[3].lat")],
+                         ids=["array", "object"])
+def test_one_bad_item_refuses_the_whole_batch(client: TestClient, kafka_bootstrap: str, api_topics: ApiTopics,
+                                              wrap: Any, field: str) -> None:
+    ids = [new_id() for _ in range(5)]
+    items = [checkin(i) for i in ids]
+    items[3]["lat"] = -123.0
+
+    response = client.post("/v1/checkins", json=wrap(items), headers=INGEST)
+
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+    assert "-123.0 is less than the minimum of -90" in response.json()["reason"]
+    # 202 is answered only after acknowledgement, so anything published would already be on the topic.
+    assert records_for(kafka_bootstrap, api_topics.checkins, set(ids)) == []
+
+
+# --- size limits -------------------------------------------------------------------------------
+
+
+def test_batch_over_the_limit_gets_413(client: TestClient, kafka_bootstrap: str, api_topics: ApiTopics) -> None:
+    ids = [new_id() for _ in range(MAX_BATCH + 1)]
+    response = client.post("/v1/checkins", json={"checkins": [checkin(i) for i in ids]}, headers=INGEST)
+
+    assert response.status_code == 413
+    assert f"the limit is {MAX_BATCH}" in response.json()["reason"]
+    assert records_for(kafka_bootstrap, api_topics.checkins, set(ids)) == []
+
+
+def test_body_over_the_limit_gets_413_by_content_length(settings: Settings, publisher: Publisher,
+                                                        api_topics: ApiTopics) -> None:
+    small = make_client(Settings(kafka_bootstrap=settings.kafka_bootstrap, ingest_token=settings.ingest_token,
+                                 max_body_bytes=2048), publisher, api_topics)
+    body = [checkin(new_id()) for _ in range(30)]
+
+    response = small.post("/v1/checkins", json=body, headers=INGEST)
+
+    assert response.status_code == 413
+    assert "exceeds the limit of 2048 bytes" in response.json()["reason"]
+
+
+def test_chunked_body_over_the_limit_gets_413_by_counting(settings: Settings, publisher: Publisher,
+                                                          api_topics: ApiTopics) -> None:
+    small = make_client(Settings(kafka_bootstrap=settings.kafka_bootstrap, ingest_token=settings.ingest_token,
+                                 max_body_bytes=2048), publisher, api_topics)
+    raw = json.dumps([checkin(new_id()) for _ in range(30)]).encode()
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server has to count
+        for start in range(0, len(raw), 500):
+            yield raw[start:start + 500]
+
+    response = small.post("/v1/checkins", content=chunks(), headers={**INGEST, "Content-Type": "application/json"})
+
+    assert response.status_code == 413
+    assert "exceeds the limit of 2048 bytes" in response.json()["reason"]
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+
+def test_missing_token_gets_401_with_challenge(client: TestClient) -> None:
+    response = client.post("/v1/checkins", json=checkin(new_id()))
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong", "Bearer ingest-secret-but-longer", "Basic aW5nZXN0LXNlY3JldA==",
+                                    "ingest-secret"])
+def test_wrong_token_gets_401(client: TestClient, header: str) -> None:
+    response = client.post("/v1/checkins", json=checkin(new_id()), headers={"Authorization": header})
+
+    assert response.status_code == 401
+    assert "WWW-Authenticate" in response.headers
+
+
+def test_ingest_token_cannot_declare_crises(client: TestClient) -> None:
+    response = client.post("/v1/crises", json={"op": "cancel", "crisis_id": new_id("k")}, headers=INGEST)
+
+    assert response.status_code == 403
+    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+
+
+def test_operator_token_also_opens_ingest_endpoints(client: TestClient, kafka_bootstrap: str,
+                                                    api_topics: ApiTopics) -> None:
+    cid = new_id()
+    response = client.post("/v1/checkins", json=checkin(cid), headers=OPERATOR)
+
+    assert response.status_code == 202
+    assert len(records_for(kafka_bootstrap, api_topics.checkins, {cid}, 1)) == 1
+
+
+def test_unconfigured_tokens_open_nothing(settings: Settings, publisher: Publisher, api_topics: ApiTopics) -> None:
+    closed = make_client(Settings(kafka_bootstrap=settings.kafka_bootstrap), publisher, api_topics)
+
+    for header in ({"Authorization": "Bearer "}, {"Authorization": "Bearer anything"}, INGEST, OPERATOR):
+        assert closed.post("/v1/checkins", json=checkin(new_id()), headers=header).status_code == 401
+        assert closed.post("/v1/crises", json={"op": "cancel", "crisis_id": "k"}, headers=header).status_code == 401
+    assert "CRISISWATCH_OPERATOR_TOKEN" in closed.post("/v1/crises", json={}, headers=OPERATOR).json()["reason"]
+
+
+def test_ingest_token_alone_leaves_crises_closed(settings: Settings, publisher: Publisher, api_topics: ApiTopics) -> None:
+    partial = make_client(Settings(kafka_bootstrap=settings.kafka_bootstrap, ingest_token=Secret("ingest-secret")),
+                          publisher, api_topics)
+
+    assert partial.post("/v1/checkins", json=checkin(new_id()), headers=INGEST).status_code == 202
+    assert partial.post("/v1/crises", json={"op": "cancel", "crisis_id": "k"}, headers=INGEST).status_code == 401
+
+
+# --- broker outage -----------------------------------------------------------------------------
+
+
+def test_unreachable_broker_gets_503_never_2xx(settings: Settings, api_topics: ApiTopics) -> None:
+    nowhere = Publisher(settings, bootstrap=f"127.0.0.1:{free_port()}", timeout_s=1.0)
+    try:
+        client = make_client(settings, nowhere, api_topics)
+        checkins = client.post("/v1/checkins", json=checkin(new_id()), headers=INGEST)
+        crisis = client.post("/v1/crises", json={"op": "cancel", "crisis_id": new_id("k")}, headers=OPERATOR)
+    finally:
+        nowhere.close()
+
+    for response in (checkins, crisis):
+        assert response.status_code == 503
+        assert response.json()["error"] == "broker_unavailable"
+        assert "Kafka" in response.json()["reason"]
+        assert response.headers["Retry-After"]
+
+
+# --- crises ------------------------------------------------------------------------------------
+
+FIJI_ACROSS_ANTIMERIDIAN_UNCLOSED = {"type": "Polygon", "coordinates": [[[178.0, -18.5], [-179.0, -18.5], [-179.0, -16.0],
+                                                                        [178.0, -16.0]]]}
+
+
+def outer_rings(geometry: dict[str, Any]) -> list[list[list[float]]]:
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    return [ring for polygon in polygons for ring in polygon]
+
+
+def test_declared_crisis_is_normalised_and_published(client: TestClient, kafka_bootstrap: str,
+                                                     api_topics: ApiTopics) -> None:
+    response = client.post("/v1/crises", json={"title": "Cyclone over Fiji", "geometry": FIJI_ACROSS_ANTIMERIDIAN_UNCLOSED},
+                           headers=OPERATOR)
+
+    assert response.status_code == 202
+    crisis = response.json()
+    assert crisis["schema"] == "crisis/1"
+    assert crisis["crisis_id"].startswith("op-")
+    assert (crisis["op"], crisis["source"], crisis["version"]) == ("upsert", "operator", NOW_MS)
+    assert crisis["effective"] == "2025-03-01T12:00:00Z"
+    assert (crisis["buffer_km"], crisis["references"], crisis["url"], crisis["expires"]) == (0, [], "", None)
+    assert crisis["country_codes"] == ["FJ"]
+    # split at the antimeridian into two parts, every ring closed, every longitude in range
+    assert crisis["geometry"]["type"] == "MultiPolygon"
+    rings = outer_rings(crisis["geometry"])
+    assert all(ring[0] == ring[-1] for ring in rings)
+    assert all(-180 <= lon <= 180 for ring in rings for lon, _lat in ring)
+    assert {max(lon for lon, _ in ring) for ring in rings} >= {180.0}
+    [record] = records_for(kafka_bootstrap, api_topics.crises, {crisis["crisis_id"]}, 1)
+    assert decode(record.value, Crisis) == Crisis.from_dict(crisis)
+
+
+def test_given_fields_are_kept_and_version_never_goes_back(client: TestClient) -> None:
+    crisis_id = new_id("k")
+    square = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.3], [106.9, -6.1], [106.7, -6.1], [106.7, -6.3]]]}
+    old = client.post("/v1/crises", headers=OPERATOR, json={
+        "crisis_id": crisis_id, "version": 7, "severity": "extreme", "category": "met", "buffer_km": 15,
+        "country_codes": ["ID"], "geometry": square})
+    ahead = client.post("/v1/crises", headers=OPERATOR, json={
+        "crisis_id": crisis_id, "version": NOW_MS + 5, "geometry": square})
+
+    assert old.status_code == 202 and ahead.status_code == 202
+    assert old.json()["version"] == NOW_MS
+    assert (old.json()["severity"], old.json()["category"], old.json()["buffer_km"]) == ("extreme", "met", 15)
+    assert old.json()["country_codes"] == ["ID"]
+    assert ahead.json()["version"] == NOW_MS + 5
+
+
+def test_cancel_needs_only_the_crisis_id(client: TestClient, kafka_bootstrap: str, api_topics: ApiTopics) -> None:
+    crisis_id = new_id("k")
+    response = client.post("/v1/crises", json={"op": "cancel", "crisis_id": crisis_id}, headers=OPERATOR)
+
+    assert response.status_code == 202
+    assert (response.json()["op"], response.json()["geometry"], response.json()["version"]) == ("cancel", None, NOW_MS)
+    [record] = records_for(kafka_bootstrap, api_topics.crises, {crisis_id}, 1)
+    assert decode(record.value, Crisis).op == "cancel"
+
+
+@pytest.mark.parametrize(("body", "field", "reason"), [
+    ({"op": "cancel"}, "$.crisis_id", "must name the crisis_id"),
+    ({"title": "no area"}, "$.geometry", "needs a GeoJSON Polygon"),
+    ({"geometry": {"type": "Point", "coordinates": [1, 2]}}, "$.geometry", "not a polygon"),
+    ({"geometry": {"type": "Polygon", "coordinates": [[[1, 95], [2, 95], [2, 96]]]}}, "$.geometry", "latitude out of range"),
+    ({"geometry": {"type": "Polygon", "coordinates": [[[1, 1], [2, 2]]]}}, "$.geometry", "empty geometry"),
+    ({"geometry": {"type": "Polygon", "coordinates": [[[-80, -70], [80, -70], [80, 70], [-80, 70]]]}}, "$.geometry",
+     "globe"),
+    ({"op": "delete", "crisis_id": "k"}, "$.op", "must be 'upsert' or 'cancel'"),
+    ({"op": "cancel", "crisis_id": "k", "version": "7"}, "$.version", "must be an integer"),
+    ({"op": "cancel", "crisis_id": "k", "severity": "apocalyptic"}, "$.severity", "is not one of"),
+    ({"op": "cancel", "crisis_id": "k", "expires": "tomorrow"}, "$.expires", "UTC offset"),
+], ids=["cancel-without-id", "upsert-without-area", "point", "latitude", "degenerate", "too-large", "unknown-op",
+        "version-string", "unknown-severity", "bad-expires"])
+def test_invalid_crisis_gets_422_with_field_and_reason(client: TestClient, body: dict[str, Any], field: str,
+                                                       reason: str) -> None:
+    response = client.post("/v1/crises", json=body, headers=OPERATOR)
+
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+    assert reason in response.json()["reason"]
+
+
+# --- citizens and acks -------------------------------------------------------------------------
+
+
+def citizen(citizen_id: str, **overrides: Any) -> dict[str, Any]:
+    body = {"citizen_id": citizen_id, "name": "Siti Rahma", "nationality": "ID", "language": "id",
+            "channels": [{"type": "sms", "address": "+628123456789"}],
+            "emergency_contacts": [{"name": "Budi", "relation": "brother", "phone": "+628987654321"}],
+            "trip": {"country": "JP", "from": "2025-02-20", "until": "2025-03-10"},
+            "consent": {"location_tracking": True}}
+    body.update(overrides)
+    return body
+
+
+def test_citizen_self_report_reaches_the_citizens_topic(client: TestClient, kafka_bootstrap: str,
+                                                        api_topics: ApiTopics) -> None:
+    cid = new_id()
+    response = client.post("/v1/citizens", json=citizen(cid), headers=INGEST)
+
+    assert response.status_code == 202
+    [record] = records_for(kafka_bootstrap, api_topics.citizens, {cid}, 1)
+    event = decode(record.value, Citizen)
+    assert (event.name, event.nationality, event.location_tracking) == ("Siti Rahma", "ID", True)
+    assert event.trip == {"country": "JP", "from": "2025-02-20", "until": "2025-03-10"}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (citizen("x", nationality="Indonesia"), "$.nationality"),
+    (citizen("x", channels=[{"type": "pager", "address": "1"}]), "$.channels[0].type"),
+    ({k: v for k, v in citizen("x").items() if k != "consent"}, "$.consent"),
+])
+def test_invalid_citizen_gets_422(client: TestClient, body: dict[str, Any], field: str) -> None:
+    response = client.post("/v1/citizens", json=body, headers=INGEST)
+
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+
+
+def test_ack_gets_received_at_and_channel_defaults(client: TestClient, kafka_bootstrap: str,
+                                                   api_topics: ApiTopics) -> None:
+    cid = new_id()
+    response = client.post("/v1/acks", json={"citizen_id": cid, "crisis_id": "op-1", "status": "need_help",
+                                             "note": "trapped on the 3rd floor"}, headers=INGEST)
+
+    assert response.status_code == 202
+    [record] = records_for(kafka_bootstrap, api_topics.acks, {cid}, 1)
+    ack = decode(record.value, Ack)
+    assert (ack.status, ack.channel, ack.received_at, ack.note) == ("need_help", "app", NOW, "trapped on the 3rd floor")
+
+
+def test_invalid_ack_gets_422(client: TestClient) -> None:
+    response = client.post("/v1/acks", json={"citizen_id": "x", "crisis_id": "op-1", "status": "fine"}, headers=INGEST)
+
+    assert response.status_code == 422
+    assert response.json()["field"] == "$.status"
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+
+def test_openapi_docs_health_and_metrics(client: TestClient) -> None:
+    client.post("/v1/checkins", json=checkin(new_id()), headers=INGEST)
+    client.post("/v1/checkins", json=checkin(new_id(), lat=200), headers=INGEST)
+
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/checkins", "/v1/citizens", "/v1/crises", "/v1/acks", "/health", "/metrics"} <= set(spec["paths"])
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    checkin_body = spec["paths"]["/v1/checkins"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "citizen_id" in checkin_body["oneOf"][0]["required"]
+    assert client.get("/docs").status_code == 200
+    assert client.get("/health").json() == {"status": "ok"}
+    metrics = client.get("/metrics").text
+    assert 'crisiswatch_api_requests_total{endpoint="/v1/checkins",status="202"} 1.0' in metrics
+    assert 'crisiswatch_api_requests_total{endpoint="/v1/checkins",status="422"} 1.0' in metrics
+    assert "crisiswatch_api_events_published_total" in metrics
+
+
+def test_api_verb_without_kafka_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("CRISISWATCH_KAFKA_BOOTSTRAP", raising=False)
+
+    assert main(["api"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "CRISISWATCH_KAFKA_BOOTSTRAP" in err and "crisiswatch up" in err
