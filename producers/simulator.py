@@ -39,6 +39,7 @@ DEFAULT_DESTINATIONS: dict[str, float] = {
 }
 REGISTER_BATCH = 1000
 BATCH_INTERVAL_S = 0.05  # pacing granularity: one batch every 50 ms at most
+MAX_BATCH = 5000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -84,12 +85,15 @@ def paced_batches(events: Iterator[Event], rate_per_s: float, clock: Callable[[]
                   sleep: Callable[[float], None] = time.sleep,
                   stop: threading.Event | None = None) -> Iterator[list[Event]]:
     """Group ``events`` into batches released no earlier than ``k / rate_per_s`` seconds after the
-    start for the last event ``k`` in the batch, so the aggregate rate never exceeds the target."""
+    start for the last event ``k`` in the batch, so the aggregate rate never exceeds the target.
+    A consumer that falls behind gets bigger batches (everything already due, up to ``MAX_BATCH``),
+    which spreads the cost of each acknowledgement over more messages."""
     batch_size = max(1, int(rate_per_s * BATCH_INTERVAL_S))
     began = clock()
     released = 0
     while stop is None or not stop.is_set():
-        batch = list(islice(events, batch_size))
+        due = int((clock() - began) * rate_per_s) + 1 - released
+        batch = list(islice(events, min(MAX_BATCH, max(batch_size, due))))
         if not batch:
             return
         released += len(batch)
