@@ -62,6 +62,9 @@ _MAX_ABS_LON = 540.0
 _MAX_EDGE_DEG = 90.0
 # Coordinates this close to the seam are snapped onto it exactly.
 _SEAM_EPS = 1e-9
+_POLAR_GRID_DEG = 1e-10
+# Below this (square degrees, about 1 m² at the equator) an area is a rounding artefact, not a place.
+_MIN_AREA_DEG2 = 1e-10
 _GLOBE_EQUAL_AREA = 4.0 * math.pi  # the Earth in Lambert cylindrical equal-area units (2π × 2)
 
 
@@ -288,14 +291,20 @@ def _share(geom: BaseGeometry) -> float:
 
 
 def _finish(shapes: Iterable[BaseGeometry], *, max_globe_share: float, max_vertices: int) -> dict[str, Any]:
+    shapes = list(shapes)
     pieces = [piece for shape in shapes for piece in _split_at_antimeridian(shape)]
     pieces = [shapely.transform(p, _snap_to_seam) for p in pieces]
-    merged = _areal(shapely.make_valid(shapely.union_all(pieces))) if pieces else Polygon()
-    if merged.is_empty or merged.area == 0.0:
+    # A polar cap spans 360° unwrapped; its two pieces meet again on the meridian where its ring
+    # was closed, at coordinates that went through +360 and -360 and may differ in the last bit,
+    # so they are united on a fine grid (1e-10°) to dissolve that seam.
+    grid = _POLAR_GRID_DEG if any(s.bounds[2] - s.bounds[0] >= 360.0 - 1e-6 for s in shapes) else None
+    merged = _areal(shapely.make_valid(shapely.union_all(pieces, grid_size=grid))) if pieces else Polygon()
+    if merged.is_empty or merged.area < _MIN_AREA_DEG2:
         raise GeometryError("empty geometry: no area left after repair")
     if _has_wide_edge(merged):
         merged = shapely.segmentize(merged, _MAX_EDGE_DEG)
-    polygons = [orient(p, sign=1.0) for p in shapely.get_parts(merged) if isinstance(p, Polygon)]
+    # normalize() fixes the order of parts and the start of each ring, so equal areas serialise alike
+    polygons = [orient(p, sign=1.0) for p in shapely.get_parts(shapely.normalize(merged)) if isinstance(p, Polygon)]
     result: BaseGeometry = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
     share = _share(result)
     if share > max_globe_share:
