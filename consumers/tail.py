@@ -100,7 +100,7 @@ def tail(bootstrap: str, topic: str, wanted: WarningFilter, *, settings: Setting
 
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                 allow_auto_create_topics=False, client_id="crisiswatch-tail",
+                                 allow_auto_create_topics=False, client_id="crisiswatch-tail", bootstrap_timeout_ms=10_000,
                                  **settings.kafka_client_options())
     except KafkaError as exc:
         raise TailError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
