@@ -1,0 +1,294 @@
+"""Who must be told what: the transition rules between a citizen and each active crisis.
+
+Per citizen we keep the last known location and, per crisis, a :class:`Presence`: what the
+citizen was last told (``in`` after inside/entered, ``near`` after near, ``out`` otherwise),
+how many warnings they got about it (``seq``, part of the deterministic warning id), whether
+they were ever warned (so they get the all-clear) and, while they seem to be leaving, since
+when (the dwell rule).
+
+Kinds (DESIGN.md §3):
+- ``inside``: the citizen was already inside when the crisis was declared or its area grew;
+- ``entered``: a check-in moved the citizen in;
+- ``near``: within the crisis's ``buffer_km`` but outside;
+- ``exited``: left the area. Hysteresis: a check-in outside the area counts as leaving only
+  when it is farther from the edge than ``max(hysteresis_m, accuracy_m)``; and the citizen must
+  still be outside after ``dwell_seconds`` (two check-ins at least that far apart) before
+  ``exited`` is sent. A citizen standing on the boundary therefore never flaps. When the area
+  itself shrinks away from a citizen (a crisis update), ``exited`` is sent at once: the area
+  moved, not the GPS fix.
+- ``all_clear``: the crisis was cancelled or expired; sent to everyone ever warned about it.
+
+Every function here is pure: states in, warnings and new states out. Nobody is warned twice
+about the same thing: an update of a crisis warns only citizens whose situation it changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.domain.geofence import CrisisIndex, IndexedCrisis
+from pipeline.domain.ids import warning_id
+from pipeline.domain.messages import instruction_for
+from schemas import Checkin, Crisis, Warning, format_time, parse_time
+from schemas.models import WarningKind
+
+Status = Literal["in", "near", "out"]
+
+
+@dataclass(frozen=True, slots=True)
+class GeofenceConfig:
+    hysteresis_m: float = 50.0
+    dwell_seconds: float = 120.0
+    exercise_mode: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    status: Status = "out"
+    version: int = 0
+    seq: int = 0
+    warned: bool = False
+    leaving_since: datetime | None = None
+
+    def to_list(self) -> list[Any]:
+        return [self.status, self.version, self.seq, self.warned,
+                None if self.leaving_since is None else format_time(self.leaving_since)]
+
+    @classmethod
+    def from_list(cls, raw: Sequence[Any]) -> Presence:
+        return cls(raw[0], int(raw[1]), int(raw[2]), bool(raw[3]), None if raw[4] is None else parse_time(raw[4]))
+
+
+@dataclass(frozen=True, slots=True)
+class CitizenState:
+    citizen_id: str
+    lat: float
+    lon: float
+    accuracy_m: float | None
+    observed_at: datetime
+    presence: Mapping[str, Presence] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lat": self.lat, "lon": self.lon, "acc": self.accuracy_m, "t": format_time(self.observed_at),
+                "p": {cid: p.to_list() for cid, p in self.presence.items()}}
+
+    @classmethod
+    def from_dict(cls, citizen_id: str, raw: Mapping[str, Any]) -> CitizenState:
+        return cls(citizen_id, float(raw["lat"]), float(raw["lon"]), raw.get("acc"), parse_time(raw["t"]),
+                   {cid: Presence.from_list(p) for cid, p in raw.get("p", {}).items()})
+
+    def with_presence(self, crisis_id: str, presence: Presence | None) -> CitizenState:
+        updated = dict(self.presence)
+        if presence is None:
+            updated.pop(crisis_id, None)
+        else:
+            updated[crisis_id] = presence
+        return replace(self, presence=updated)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    warnings: tuple[Warning, ...] = ()
+    states: Mapping[str, CitizenState] = field(default_factory=dict)  # only the citizens that changed
+    stale: int = 0  # check-ins older than the citizen's last known location, ignored
+
+
+def make_warning(state: CitizenState, crisis: Crisis, kind: WarningKind, distance_km: float, seq: int,
+                 emitted_at: datetime) -> Warning:
+    return Warning(
+        warning_id=warning_id(state.citizen_id, crisis.crisis_id, crisis.version, kind, seq),
+        citizen_id=state.citizen_id, crisis_id=crisis.crisis_id, crisis_version=crisis.version, kind=kind,
+        severity=crisis.severity, title=crisis.title, instruction=instruction_for(crisis, kind, distance_km),
+        distance_km=round(distance_km, 3), lat=state.lat, lon=state.lon, observed_at=state.observed_at,
+        emitted_at=emitted_at, country_codes=crisis.country_codes)
+
+
+class Tracker:
+    """The active crises and the rules; citizen states are passed in and handed back."""
+
+    def __init__(self, config: GeofenceConfig | None = None) -> None:
+        self.config = config or GeofenceConfig()
+        self.crises: dict[str, Crisis] = {}
+        self.ended: dict[str, int] = {}  # crisis_id -> version that ended it (cancels are final for older versions)
+        self._index: CrisisIndex | None = None
+
+    # -- the crisis table ------------------------------------------------------------------------
+    @property
+    def index(self) -> CrisisIndex:
+        if self._index is None:
+            self._index = CrisisIndex(self.crises.values())
+        return self._index
+
+    def reaches_citizens(self, crisis: Crisis) -> bool:
+        return crisis.status == "actual" or self.config.exercise_mode
+
+    def accept(self, crisis: Crisis) -> bool:
+        """Record an upsert if it is newer than what we know; False for stale or ignored events."""
+        if not self.reaches_citizens(crisis) or crisis.geometry is None:
+            return False
+        known = self.crises.get(crisis.crisis_id)
+        if known is not None and known.version >= crisis.version:
+            return False
+        if self.ended.get(crisis.crisis_id, 0) >= crisis.version:
+            return False
+        self.crises[crisis.crisis_id] = crisis
+        self._index = None
+        return True
+
+    def end(self, crisis_id: str, version: int) -> Crisis | None:
+        """Remove an active crisis (cancel); returns it if it was active."""
+        self.ended[crisis_id] = max(version, self.ended.get(crisis_id, 0))
+        ended = self.crises.pop(crisis_id, None)
+        if ended is not None:
+            self._index = None
+        return ended
+
+    def expired(self, now: datetime) -> list[Crisis]:
+        """Remove and return the crises whose ``expires`` has passed."""
+        gone = [c for c in self.crises.values() if c.expires is not None and c.expires <= now]
+        for crisis in gone:
+            self.end(crisis.crisis_id, crisis.version)
+        return gone
+
+    # -- check-ins -------------------------------------------------------------------------------
+    def on_checkins(self, checkins: Sequence[Checkin], states: Mapping[str, CitizenState],
+                    now: datetime | None) -> Outcome:
+        """Geofence a batch of check-ins (one vectorised index call) and apply the transitions in order.
+
+        ``now`` is the warnings' ``emitted_at``; ``None`` stamps each with its check-in's ``observed_at``
+        (the offline engine, where time is the events' own)."""
+        index = self.index
+        matches: list[dict[str, float]] = [{} for _ in checkins]
+        for m in index.match([c.lat for c in checkins], [c.lon for c in checkins]):
+            matches[m.point][m.crisis_id] = m.distance_km
+        changed: dict[str, CitizenState] = {}
+        warnings: list[Warning] = []
+        stale = 0
+        for i, checkin in enumerate(checkins):
+            prev = changed.get(checkin.citizen_id) or states.get(checkin.citizen_id)
+            if prev is not None and checkin.observed_at < prev.observed_at:
+                stale += 1
+                continue
+            state = CitizenState(checkin.citizen_id, checkin.lat, checkin.lon, checkin.accuracy_m, checkin.observed_at,
+                                 prev.presence if prev is not None else {})
+            relevant = set(matches[i]) | {cid for cid, p in state.presence.items() if p.status != "out"}
+            for crisis_id in sorted(relevant):
+                item = index.by_id.get(crisis_id)
+                if item is None:  # ended while this citizen's state still mentioned it
+                    state = state.with_presence(crisis_id, None)
+                    continue
+                distance = matches[i][crisis_id] if crisis_id in matches[i] else item.distance_km(state.lat, state.lon)
+                state, warning = self._move(state, item, distance, now or checkin.observed_at)
+                if warning is not None:
+                    warnings.append(warning)
+            changed[checkin.citizen_id] = state
+        return Outcome(tuple(warnings), changed, stale)
+
+    def _margin_km(self, state: CitizenState) -> float:
+        return max(self.config.hysteresis_m, state.accuracy_m or 0.0) / 1000.0
+
+    def _move(self, state: CitizenState, item: IndexedCrisis, distance: float,
+              now: datetime) -> tuple[CitizenState, Warning | None]:
+        crisis = item.crisis
+        presence = state.presence.get(crisis.crisis_id, Presence())
+        band = crisis.buffer_km
+        margin = self._margin_km(state)
+        kind: WarningKind | None = None
+        new = presence
+        if distance == 0.0:
+            new = replace(presence, leaving_since=None)
+            if presence.status != "in":
+                kind, new = "entered", replace(new, status="in")
+        elif presence.status == "in":
+            if distance <= margin:
+                new = replace(presence, leaving_since=None)
+            else:
+                since = presence.leaving_since or state.observed_at
+                if (state.observed_at - since).total_seconds() >= self.config.dwell_seconds:
+                    kind, new = "exited", replace(presence, status="near" if distance <= band else "out", leaving_since=None)
+                else:
+                    new = replace(presence, leaving_since=since)
+        elif distance <= band:
+            if presence.status == "out":
+                kind, new = "near", replace(presence, status="near")
+        elif presence.status == "near" and distance > band + margin:
+            new = replace(presence, status="out")
+        return self._emit(state, crisis, presence, new, kind, distance, now)
+
+    def _emit(self, state: CitizenState, crisis: Crisis, old: Presence, new: Presence, kind: WarningKind | None,
+              distance: float, now: datetime) -> tuple[CitizenState, Warning | None]:
+        warning = None
+        if kind is not None:
+            warning = make_warning(state, crisis, kind, distance, old.seq, now)
+            new = replace(new, seq=old.seq + 1, version=crisis.version, warned=True)
+        if new == old and crisis.crisis_id in state.presence:
+            return state, warning
+        if new == Presence():
+            return state.with_presence(crisis.crisis_id, None), warning
+        return state.with_presence(crisis.crisis_id, new), warning
+
+    # -- crisis events ---------------------------------------------------------------------------
+    def on_upsert(self, crisis: Crisis, states: Iterable[CitizenState], now: datetime) -> Outcome:
+        """Sweep the given citizens against a crisis just accepted: warn the newly covered, no one twice."""
+        item = self.index.by_id.get(crisis.crisis_id)
+        if item is None:
+            return Outcome()
+        pool = list(states)
+        if not pool:
+            return Outcome()
+        lats = np.fromiter((s.lat for s in pool), dtype=float, count=len(pool))
+        lons = np.fromiter((s.lon for s in pool), dtype=float, count=len(pool))
+        inside = self.index.inside_mask(crisis.crisis_id, lats, lons)
+        candidates = inside | self.index.candidate_mask(crisis.crisis_id, lats, lons)
+        changed: dict[str, CitizenState] = {}
+        warnings: list[Warning] = []
+        for i, state in enumerate(pool):
+            presence = state.presence.get(crisis.crisis_id)
+            if not candidates[i] and (presence is None or presence.status == "out"):
+                continue
+            distance = 0.0 if inside[i] else item.distance_km(state.lat, state.lon)
+            new_state, warning = self._sweep_one(state, item, distance, now)
+            if new_state is not state:
+                changed[state.citizen_id] = new_state
+            if warning is not None:
+                warnings.append(warning)
+        return Outcome(tuple(warnings), changed)
+
+    def _sweep_one(self, state: CitizenState, item: IndexedCrisis, distance: float,
+                   now: datetime) -> tuple[CitizenState, Warning | None]:
+        crisis = item.crisis
+        presence = state.presence.get(crisis.crisis_id, Presence())
+        kind: WarningKind | None = None
+        new = presence
+        if distance == 0.0:
+            if presence.status != "in":
+                kind, new = "inside", replace(presence, status="in", leaving_since=None)
+        elif presence.status == "in":
+            if distance > self._margin_km(state):  # the area moved away from the citizen: no dwell
+                kind, new = "exited", replace(presence, status="near" if distance <= crisis.buffer_km else "out",
+                                              leaving_since=None)
+        elif distance <= crisis.buffer_km:
+            if presence.status == "out":
+                kind, new = "near", replace(presence, status="near")
+        elif presence.status == "near":
+            new = replace(presence, status="out")
+        return self._emit(state, crisis, presence, new, kind, distance, now)
+
+    def on_end(self, crisis: Crisis, states: Iterable[CitizenState], now: datetime) -> Outcome:
+        """A crisis was cancelled or expired: all-clear to everyone ever warned, and forget it."""
+        changed: dict[str, CitizenState] = {}
+        warnings: list[Warning] = []
+        for state in states:
+            presence = state.presence.get(crisis.crisis_id)
+            if presence is None:
+                continue
+            if presence.warned:
+                ended = replace(crisis, version=max(crisis.version, presence.version))
+                warnings.append(make_warning(state, ended, "all_clear", 0.0, presence.seq, now))
+            changed[state.citizen_id] = state.with_presence(crisis.crisis_id, None)
+        return Outcome(tuple(warnings), changed)
