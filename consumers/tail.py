@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -65,11 +66,14 @@ class TailError(Exception):
     """Raised with a one-line message for the user; the verb exits 2."""
 
 
-def _assign(consumer: Any, topic: str, from_beginning: bool, stop: threading.Event, err: TextIO) -> None:
+def _assign(consumer: Any, topic: str, from_beginning: bool, stop: threading.Event, err: TextIO,
+            deadline: float | None) -> bool:
+    import time
+
     from kafka import TopicPartition
 
     waited = False
-    while not stop.is_set():
+    while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         partitions = consumer.partitions_for_topic(topic)
         if partitions:
             assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -82,11 +86,12 @@ def _assign(consumer: Any, topic: str, from_beginning: bool, stop: threading.Eve
                 consumer.position(tp)
             start = "the beginning" if from_beginning else "now"
             print(f"crisiswatch tail: listening on {topic} ({len(assigned)} partitions) from {start}", file=err, flush=True)
-            return
+            return True
         if not waited:
             print(f"crisiswatch tail: waiting for topic {topic} to exist", file=err, flush=True)
             waited = True
         stop.wait(1.0)
+    return False
 
 
 def tail(bootstrap: str, topic: str, wanted: WarningFilter, *, settings: Settings, stop: threading.Event,
@@ -107,7 +112,8 @@ def tail(bootstrap: str, topic: str, wanted: WarningFilter, *, settings: Setting
     printed = 0
     last_match = time.monotonic()
     try:
-        _assign(consumer, topic, from_beginning, stop, err)
+        if not _assign(consumer, topic, from_beginning, stop, err, None if wait_s is None else last_match + wait_s):
+            return 0
         while not stop.is_set() and (max_count is None or printed < max_count):
             if wait_s is not None and time.monotonic() - last_match > wait_s:
                 break
@@ -164,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     except TailError as exc:
         print(f"crisiswatch tail: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`crisiswatch tail | head`): a normal end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if args.max is not None and printed < args.max and not stop.is_set():
         return 1
     return 0
