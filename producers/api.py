@@ -409,9 +409,10 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         for message in messages:
             metrics.published.labels(message.topic).inc()
 
-    def validated(parse: Callable[[], E | list[E]]) -> list[E]:
+    async def validated(parse: Callable[[], E | list[E]]) -> list[E]:
+        # Schema checks of a full batch or normalising a detailed area take CPU time: keep the event loop free.
         try:
-            result = parse()
+            result = await run_in_threadpool(parse)
         except InvalidEvent as exc:
             raise ApiError(422, "invalid", exc.reason, exc.field) from None
         except BatchTooLarge as exc:
@@ -432,7 +433,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   '{"checkins": [...]}; "schema" may be omitted'))
     async def post_checkins(request: Request) -> JSONResponse:
         body = await body_json(request)
-        checkins = validated(lambda: parse_checkins(body))
+        checkins = await validated(lambda: parse_checkins(body))
         await publish(_messages(checkins, routes.checkins))
         return JSONResponse({"accepted": len(checkins)}, status_code=202)
 
@@ -441,7 +442,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
               openapi_extra=_body(request_schema("citizen/1"), "register or update a citizen (Lapor Diri)"))
     async def post_citizen(request: Request) -> JSONResponse:
         body = await body_json(request)
-        citizens = validated(lambda: parse_citizen(body))
+        citizens = await validated(lambda: parse_citizen(body))
         await publish(_messages(citizens, routes.citizens))
         return JSONResponse({"accepted": 1}, status_code=202)
 
@@ -451,7 +452,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   'a citizen\'s reply, "safe" or "need_help"; received_at defaults to now, channel to app'))
     async def post_ack(request: Request) -> JSONResponse:
         body = await body_json(request)
-        acks = validated(lambda: parse_ack(body, clock()))
+        acks = await validated(lambda: parse_ack(body, clock()))
         await publish(_messages(acks, routes.acks))
         return JSONResponse({"accepted": 1}, status_code=202)
 
@@ -462,7 +463,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   "(a cancel needs only crisis_id and op)"))
     async def post_crisis(request: Request) -> JSONResponse:
         body = await body_json(request)
-        crises = validated(lambda: parse_crisis(body, clock(), make_crisis_id))
+        crises = await validated(lambda: parse_crisis(body, clock(), make_crisis_id))
         await publish(_messages(crises, routes.crises))
         log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
                                              "version": crises[0].version})

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -334,6 +335,29 @@ def test_declared_crisis_is_normalised_and_published(client: TestClient, kafka_b
     assert {max(lon for lon, _ in ring) for ring in rings} >= {180.0}
     [record] = records_for(kafka_bootstrap, api_topics.crises, {crisis["crisis_id"]}, 1)
     assert decode(record.value, Crisis) == Crisis.from_dict(crisis)
+
+
+SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples" / "tricky"
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared feed samples not available")
+@pytest.mark.parametrize(("sample", "countries"), [
+    ("antimeridian_issue187_polygon_lon_over_180_unclosed.geojson", ["RU", "US"]),
+    ("antimeridian_issue174_polygon_crossing_180_unsplit.geojson", []),
+])
+def test_real_antimeridian_polygons_are_split(client: TestClient, sample: str, countries: list[str]) -> None:
+    geometry = json.loads((SAMPLES / sample).read_text())
+
+    response = client.post("/v1/crises", json={"geometry": geometry}, headers=OPERATOR)
+
+    assert response.status_code == 202
+    crisis = response.json()
+    assert crisis["geometry"]["type"] == "MultiPolygon"
+    east, west = sorted(outer_rings(crisis["geometry"]), key=lambda ring: -ring[0][0])
+    assert max(lon for lon, _ in east) == 180.0 and min(lon for lon, _ in west) == -180.0
+    assert all(-180 <= lon <= 180 for ring in (east, west) for lon, _ in ring)
+    assert east[0] == east[-1] and west[0] == west[-1]
+    assert crisis["country_codes"] == countries
 
 
 def test_given_fields_are_kept_and_version_never_goes_back(client: TestClient) -> None:
