@@ -145,10 +145,10 @@ def feed_topics(fresh_topic: Callable[..., str]) -> FeedTopics:
 
 
 def make_poller(config: PollerConfig, bootstrap: str, state_dir: Path, feed_topics: FeedTopics,
-                registry: CollectorRegistry | None = None) -> FeedPoller:
+                registry: CollectorRegistry | None = None, now: datetime = NOW) -> FeedPoller:
     settings = Settings(kafka_bootstrap=bootstrap, data_dir=state_dir)
     return FeedPoller(config, settings, Publisher(settings, timeout_s=10.0), state_dir / STATE_FILE_NAME,
-                      FeedMetrics(registry or CollectorRegistry()), feed_topics, clock=lambda: NOW, jitter=lambda: 0.0)
+                      FeedMetrics(registry or CollectorRegistry()), feed_topics, clock=lambda: now, jitter=lambda: 0.0)
 
 
 def feeds_config(server: FeedServer, *feeds: tuple[str, str, str]) -> PollerConfig:
@@ -326,13 +326,17 @@ SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples not present")
-def test_real_gdacs_and_usgs_feeds_are_announced_once(
-        kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sample", "published_at"), [
+    ("gdacs/gdacs_rss_7d_2022-11-26_whatisc-up25.xml", datetime(2022, 11, 26, 21, 30, tzinfo=UTC)),
+    ("usgs/usgs_4.5_week_2020-10-10_josem279.geojson", datetime(2020, 10, 10, 16, 45, tzinfo=UTC)),
+])
+def test_real_feeds_are_announced_once(sample: str, published_at: datetime,
+                                       kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer,
+                                       tmp_path: Path) -> None:
     # served without validators, as some publishers do: only the poller's own memory prevents repeats
-    feed_server.put("/gdacs.xml", (SAMPLES / "gdacs" / "gdacs_rss_7d_2022-11-26_whatisc-up25.xml").read_bytes())
-    feed_server.put("/usgs.geojson", (SAMPLES / "usgs" / "usgs_4.5_week_2020-10-10_josem279.geojson").read_bytes())
-    config = feeds_config(feed_server, ("gdacs", "/gdacs.xml", "auto"), ("usgs", "/usgs.geojson", "auto"))
-    results = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    feed_server.put("/feed", (SAMPLES / sample).read_bytes())
+    config = feeds_config(feed_server, ("real", "/feed", "auto"))
+    results = make_poller(config, kafka_bootstrap, tmp_path, feed_topics, now=published_at).poll_once()
     assert all(r.ok for r in results), results
     published = read_all(kafka_bootstrap, feed_topics.crisis)
     assert len(published) == sum(r.published for r in results) > 0
@@ -341,9 +345,9 @@ def test_real_gdacs_and_usgs_feeds_are_announced_once(
     state = tmp_path / STATE_FILE_NAME
     saved = json.loads(state.read_text("utf-8"))
     for feed in saved["feeds"].values():
-        feed["sha256"] = None  # as if both publishers re-rendered their documents
+        feed["sha256"] = None  # as if the publisher re-rendered its document
     state.write_text(json.dumps(saved), "utf-8")
-    again = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    again = make_poller(config, kafka_bootstrap, tmp_path, feed_topics, now=published_at).poll_once()
     assert all(r.ok and r.published == 0 for r in again), again
     assert len(read_all(kafka_bootstrap, feed_topics.crisis)) == len(published)
 
