@@ -62,6 +62,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_HYSTERESIS_M", "50", "Minimum distance beyond the edge before a citizen counts as outside."),
     EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced in one call."),
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
+    EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters."),
     EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
     EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
 )
@@ -119,6 +120,7 @@ class Settings:
     hysteresis_m: float = 50.0
     batch_size: int = 2000
     batch_wait_s: float = 0.05
+    rebalance_timeout_s: float = 5.0
     exercise_mode: bool = False
     log_level: str = "INFO"
 
@@ -165,6 +167,7 @@ class Settings:
             hysteresis_m=_float("CRISISWATCH_HYSTERESIS_M", get("CRISISWATCH_HYSTERESIS_M")),
             batch_size=_int("CRISISWATCH_BATCH_SIZE", get("CRISISWATCH_BATCH_SIZE"), 1),
             batch_wait_s=_float("CRISISWATCH_BATCH_WAIT_S", get("CRISISWATCH_BATCH_WAIT_S")),
+            rebalance_timeout_s=_float("CRISISWATCH_REBALANCE_TIMEOUT_S", get("CRISISWATCH_REBALANCE_TIMEOUT_S"), 1.0),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
         )
@@ -211,6 +214,7 @@ class Settings:
             "CRISISWATCH_HYSTERESIS_M": str(self.hysteresis_m),
             "CRISISWATCH_BATCH_SIZE": str(self.batch_size),
             "CRISISWATCH_BATCH_WAIT_S": str(self.batch_wait_s),
+            "CRISISWATCH_REBALANCE_TIMEOUT_S": str(self.rebalance_timeout_s),
             "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
             "CRISISWATCH_LOG_LEVEL": self.log_level,
         }

@@ -1,0 +1,259 @@
+"""The Faust app: topics, the citizen-state table, the agents, and the worker's web pages.
+
+- **locate agent** (``checkins``, partitioned by citizen): takes batches of check-ins and hands
+  them to :class:`~pipeline.runtime.GeofenceRuntime`, which geofences the whole batch in one
+  vectorised call and emits warnings. Each citizen's last location and what they were told
+  live in the ``citizen-state`` table (memory store, changelog in Kafka), co-partitioned with
+  ``checkins`` (the changelog is partitioned by the same key hash as the check-ins), so a
+  restarted or rebalanced worker recovers exactly the citizens it owns.
+- **crisis agent** (``crisis-events``, one member of the group sees each event): validates
+  every crisis event and dead-letters the bad ones, once.
+- **crisis reader** (a task on every worker, no consumer group): reads ``crisis-events`` from
+  the beginning so every worker holds every active crisis, then follows it live; each upsert
+  or cancel sweeps the citizens this worker owns (``inside``/``near`` at once, ``all_clear``
+  on cancel).
+- after every table recovery (start, rebalance) the worker reconciles: every owned citizen
+  against every active crisis, sending only what the stored state says is missing.
+- a timer ends expired crises (``all_clear``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.web import Request, Response, View
+from kafka.partitioner.default import murmur2
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pipeline import topics
+from pipeline.domain.tracking import GeofenceConfig
+from pipeline.metrics import WorkerMetrics
+from pipeline.runtime import DeadLetter, GeofenceRuntime, RawMessage
+from pipeline.settings import Settings
+from schemas import Crisis, Warning, encode
+
+log = logging.getLogger(__name__)
+
+APP_ID = "crisiswatch"
+STATE_TABLE = "citizen-state"
+
+
+def changelog_topic(app_id: str = APP_ID) -> str:
+    return f"{app_id}-{STATE_TABLE}-changelog"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2) gives a key."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def raw_message(event: Any) -> RawMessage:
+    message = event.message
+    return RawMessage(message.value, message.key, message.topic, message.partition, message.timestamp)
+
+
+class KafkaEmitter:
+    """Warnings and dead letters out through the app's producer; returns once acknowledged."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.warnings_topic = app.topic(topics.WARNINGS, key_serializer="raw", value_serializer="raw")
+        self.dlq_topic = app.topic(topics.DLQ, key_serializer="raw", value_serializer="raw")
+
+    async def warnings(self, warnings: Sequence[Warning]) -> None:
+        futures = [await self.warnings_topic.send(key=w.citizen_id.encode(), value=encode(w)) for w in warnings]
+        await asyncio.gather(*futures)
+
+    async def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        futures = []
+        for letter in letters:
+            headers = [(topics.DLQ_REASON_HEADER, letter.reason.encode("utf-8")[:1000]),
+                       (topics.DLQ_SOURCE_TOPIC_HEADER, letter.raw.topic.encode("utf-8")),
+                       (topics.DLQ_STAGE_HEADER, letter.stage.encode("utf-8"))]
+            futures.append(await self.dlq_topic.send(key=letter.raw.key, value=letter.raw.value or b"",
+                                                     headers=headers))
+        await asyncio.gather(*futures)
+
+
+def broker_credentials(settings: Settings) -> Any:
+    protocol = settings.kafka_security_protocol
+    if protocol.startswith("SASL"):
+        ssl_context = None
+        if protocol == "SASL_SSL":
+            import ssl
+
+            ssl_context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password.get(),
+                                     mechanism=settings.kafka_sasl_mechanism or "PLAIN", ssl_context=ssl_context)
+    if protocol == "SSL":
+        return faust.SSLCredentials(cafile=settings.kafka_ssl_cafile or None)
+    return None
+
+
+async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIterator[list[RawMessage]]:
+    """Every message of ``crisis-events`` from the beginning, in batches; an empty batch marks
+    the moment the backlog was read (then it goes on following the topic live)."""
+    opts = settings.kafka_client_options()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", client_id="crisiswatch-crisis-reader",
+                                **{k: v for k, v in opts.items() if k != "ssl_cafile"})
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topics.CRISIS_EVENTS) or set()
+        assigned = [TopicPartition(topics.CRISIS_EVENTS, p) for p in sorted(parts)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        caught_up = False
+        while True:
+            batches = await consumer.getmany(timeout_ms=200 if not caught_up else 1000, max_records=1000)
+            records = [RawMessage(r.value, r.key, r.topic, r.partition, r.timestamp / 1000.0)
+                       for batch in batches.values() for r in batch]
+            if records:
+                yield records
+            elif not caught_up:
+                caught_up = True
+                follow.set()
+                yield []
+    finally:
+        await consumer.stop()
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
+               clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID) -> tuple[faust.App, GeofenceRuntime]:
+    registry = registry or CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    timeout = settings.rebalance_timeout_s
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()],
+        broker_credentials=broker_credentials(settings),
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_disable_leader=True,
+        table_standby_replicas=0,
+        broker_rebalance_timeout=timeout,
+        broker_session_timeout=max(timeout, 6.0),
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_host=settings.api_host,
+        web_port=settings.worker_web_port,
+        web_in_thread=False,
+        datadir=str(settings.data_dir / f"worker-{settings.worker_web_port}"),
+    )
+    checkins_topic = app.topic(topics.CHECKINS, key_serializer="raw", value_serializer="raw")
+    crisis_topic = app.topic(topics.CRISIS_EVENTS, key_serializer="raw", value_serializer="raw")
+    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
+                      schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+
+    def owns(citizen_id: str) -> bool:
+        assigned = app.assignor.assigned_actives()
+        part = partition_of(citizen_id.encode("utf-8"), settings.partitions)
+        return any(tp.topic == topics.CHECKINS and tp.partition == part for tp in assigned)
+
+    runtime = GeofenceRuntime(
+        GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
+        _TableView(table), KafkaEmitter(app), metrics, clock, owns)
+    crises_loaded = asyncio.Event()
+    table_recovered = asyncio.Event()
+
+    @app.agent(checkins_topic, name="locate")
+    async def locate(stream: Any) -> None:
+        await crises_loaded.wait()
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
+            await runtime.process_checkins([raw_message(e) for e in events])
+
+    @app.agent(crisis_topic, name="crisis")
+    async def crisis_agent(stream: Any) -> None:
+        async for event in stream.events():
+            decoded = runtime.decode_crisis(raw_message(event))
+            if isinstance(decoded, DeadLetter):
+                await runtime.emitter.dead_letters([decoded])
+                metrics.dlq.labels(stage="crisis", reason="invalid crisis/1").inc()
+
+    async def crisis_reader() -> None:
+        follow = asyncio.Event()
+        backlog: list[Crisis] = []
+        async for batch in read_crisis_log(settings, follow):
+            if not follow.is_set() or not crises_loaded.is_set():
+                for message in batch:
+                    decoded = runtime.decode_crisis(message)
+                    if isinstance(decoded, Crisis):
+                        backlog.append(decoded)
+                if follow.is_set():
+                    runtime.remember(backlog)
+                    backlog.clear()
+                    crises_loaded.set()
+                    log.info("crisis table loaded", extra={"active_crises": len(runtime.tracker.crises)})
+                    if table_recovered.is_set():
+                        await runtime.reconcile()
+                continue
+            for message in batch:
+                decoded = runtime.decode_crisis(message)
+                if isinstance(decoded, Crisis):  # bad ones are the crisis agent's to dead-letter
+                    await runtime.apply_crisis(decoded)
+
+    app.task(crisis_reader)
+
+    @table.on_recover
+    async def on_recovered() -> None:
+        table_recovered.set()
+        if crises_loaded.is_set():
+            await runtime.reconcile()
+
+    async def expire_crises() -> None:
+        if crises_loaded.is_set():
+            await runtime.expire()
+
+    app.timer(interval=5.0)(expire_crises)
+
+    @app.page("/metrics")
+    async def metrics_page(self: View, request: Request) -> Response:
+        # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition
+        return self.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split("; charset")[0])
+
+    @app.page("/health")
+    async def health_page(self: View, request: Request) -> Response:
+        ready = crises_loaded.is_set() and table_recovered.is_set()
+        return self.json({"status": "ok" if ready else "starting", "crises_loaded": crises_loaded.is_set(),
+                          "table_recovered": table_recovered.is_set(),
+                          "active_crises": len(runtime.tracker.crises)}, status=200 if ready else 503)
+
+    return app, runtime
+
+
+class _TableView(MutableMapping[str, Any]):
+    """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table[key.encode("utf-8")]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table[key.encode("utf-8")] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key.encode("utf-8")]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.keys())])
+
+    def __len__(self) -> int:
+        return len(self.table)

@@ -1,0 +1,49 @@
+"""``crisiswatch worker``: one Faust worker running the locate and crisis agents.
+
+Run several (each with its own ``CRISISWATCH_WORKER_WEB_PORT`` on one host) to scale out, up to
+the partition count of ``checkins``. Needs ``CRISISWATCH_KAFKA_BOOTSTRAP``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from pipeline.settings import Settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--web-port", type=int, default=None,
+                        help="port of /metrics and /health [env: CRISISWATCH_WORKER_WEB_PORT]")
+    parser.add_argument("--loglevel", default=None, help="log level [env: CRISISWATCH_LOG_LEVEL]")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.web_port is not None:
+        settings = replace(settings, worker_web_port=args.web_port)
+    if not settings.kafka_bootstrap:
+        print("crisiswatch worker: CRISISWATCH_KAFKA_BOOTSTRAP is not set (or use `crisiswatch up`)", file=sys.stderr)
+        return 2
+    return run_worker(settings, (args.loglevel or settings.log_level).lower())
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> int:
+    from faust.worker import Worker
+
+    from pipeline.app import changelog_topic, create_app
+    from pipeline.embedded import create_topics
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    create_topics(settings.kafka_bootstrap, [changelog_topic()], settings.partitions, settings.kafka_client_options())
+    app, _ = create_app(settings)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    worker = Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0
