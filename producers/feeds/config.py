@@ -11,8 +11,13 @@ format = "usgs"            # auto | cap | gdacs | usgs | rss | advisory
 interval_s = 300           # seconds between polls
 timeout_s = 20             # connect and read timeout
 max_bytes = 10000000       # larger responses are refused, reading stops there
-language = "en"            # language of the feed's text when the document does not say
+language = "en"            # preferred language of multilingual alerts; assumed where a document does not say
 exercise = false           # let non-Actual CAP alerts (Exercise/Test) through for this feed
+min_confidence = 0.6       # news items below this go to review instead of to citizens
+
+[geocoder]                 # optional; where news place names are looked up
+service = "offline"        # offline GeoNames gazetteer (default, no network) or a geopy service name
+# user_agent = "..."       # every other key is passed to the geopy geocoder (nominatim needs user_agent)
 ```
 
 Each feed has either ``url`` (http/https) or ``path`` (a local file, relative to the config
@@ -24,7 +29,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +43,7 @@ MIN_INTERVAL_S = 1.0
 MAX_TIMEOUT_S = 300.0
 MAX_MAX_BYTES = 200_000_000
 
-_TUNABLE = ("interval_s", "timeout_s", "max_bytes", "language", "exercise")
+_TUNABLE = ("interval_s", "timeout_s", "max_bytes", "language", "exercise", "min_confidence")
 _FEED_FIELDS = frozenset(("name", "url", "path", "format", *_TUNABLE))
 
 
@@ -58,6 +63,8 @@ class FeedConfig:
     language: str | None = None
     # None: follow CRISISWATCH_EXERCISE_MODE; true/false: this feed's own choice.
     exercise: bool | None = None
+    # None: the news parser's default.
+    min_confidence: float | None = None
 
     @property
     def location(self) -> str:
@@ -68,6 +75,8 @@ class FeedConfig:
 class PollerConfig:
     feeds: tuple[FeedConfig, ...]
     source: Path | None = None
+    geocoder_service: str = "offline"
+    geocoder_options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
     def feed(self, name: str) -> FeedConfig:
         return next(f for f in self.feeds if f.name == name)
@@ -89,9 +98,10 @@ def parse_config(text: str, base_dir: Path = Path("."), origin: str = "<config>"
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"defaults", "feeds"})
+    unknown = sorted(set(doc) - {"defaults", "feeds", "geocoder"})
     if unknown:
-        raise ConfigError(f"{origin}: unknown top-level key {unknown[0]!r} (expected 'defaults' and [[feeds]])")
+        raise ConfigError(f"{origin}: unknown top-level key {unknown[0]!r} (expected [defaults], [geocoder] and [[feeds]])")
+    service, options = _geocoder(doc.get("geocoder", {}), origin)
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{origin}: 'defaults' must be a table")
@@ -109,7 +119,23 @@ def parse_config(text: str, base_dir: Path = Path("."), origin: str = "<config>"
         if any(f.name == feed.name for f in feeds):
             raise ConfigError(f"{origin}: feed {feed.name!r} (#{n}): name: used by an earlier feed")
         feeds.append(feed)
-    return PollerConfig(tuple(feeds), None if origin.startswith("<") else Path(origin))
+    return PollerConfig(tuple(feeds), None if origin.startswith("<") else Path(origin), service, options)
+
+
+def _geocoder(raw: Any, origin: str) -> tuple[str, dict[str, str | int | float | bool]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: [geocoder]: must be a table")
+    service = raw.get("service", "offline")
+    if not isinstance(service, str) or not service.strip():
+        raise ConfigError(f"{origin}: [geocoder]: service: expected a name such as 'offline' or 'nominatim', got {service!r}")
+    options: dict[str, str | int | float | bool] = {}
+    for key, value in raw.items():
+        if key == "service":
+            continue
+        if not isinstance(value, str | int | float | bool):
+            raise ConfigError(f"{origin}: [geocoder]: {key}: expected a string, number or boolean, got {value!r}")
+        options[key] = value
+    return service.strip(), options
 
 
 def _feed(raw: Mapping[str, Any], n: int, base_dir: Path, origin: str) -> FeedConfig:
@@ -152,8 +178,13 @@ def _feed(raw: Mapping[str, Any], n: int, base_dir: Path, origin: str) -> FeedCo
     exercise = raw.get("exercise")
     if exercise is not None and not isinstance(exercise, bool):
         raise fail("exercise", f"expected true or false, got {exercise!r}")
+    min_confidence = raw.get("min_confidence")
+    if min_confidence is not None and (isinstance(min_confidence, bool) or not isinstance(min_confidence, int | float)
+                                       or not 0.0 <= min_confidence <= 1.0):
+        raise fail("min_confidence", f"expected a number from 0 to 1, got {min_confidence!r}")
     return FeedConfig(name=name, format=fmt, url=url, path=resolved, interval_s=interval, timeout_s=timeout,
-                      max_bytes=max_bytes, language=language, exercise=exercise)
+                      max_bytes=max_bytes, language=language, exercise=exercise,
+                      min_confidence=None if min_confidence is None else float(min_confidence))
 
 
 def _number(value: Any, field: str, fail: Callable[[str, str], ConfigError], minimum: float, maximum: float | None = None) -> float:

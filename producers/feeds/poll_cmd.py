@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     publisher = Publisher(settings, client_id="crisiswatch-feeds")
     try:
         poller = FeedPoller(config, settings, publisher, settings.data_dir / STATE_FILE_NAME, FeedMetrics(registry))
-    except StateError as exc:
+    except (StateError, ValueError) as exc:
         print(f"crisiswatch feeds: {exc}", file=sys.stderr)
+        publisher.close()
         return 2
     port = args.metrics_port if args.metrics_port is not None or args.once else DEFAULT_METRICS_PORT
     server = serve_metrics(registry, args.metrics_host, port, health=poller.healthy if not args.once else lambda: True) \

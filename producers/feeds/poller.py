@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.client import HTTPException
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pipeline import topics
 from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, parse_document
@@ -169,7 +169,7 @@ class FeedPoller:
     def __init__(self, config: PollerConfig, settings: Settings, sink: Sink, state_path: Path, metrics: FeedMetrics,
                  feed_topics: FeedTopics = FeedTopics(), clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  jitter: Callable[[], float] = random.random, rule: MergeRule = DEFAULT_RULE,
-                 user_agent: str = USER_AGENT) -> None:
+                 user_agent: str = USER_AGENT, geocoder: Any = None) -> None:
         self.config = config
         self.settings = settings
         self.sink = sink
@@ -179,6 +179,10 @@ class FeedPoller:
         self.jitter = jitter
         self.rule = rule
         self.user_agent = user_agent
+        # Only news items need place names looked up; build the configured geocoder only then.
+        # ValueError/TypeError here name a bad [geocoder] section.
+        self.geocoder = geocoder if geocoder is not None or not any(f.format in ("rss", "auto") for f in config.feeds) \
+            else _make_geocoder(config)
         self._store = StateStore(state_path)
         self._state = self._store.load(clock())
         self._lock = threading.Lock()
@@ -236,8 +240,11 @@ class FeedPoller:
             return PollResult(feed.name, ok=True, not_modified=True)
         now = self.clock()
         body = fetched.body
-        ctx = ParseContext(now=now, max_bytes=feed.max_bytes, source_name=feed.name,
-                           exercise_mode=self.settings.exercise_mode if feed.exercise is None else feed.exercise)
+        ctx = ParseContext(now=now, max_bytes=feed.max_bytes, source_name=feed.name, language=feed.language,
+                           exercise_mode=self.settings.exercise_mode if feed.exercise is None else feed.exercise,
+                           geocoder=self.geocoder)
+        if feed.min_confidence is not None:
+            ctx = replace(ctx, min_confidence=feed.min_confidence)
         try:
             parsed = parse_document(body, feed.format, ctx)
         except FeedError as exc:
@@ -272,7 +279,7 @@ class FeedPoller:
         registry = state.registry
         published = unchanged = 0
         for event in map(lambda e: self._with_language(e, feed), parsed.events):
-            outcome = merge(registry, event, self.rule)
+            outcome = merge(registry, event, self.rule, now)
             registry = outcome.registry
             if outcome.publish is None:
                 unchanged += 1
@@ -283,7 +290,7 @@ class FeedPoller:
                                             "version": outcome.publish.version, "op": outcome.publish.op,
                                             "source_ref": event.source_ref})
         for note in parsed.notes:
-            log.warning("feed note", extra={"feed": feed.name, "note": note[:500]})
+            log.info("feed note", extra={"feed": feed.name, "note": note[:500]})
 
         if messages:
             try:
@@ -354,6 +361,15 @@ class FeedPoller:
         while not stop.is_set():
             self.poll(feed)
             stop.wait(self.next_delay(feed))
+
+
+def _make_geocoder(config: PollerConfig) -> Any:
+    from producers.feeds.geocoding import make_geocoder
+
+    try:
+        return make_geocoder(config.geocoder_service, **config.geocoder_options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[geocoder]: {exc}") from None
 
 
 def failures(results: Sequence[PollResult]) -> list[str]:

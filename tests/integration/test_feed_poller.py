@@ -153,7 +153,7 @@ def make_poller(config: PollerConfig, bootstrap: str, state_dir: Path, feed_topi
 
 def feeds_config(server: FeedServer, *feeds: tuple[str, str, str]) -> PollerConfig:
     text = "".join(f'[[feeds]]\nname = "{name}"\nurl = "{server.url(path)}"\nformat = "{fmt}"\ninterval_s = 60\ntimeout_s = 5\n'
-                   for name, path, fmt in feeds)
+                   'language = "en"\n' for name, path, fmt in feeds)
     return parse_config(text)
 
 
@@ -361,3 +361,22 @@ def test_a_damaged_state_file_is_set_aside_and_polling_goes_on(
     assert result.ok and result.published == 2
     assert [p.name for p in tmp_path.glob(f"{STATE_FILE_NAME}.corrupt-*")] == [f"{STATE_FILE_NAME}.corrupt-20240101T080000Z"]
     assert json.loads((tmp_path / STATE_FILE_NAME).read_text("utf-8"))["feeds"]["usgs"]["etag"] == '"usgs-1"'
+
+
+def test_low_confidence_news_goes_to_review_once_and_confident_news_to_citizens(
+        kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer, tmp_path: Path) -> None:
+    document = (FIXTURES / "news.rss").read_bytes()
+    feed_server.put("/news.rss", document)
+    config = feeds_config(feed_server, ("wire", "/news.rss", "rss"))
+    [result] = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    assert result.ok and (result.published, result.review) == (1, 1)
+    [event] = crises(kafka_bootstrap, feed_topics.crisis)
+    assert "Palu" in event.title and event.language == "en"  # the feed's language where the item has none
+    [held] = crises(kafka_bootstrap, feed_topics.review)
+    assert "could" in held.title
+
+    # the wire re-renders its feed (new build date, same items) and the poller restarts: nothing is repeated
+    feed_server.put("/news.rss", document.replace(b"07:55:00 GMT</lastBuildDate>", b"07:58:00 GMT</lastBuildDate>"))
+    [again] = make_poller(config, kafka_bootstrap, tmp_path, feed_topics).poll_once()
+    assert again.ok and (again.published, again.review) == (0, 0)
+    assert len(read_all(kafka_bootstrap, feed_topics.review)) == 1

@@ -58,7 +58,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import nearest_points
 
 from pipeline.domain import geometry
-from schemas import Crisis
+from schemas import Crisis, format_time, parse_time
 from schemas.models import SEVERITY_RANK
 
 EARTH_RADIUS_KM = 6371.0088
@@ -123,6 +123,9 @@ class Incident:
     # The last view published, so a cancel that carries no text or area (a CAP Cancel has no
     # <info>) still tells citizens which crisis ended and where.
     last_view: Crisis | None = None
+    # When a feed last mentioned one of its members (the ``now`` given to :func:`merge`): an
+    # incident is forgotten only once its sources stopped repeating it, however old its events.
+    seen: datetime | None = None
 
     @property
     def active(self) -> tuple[Member, ...]:
@@ -159,7 +162,8 @@ class IncidentRegistry:
     def to_json(self) -> list[dict[str, Any]]:
         return [{"crisis_id": i.crisis_id, "version": i.version,
                  "members": [{"active": m.active, "event": m.event.to_dict()} for m in i.members],
-                 "last_view": None if i.last_view is None else i.last_view.to_dict()}
+                 "last_view": None if i.last_view is None else i.last_view.to_dict(),
+                 "seen": None if i.seen is None else format_time(i.seen)}
                 for i in self.incidents.values()]
 
     @classmethod
@@ -171,15 +175,16 @@ class IncidentRegistry:
         for n, raw in enumerate(data):
             try:
                 members = tuple(Member(Crisis.from_dict(m["event"]), bool(m["active"])) for m in raw["members"])
-                view = raw.get("last_view")
+                view, seen = raw.get("last_view"), raw.get("seen")
                 incidents.append(Incident(str(raw["crisis_id"]), int(raw["version"]), members,
-                                          None if view is None else Crisis.from_dict(view)))
+                                          None if view is None else Crisis.from_dict(view),
+                                          None if seen is None else parse_time(seen)))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"incident registry: entry {n}: {exc!r}") from None
         return cls.of(incidents)
 
     def prune(self, now: datetime, rule: MergeRule = MergeRule()) -> IncidentRegistry:
-        """Forget incidents that ended (cancelled or expired) more than ``rule.retention`` ago."""
+        """Forget incidents that ended (cancelled or expired) and that no feed mentioned for ``rule.retention``."""
         horizon = now - rule.retention
         kept = [i for i in self.incidents.values() if _last_seen(i) >= horizon]
         return self if len(kept) == len(self.incidents) else IncidentRegistry.of(kept)
@@ -194,24 +199,31 @@ class MergeOutcome:
     incident_id: str
 
 
-def merge(registry: IncidentRegistry, event: Crisis, rule: MergeRule = MergeRule()) -> MergeOutcome:
-    """Fold one source event into the registry; see the module docstring for the rule."""
+def merge(registry: IncidentRegistry, event: Crisis, rule: MergeRule = MergeRule(),
+          now: datetime | None = None) -> MergeOutcome:
+    """Fold one source event into the registry; see the module docstring for the rule.
+
+    ``now`` (when the event was read from its feed) keeps the incident from being pruned while
+    its source still lists it.
+    """
     incident = registry.incident_of(event.crisis_id)
     if incident is None:
         if event.op == "cancel":
             # Cancel of a report we never saw: pass it on unchanged (downstream may know it from
             # before this registry existed) and remember it so a repeat is not sent again.
-            fresh = Incident(event.crisis_id, event.version, (Member(event, active=False),), event)
+            fresh = Incident(event.crisis_id, event.version, (Member(event, active=False),), event, now)
             return MergeOutcome(event, registry.with_incident(fresh), fresh.crisis_id)
         incident = _find_incident(registry, event, rule)
         if incident is None:
             fresh = Incident(event.crisis_id, 0, ())
-            return _update(registry, fresh, event)
-        return _update(registry, incident, event)
+            return _update(registry, fresh, event, now)
+        return _update(registry, incident, event, now)
     known = incident.member(event.crisis_id)
     if known is not None and (event.version < known.event.version or fingerprint(event) == fingerprint(known.event)):
+        if now is not None and (incident.seen is None or incident.seen < now):
+            registry = registry.with_incident(replace(incident, seen=now))
         return MergeOutcome(None, registry, incident.crisis_id)
-    return _update(registry, incident, event)
+    return _update(registry, incident, event, now)
 
 
 def fingerprint(event: Crisis) -> str:
@@ -219,25 +231,26 @@ def fingerprint(event: Crisis) -> str:
     return json.dumps(event.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def merge_all(registry: IncidentRegistry, events: Sequence[Crisis],
-              rule: MergeRule = MergeRule()) -> tuple[list[Crisis], IncidentRegistry]:
+def merge_all(registry: IncidentRegistry, events: Sequence[Crisis], rule: MergeRule = MergeRule(),
+              now: datetime | None = None) -> tuple[list[Crisis], IncidentRegistry]:
     """:func:`merge` each event in turn; returns what to publish, in order, and the final registry."""
     out: list[Crisis] = []
     for event in events:
-        outcome = merge(registry, event, rule)
+        outcome = merge(registry, event, rule, now)
         registry = outcome.registry
         if outcome.publish is not None:
             out.append(outcome.publish)
     return out, registry
 
 
-def _update(registry: IncidentRegistry, incident: Incident, event: Crisis) -> MergeOutcome:
+def _update(registry: IncidentRegistry, incident: Incident, event: Crisis, now: datetime | None) -> MergeOutcome:
     member = Member(event, active=event.op == "upsert")
     others = tuple(m for m in incident.members if m.key != member.key)
     members = (*others, member)
     version = max(incident.version + 1, event.version)
     view = _combined_view(incident.crisis_id, version, members, event, incident.last_view)
-    updated = Incident(incident.crisis_id, version, members, view)
+    seen = max((t for t in (incident.seen, now) if t is not None), default=None)
+    updated = Incident(incident.crisis_id, version, members, view, seen)
     return MergeOutcome(view, registry.with_incident(updated), updated.crisis_id)
 
 
@@ -292,7 +305,8 @@ def _last_seen(incident: Incident) -> datetime:
     events = [m.event for m in incident.members]
     if incident.active and any(e.expires is None for e in events if e.op == "upsert"):
         return datetime.max.replace(tzinfo=events[0].effective.tzinfo)
-    return max(max(e.effective, e.expires or e.effective) for e in events)
+    latest = max(max(e.effective, e.expires or e.effective) for e in events)
+    return latest if incident.seen is None else max(latest, incident.seen)
 
 
 # --- the join rule -----------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def test_a_valid_file_loads_with_defaults_and_paths_relative_to_it(tmp_path: Pat
     assert (cap.interval_s, cap.language, cap.exercise, cap.max_bytes) == (120.0, "id", True, 500_000)
 
 
+def test_the_geocoder_defaults_to_the_offline_gazetteer_and_takes_geopy_options() -> None:
+    feeds = '[[feeds]]\nname = "news"\nurl = "https://x.example/rss"\nformat = "rss"\nmin_confidence = 0.8\n'
+    assert parse_config(feeds).geocoder_service == "offline"
+    config = parse_config(f'[geocoder]\nservice = "nominatim"\nuser_agent = "ministry-crisis-desk"\ntimeout = 5\n{feeds}')
+    assert (config.geocoder_service, dict(config.geocoder_options)) == ("nominatim", {"user_agent": "ministry-crisis-desk",
+                                                                                     "timeout": 5})
+    assert config.feeds[0].min_confidence == 0.8
+
+
 def test_the_shipped_example_config_is_valid() -> None:
     config = load_config(REPO / "deploy" / "feeds.example.toml")
     assert {f.format for f in config.feeds} >= {"gdacs", "usgs", "cap", "advisory"}
@@ -61,6 +70,7 @@ def test_the_shipped_example_config_is_valid() -> None:
     ('name = "x"\nurl = "https://x.example/a"\nlanguage = "english please"', "language: expected a language tag"),
     ('name = "x"\nurl = "https://x.example/a"\nexercise = "yes"', "exercise: expected true or false"),
     ('name = "x"\nurl = "https://x.example/a"\nintervall_s = 60', "feed 'x' (#1): intervall_s: unknown field"),
+    ('name = "x"\nurl = "https://x.example/a"\nmin_confidence = 1.5', "min_confidence: expected a number from 0 to 1"),
 ])
 def test_each_mistake_names_the_feed_and_the_field(body: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=r"^feeds\.toml: ") as err:
@@ -78,5 +88,7 @@ def test_duplicate_names_empty_files_and_broken_toml_are_refused(tmp_path: Path)
         parse_config("[[feeds]\nname=")
     with pytest.raises(ConfigError, match=r"\[defaults\]: unknown field 'url'"):
         parse_config('[defaults]\nurl = "https://x.example"\n[[feeds]]\nname = "a"\nurl = "https://x.example/1"\n')
+    with pytest.raises(ConfigError, match=r"\[geocoder\]: service: expected a name"):
+        parse_config('[geocoder]\nservice = ""\n[[feeds]]\nname = "a"\nurl = "https://x.example/1"\n')
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")

@@ -192,6 +192,19 @@ def test_pruning_forgets_ended_incidents_but_keeps_open_ones() -> None:
     assert set(pruned.incidents) == {USGS.crisis_id}
 
 
+def test_pruning_keeps_old_events_that_their_feed_still_lists() -> None:
+    # a drought that began months ago and was cancelled today is still in the source's weekly feed
+    old_cancel = crisis("gdacs:DR:1015559", "gdacs", category="env", title="Drought", op="cancel",
+                        at=T0 - timedelta(days=300), version=int(T0.timestamp()))
+    now = T0 + timedelta(hours=1)
+    out = merge(IncidentRegistry(), old_cancel, now=now)
+    registry = out.registry.prune(now)
+    assert merge(registry, old_cancel, now=now + timedelta(days=20)).publish is None
+    restored = IncidentRegistry.from_json(json.loads(json.dumps(registry.to_json())))
+    assert set(restored.prune(now + timedelta(days=29)).incidents) == {old_cancel.crisis_id}
+    assert restored.prune(now + timedelta(days=31)).incidents == {}
+
+
 def test_hazard_kind_reads_gdacs_types_and_titles_in_several_languages() -> None:
     assert hazard_kind(GDACS) == "earthquake"
     assert hazard_kind(crisis("cap:a:b", "cap", title="Peringatan banjir bandang")) == "flood"
