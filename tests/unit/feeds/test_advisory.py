@@ -111,6 +111,15 @@ def test_sniff() -> None:
     assert not advisory.sniff(b'{"type": "FeatureCollection", "features": []}')
 
 
+def test_every_event_round_trips_through_the_wire_schema() -> None:
+    from schemas import codec
+    from schemas.models import Crisis
+
+    for path in sorted(FIXTURES.glob("*.*")):
+        for event in parse(path).events:
+            assert codec.decode(codec.encode(event), Crisis) == event, event.crisis_id
+
+
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared samples not present")
 def test_sample_gac_index_2014() -> None:
     data = (SAMPLES / "canada_gac_travel_advisories_index-alpha-eng_2014-10-02.json").read_bytes()

@@ -100,6 +100,15 @@ def test_sniff() -> None:
     assert not gdacs.sniff(b"<rss version='2.0'><channel><title>news</title></channel></rss>")
 
 
+def test_every_event_round_trips_through_the_wire_schema() -> None:
+    from schemas import codec
+    from schemas.models import Crisis
+
+    for path in sorted(FIXTURES.glob("rss_[!e]*.xml")):
+        for event in parse(path, now=datetime(2014, 1, 1, tzinfo=UTC)).events:
+            assert codec.decode(codec.encode(event), Crisis) == event, event.crisis_id
+
+
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared samples not present")
 
 

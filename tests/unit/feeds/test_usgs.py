@@ -90,6 +90,15 @@ def test_sniff() -> None:
     assert not usgs.sniff(b'{"data": {"AF": {"advisory-state": 3}}}')
 
 
+def test_every_event_round_trips_through_the_wire_schema() -> None:
+    from schemas import codec
+    from schemas.models import Crisis
+
+    for path in sorted(FIXTURES.glob("*.geojson")):
+        for event in parse(path, now=datetime(2023, 11, 1, tzinfo=UTC)).events:
+            assert codec.decode(codec.encode(event), Crisis) == event, event.crisis_id
+
+
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared samples not present")
 
 
