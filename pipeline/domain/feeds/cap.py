@@ -263,6 +263,8 @@ def _read_feed(root: ET.Element) -> list[_Alert]:
             continue
         by_identity[key] = alert
         alerts.append(alert)
+    if entries and not alerts:
+        raise FeedError(f"feed of {len(entries)} entries without any CAP content: not a CAP feed")
     return alerts
 
 

@@ -360,3 +360,9 @@ def test_nws_cap11_blizzard_with_empty_polygon() -> None:
     assert (event.op, event.severity, event.geometry) == ("upsert", "severe", None)
     assert event.crisis_id.startswith("cap:w-nws.webmaster@noaa.gov:")
     assert any("left without geometry" in note for note in result.notes)
+
+
+def test_feed_without_cap_content_is_refused() -> None:
+    with pytest.raises(FeedError, match="not a CAP feed"):
+        parse_bytes(b'<rss version="2.0"><channel><item><title>Gempa</title></item></channel></rss>')
+    assert parse_bytes(b'<feed xmlns="http://www.w3.org/2005/Atom"><title>quiet</title></feed>').events == ()

@@ -1,0 +1,133 @@
+"""``crisiswatch parse`` as a user runs it: a subprocess, JSON lines out, one line per problem on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import check
+
+REPO = Path(__file__).resolve().parents[3]
+FIXTURES = REPO / "tests" / "fixtures" / "feeds"
+SAMPLES = REPO.parent / "shared" / "samples"
+
+
+def crisiswatch_parse(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    executable = shutil.which("crisiswatch", path=str(Path(sys.executable).parent))
+    command = [executable] if executable else [sys.executable, "-m", "pipeline.cli"]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CRISISWATCH_")} | (env or {})
+    return subprocess.run([*command, "parse", *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env=environment, cwd=REPO, check=False)
+
+
+def events_of(stdout: str) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in stdout.splitlines()]
+    for event in events:
+        assert check(event) == "crisis/1"
+    return events
+
+
+def test_cap_documents_print_one_valid_event_per_line() -> None:
+    done = crisiswatch_parse(FIXTURES / "cap" / "cap12_polygon_alert_jakarta_flood.xml",
+                             FIXTURES / "cap" / "cap12_cancel_without_info.xml")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    events = events_of(done.stdout)
+    assert [(e["crisis_id"], e["op"]) for e in events] == [
+        ("cap:alerts@crisiswatch.example:CW-JKT-FL-20240115-001", "upsert"),
+        ("cap:ops@crisiswatch.example:CW-ALERT-0041", "cancel"),
+    ]
+    assert events[0]["geometry"]["type"] == "Polygon" and events[1]["geometry"] is None
+
+
+def test_item_rejections_are_one_line_each_and_do_not_fail_the_file() -> None:
+    done = crisiswatch_parse(FIXTURES / "cap" / "edxlde_three_alerts_one_broken.xml")
+    assert done.returncode == 0
+    assert len(events_of(done.stdout)) == 2
+    assert done.stderr.splitlines() == [
+        f"{FIXTURES / 'cap' / 'edxlde_three_alerts_one_broken.xml'}: rejected 2024-09-14T04:30:00-00:00:880003: "
+        "sent 'yesterday afternoon' is not a date-time with an offset"]
+
+
+def test_exercise_flag_and_environment_keep_exercise_alerts() -> None:
+    path = FIXTURES / "cap" / "cap12_exercise_polygon.xml"
+    dropped = crisiswatch_parse(path)
+    assert dropped.returncode == 0 and dropped.stdout == ""
+    assert "not an actual alert" in dropped.stderr
+    for kept in (crisiswatch_parse("--exercise", path), crisiswatch_parse(path, env={"CRISISWATCH_EXERCISE_MODE": "true"})):
+        assert kept.returncode == 0
+        [event] = events_of(kept.stdout)
+        assert event["status"] == "exercise"
+
+
+def test_rejected_files_give_exit_2_with_one_line_each_and_the_others_still_print() -> None:
+    missing = FIXTURES / "does-not-exist.xml"
+    bomb = FIXTURES / "hostile" / "billion_laughs.xml"
+    good = FIXTURES / "cap" / "cap12_polygon_alert_jakarta_flood.xml"
+    done = crisiswatch_parse(missing, bomb, good)
+    assert done.returncode == 2
+    assert len(events_of(done.stdout)) == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{missing}: cannot read")
+    assert lines[1].startswith(f"{bomb}: XML refused: entity declarations")
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_format_is_a_one_line_refusal(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.txt"
+    odd.write_text("hello, world\n")
+    done = crisiswatch_parse(odd)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"{odd}: unknown document format (not CAP, GDACS, USGS GeoJSON, RSS/Atom or a travel-advisory list)"
+
+
+def test_forced_format_that_does_not_fit_is_refused() -> None:
+    done = crisiswatch_parse("--format", "cap", FIXTURES / "news" / "rss_id_berita.xml")
+    assert done.returncode == 2
+    assert done.stderr.endswith("without any CAP content: not a CAP feed\n")
+
+
+def test_news_events_print_and_review_items_are_listed() -> None:
+    path = FIXTURES / "news" / "rss_id_berita.xml"
+    done = crisiswatch_parse(path)
+    assert done.returncode == 0
+    assert {e["title"] for e in events_of(done.stdout)} == {
+        "Gempa M5,6 guncang Cianjur, 162 orang tewas", "Banjir di Semarang, ribuan warga mengungsi"}
+    review_lines = [line for line in done.stderr.splitlines() if ": review rss:" in line]
+    assert len(review_lines) == 2
+    with_review = crisiswatch_parse("--include-review", path)
+    assert len(events_of(with_review.stdout)) == 4
+
+
+def test_language_choice_and_notes() -> None:
+    done = crisiswatch_parse("--language", "id", "--notes", FIXTURES / "cap" / "cap12_multilingual_id_en.xml",
+                             FIXTURES / "cap" / "atom_inline_lonlat_swapped_circles.atom.xml")
+    assert done.returncode == 0
+    events = events_of(done.stdout)
+    assert events[0]["language"] == "id-ID"
+    assert sum("read as lon,lat and swapped" in line for line in done.stderr.splitlines()) == 3
+
+
+def test_bad_options_are_refused() -> None:
+    assert crisiswatch_parse("--geocoder", "no-such-service", FIXTURES / "news" / "rss_id_berita.xml").returncode == 2
+    assert crisiswatch_parse("--min-confidence", "3", FIXTURES / "news" / "rss_id_berita.xml").returncode == 2
+
+
+def test_every_cap_and_news_sample_parses_to_valid_events() -> None:
+    paths = sorted((SAMPLES / "cap").glob("*.xml")) + sorted((SAMPLES / "tricky").glob("*.xml")) + sorted(
+        (SAMPLES / "news").glob("*.xml"))
+    if not paths:
+        pytest.skip("shared samples not present")
+    done = crisiswatch_parse(*paths)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    events = events_of(done.stdout)
+    assert len(events) >= 70  # 59 from the NSW RFS envelope alone
