@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from shapely.geometry import Point, shape
+from shapely import make_valid, unary_union
+from shapely.geometry import Point, Polygon, shape
 
 from pipeline.domain.feeds import cap
 from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult
@@ -324,7 +326,16 @@ def test_meteofrance_all_clear_update_cancels_the_referenced_warning() -> None:
 
 
 def test_met_eireann_six_polygons_one_with_a_spike_are_repaired_and_united() -> None:
-    event = only(sample("cap", "met_eireann_via_meteoalarm_cap_alert_polygons_2022-12-06.xml"))
+    name = "met_eireann_via_meteoalarm_cap_alert_polygons_2022-12-06.xml"
+    result = sample("cap", name)
+    event = only(result)
+    assert not result.notes  # the spiked polygon #5 is repaired, not refused
+    [(polygons, _centres)] = raw_areas(SAMPLES / "cap" / name)
+    assert len(polygons) == 6
+    assert polygons[4].geom_type == "GeometryCollection"  # make_valid: the ring's area plus its spike
+    areal = unary_union([part for p in polygons for part in getattr(p, "geoms", [p]) if part.area > 0])
+    assert event.geometry is not None
+    assert shape(event.geometry).buffer(1e-6).covers(areal)  # all six areas, the spiked one included
     assert event.crisis_id == "cap:forecasts@met.ie:2.49.0.1.372.0.221206232741.M_LowTemp003"
     assert (event.op, event.version, event.severity) == ("upsert", 1670369261, "moderate")
     assert "IE" in event.country_codes
@@ -344,14 +355,32 @@ def test_krisinformation_swapped_circles_land_in_sweden_not_the_arabian_sea() ->
     assert sum("swapped" in note for note in result.notes) == 7
 
 
+def raw_areas(path: Path) -> list[tuple[list[Polygon], list[tuple[float, float]]]]:
+    """Per CAP alert of a document: its polygons (repaired independently, lon,lat) and circle centres (lat,lon)."""
+    out = []
+    for alert in ET.parse(path).getroot().iter("{urn:oasis:names:tc:emergency:cap:1.2}alert"):
+        polygons = [make_valid(Polygon([(float(p.split(",")[1]), float(p.split(",")[0])) for p in (el.text or "").split()]))
+                    for el in alert.iter("{urn:oasis:names:tc:emergency:cap:1.2}polygon")]
+        centres = [(float(c.split()[0].split(",")[0]), float(c.split()[0].split(",")[1]))
+                   for c in (el.text or "" for el in alert.iter("{urn:oasis:names:tc:emergency:cap:1.2}circle"))]
+        out.append((polygons, centres))
+    return out
+
+
 def test_nsw_rfs_edxl_de_envelope_with_self_intersecting_polygons() -> None:
-    result = sample("tricky", "nsw_rfs_edxl-de_cap_bushfire_selfintersecting_polygons_2014-11-10.xml")
+    name = "nsw_rfs_edxl-de_cap_bushfire_selfintersecting_polygons_2014-11-10.xml"
+    result = sample("tricky", name)
     assert len(result.events) == 59 and not result.rejected
+    assert not any("refused" in note for note in result.notes)  # every polygon repaired, none dropped
     assert all(e.country_codes == ("AU",) and e.op == "upsert" for e in result.events)
     by_title = {e.title: e for e in result.events}
-    assert by_title["Cliff Dr, Katoomba"].geometry is not None
-    assert by_title["Edwards Trl, Balickera"].geometry is not None
     assert inside(by_title["Barham Rd, Barham"], -35.5807, 144.2342)  # the radius-0 incident point
+    for event, (polygons, centres) in zip(result.events, raw_areas(SAMPLES / "tricky" / name), strict=True):
+        for lat, lon in centres:
+            assert inside(event, lat, lon), event.title
+        for polygon in polygons:  # including Cliff Dr, Katoomba and Edwards Trl, Balickera, the invalid ones
+            point = polygon.representative_point()
+            assert inside(event, point.y, point.x), event.title
 
 
 def test_nws_cap11_blizzard_with_empty_polygon() -> None:
