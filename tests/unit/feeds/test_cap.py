@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 
+import defusedxml.ElementTree as ET
 import pytest
 from shapely import make_valid, unary_union
 from shapely.geometry import Point, Polygon, shape
