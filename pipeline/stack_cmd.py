@@ -1,0 +1,57 @@
+"""``crisiswatch up``: the whole stack, embedded by default, until Ctrl-C or SIGTERM.
+
+With ``CRISISWATCH_KAFKA_BOOTSTRAP`` and ``CRISISWATCH_DATABASE_URL`` set it uses those and
+starts no embedded server. Exit 0 on a clean stop, 1 if a process of the stack died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from pipeline.settings import Settings
+from pipeline.stack import Stack, StackError
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feeds", type=Path, default=None, help="also run the feed pollers with this config file")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.feeds is not None and not args.feeds.is_file():
+        print(f"crisiswatch up: no such feeds config: {args.feeds}", file=sys.stderr)
+        return 2
+    stack = Stack(settings, args.feeds)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        stack.start()
+        print(stack.banner(), flush=True)
+        while True:
+            dead = stack.dead_children()
+            if dead:
+                names = ", ".join(f"{c.name} (see {c.log_path})" for c in dead)
+                print(f"crisiswatch up: stopped: {names} exited", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except StackError as exc:
+        print(f"crisiswatch up: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopping...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, _raise_stop)  # a second SIGTERM during shutdown must not skip cleanup
+        stack.stop()
