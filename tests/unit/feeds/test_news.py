@@ -68,6 +68,7 @@ def test_gazetteer_ranking_exact_names_countries_and_population(gazetteer: Offli
     assert address("Bombay") == "Mumbai, India"  # an alternate name, when no city is called that
     assert address("Singapore") == "Singapore"  # the country before the city of the same name
     assert address("Palu, Indonesia") == "Palu, Indonesia"
+    assert address("Palu, ID") == "Palu, Indonesia"
     assert address("Palu, Turkey") is None
     readings = gazetteer.geocode("Reading", exactly_one=False)
     assert isinstance(readings, list) and len(readings) > 1
