@@ -85,6 +85,29 @@ class KafkaEmitter:
         await asyncio.gather(*futures)
 
 
+FETCH_MAX_WAIT_MS = 100
+
+
+def _bound_fetch_wait(max_wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
+    """Faust builds its aiokafka consumer with a fixed ``fetch_max_wait_ms=1500``. A broker that holds
+    an empty fetch for the whole wait (the embedded one does) then adds up to 1.5 s to every
+    check-in -> warning path. Lower it on the consumer Faust creates, before it starts."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread = driver.AIOKafkaConsumerThread
+    if getattr(thread, "_crisiswatch_fetch_wait", None) == max_wait_ms:
+        return
+    original = thread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = min(consumer._fetch_max_wait_ms, max_wait_ms)
+        return consumer
+
+    setattr(thread, "_create_worker_consumer", create)  # noqa: B010 - patching a method on purpose
+    setattr(thread, "_crisiswatch_fetch_wait", max_wait_ms)  # noqa: B010
+
+
 def broker_credentials(settings: Settings) -> Any:
     protocol = settings.kafka_security_protocol
     if protocol.startswith("SASL"):
@@ -106,6 +129,7 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
     the moment the backlog was read (then it goes on following the topic live)."""
     opts = settings.kafka_client_options()
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                                 auto_offset_reset="earliest", client_id="crisiswatch-crisis-reader",
                                 **{k: v for k, v in opts.items() if k != "ssl_cafile"})
     await consumer.start()
@@ -116,7 +140,7 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
         await consumer.seek_to_beginning(*assigned)
         caught_up = False
         while True:
-            batches = await consumer.getmany(timeout_ms=200 if not caught_up else 1000, max_records=1000)
+            batches = await consumer.getmany(timeout_ms=200 if not caught_up else 500, max_records=1000)
             records = [RawMessage(r.value, r.key, r.topic, r.partition, r.timestamp / 1000.0)
                        for batch in batches.values() for r in batch]
             if records:
@@ -133,6 +157,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID) -> tuple[faust.App, GeofenceRuntime]:
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics(registry)
+    _bound_fetch_wait()
     timeout = settings.rebalance_timeout_s
     app = faust.App(
         app_id,

@@ -33,6 +33,7 @@ class StackError(RuntimeError):
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # servers set it too: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError:

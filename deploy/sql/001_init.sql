@@ -22,7 +22,7 @@ CREATE INDEX citizens_trip_country_idx ON citizens (trip_country) WHERE trip_cou
 -- Every version of every crisis, as published on crisis-events.
 CREATE TABLE crises (
     crisis_id       text NOT NULL,
-    version         integer NOT NULL CHECK (version >= 1),
+    version         bigint  NOT NULL CHECK (version >= 1),
     op              text NOT NULL CHECK (op IN ('upsert', 'cancel')),
     source          text NOT NULL,
     source_ref      text NOT NULL,
@@ -57,7 +57,7 @@ CREATE TABLE warnings (
     warning_id      text PRIMARY KEY,
     citizen_id      text NOT NULL,
     crisis_id       text NOT NULL,
-    crisis_version  integer NOT NULL,
+    crisis_version  bigint  NOT NULL,
     kind            text NOT NULL CHECK (kind IN ('inside', 'entered', 'near', 'exited', 'all_clear')),
     severity        text NOT NULL,
     title           text NOT NULL,
