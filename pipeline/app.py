@@ -159,6 +159,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     metrics = WorkerMetrics(registry)
     _bound_fetch_wait()
     timeout = settings.rebalance_timeout_s
+    producer_options = {}
+    if settings.producer_max_batch_bytes:
+        producer_options["producer_max_batch_size"] = settings.producer_max_batch_bytes
     app = faust.App(
         app_id,
         broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()],
@@ -180,11 +183,14 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         web_port=settings.worker_web_port,
         web_in_thread=False,
         datadir=str(settings.data_dir / f"worker-{settings.worker_web_port}"),
+        **producer_options,
     )
     checkins_topic = app.topic(topics.CHECKINS, key_serializer="raw", value_serializer="raw")
     crisis_topic = app.topic(topics.CRISIS_EVENTS, key_serializer="raw", value_serializer="raw")
+    # key_type=bytes makes Faust write and read the changelog keys raw (the citizen id, hashed like the
+    # check-ins' keys); values are JSON.
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
-                      schema=faust.Schema(key_serializer="raw", value_serializer="json"))
+                      key_type=bytes)
 
     def owns(citizen_id: str) -> bool:
         assigned = app.assignor.assigned_actives()

@@ -63,6 +63,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced in one call."),
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters."),
+    EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits)."),
     EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
     EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
 )
@@ -121,6 +122,7 @@ class Settings:
     batch_size: int = 2000
     batch_wait_s: float = 0.05
     rebalance_timeout_s: float = 5.0
+    producer_max_batch_bytes: int | None = None
     exercise_mode: bool = False
     log_level: str = "INFO"
 
@@ -168,6 +170,8 @@ class Settings:
             batch_size=_int("CRISISWATCH_BATCH_SIZE", get("CRISISWATCH_BATCH_SIZE"), 1),
             batch_wait_s=_float("CRISISWATCH_BATCH_WAIT_S", get("CRISISWATCH_BATCH_WAIT_S")),
             rebalance_timeout_s=_float("CRISISWATCH_REBALANCE_TIMEOUT_S", get("CRISISWATCH_REBALANCE_TIMEOUT_S"), 1.0),
+            producer_max_batch_bytes=(_int("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", raw_batch, 1)
+                                      if (raw_batch := get("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES").strip()) else None),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
         )
@@ -215,6 +219,7 @@ class Settings:
             "CRISISWATCH_BATCH_SIZE": str(self.batch_size),
             "CRISISWATCH_BATCH_WAIT_S": str(self.batch_wait_s),
             "CRISISWATCH_REBALANCE_TIMEOUT_S": str(self.rebalance_timeout_s),
+            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(self.producer_max_batch_bytes or ""),
             "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
             "CRISISWATCH_LOG_LEVEL": self.log_level,
         }

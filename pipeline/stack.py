@@ -26,6 +26,13 @@ from pipeline.app import changelog_topic
 from pipeline.embedded import EmbeddedBroker, EmbeddedPostgres, apply_migrations, ensure_topics, free_port
 from pipeline.settings import Settings
 
+# The embedded broker (Tansu, memory storage) answers ListOffsets(latest) with the base offset of a
+# partition's last record batch + 1, not the true end, when that batch holds several records. Faust's
+# table recovery reads a changelog only up to that offset, so a restarted worker would recover stale
+# citizen state. One record per batch keeps the reported end offset exact (tests/integration/
+# test_embedded_broker.py shows both behaviours).
+EMBEDDED_PRODUCER_MAX_BATCH_BYTES = 1
+
 
 class StackError(RuntimeError):
     """A part of the stack could not start; the message says which and where its log is."""
@@ -105,7 +112,8 @@ class Stack:
         s = self.settings
         if s.embedded_kafka:
             self.broker = EmbeddedBroker.start(log_path=self.logs / "broker.log")
-            s = replace(s, kafka_bootstrap=self.broker.bootstrap)
+            s = replace(s, kafka_bootstrap=self.broker.bootstrap,
+                        producer_max_batch_bytes=s.producer_max_batch_bytes or EMBEDDED_PRODUCER_MAX_BATCH_BYTES)
         ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=[changelog_topic()])
         if s.embedded_database:
             from pipeline.settings import Secret

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from geopy.distance import geodesic
@@ -60,7 +62,7 @@ def test_near_band_across_the_antimeridian() -> None:
     assert kinds(index, -17.0, 179.0) == {}  # ~106 km away: outside the 50 km band
 
 
-@pytest.mark.parametrize("lat", [-60.0, -6.0, 0.0, 35.0, 64.0])
+@pytest.mark.parametrize("lat", [-60.0, 0.0, 64.0])
 def test_near_distance_is_geodesic_within_half_a_percent(lat: float) -> None:
     area = square(20.0, lat, 0.5)
     index = CrisisIndex([make_crisis("a", area, buffer_km=300.0)])
@@ -71,8 +73,8 @@ def test_near_distance_is_geodesic_within_half_a_percent(lat: float) -> None:
     # brute force: geodesic distance to a dense sampling of the square's boundary
     ring = area["coordinates"][0]
     boundary = []
-    for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False):
-        for t in np.linspace(0.0, 1.0, 120):
+    for (x0, y0), (x1, y1) in itertools.pairwise(ring):
+        for t in np.linspace(0.0, 1.0, 80):
             boundary.append((y0 + t * (y1 - y0), x0 + t * (x1 - x0)))
     checked = 0
     for i, (plat, plon) in enumerate(zip(lats, lons, strict=True)):

@@ -1,0 +1,204 @@
+"""The pipeline end to end on the real broker and real PostgreSQL: a Faust worker and the
+Postgres sink run as processes (``crisiswatch worker`` / ``crisiswatch sink``), exactly as in
+production; this module has a broker of its own so no other test's check-ins reach its worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from consumers.kafka_io import read_topic
+from pipeline.app import changelog_topic
+from pipeline.domain.timeline import Timeline
+from pipeline.domain.tracking import GeofenceConfig
+from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
+from pipeline.settings import Settings
+from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
+from pipeline.testing import make_checkin, make_crisis, square
+from producers.publisher import Publisher
+from schemas import Checkin, Warning, decode
+
+pytestmark = pytest.mark.integration
+
+DWELL_S = 1.0
+
+
+class Proc:
+    def __init__(self, verb: str, env: dict[str, str], log: Path, health: str) -> None:
+        self.verb, self.env, self.log, self.health = verb, env, log, health
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb], env=self.env, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"{self.verb} died: {self.log.read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(self.health, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.verb} not healthy: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+
+class Pipeline:
+    def __init__(self, bootstrap: str, database_url: str, data_dir: Path) -> None:
+        worker_port, sink_port = free_port(), free_port()
+        self.settings = Settings.from_env({
+            "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
+            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
+            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_DWELL_SECONDS": str(DWELL_S),
+            "CRISISWATCH_BATCH_WAIT_S": "0.02",
+            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
+        env = {**os.environ, **self.settings.env()}
+        self.worker = Proc("worker", env, data_dir / "worker.log", f"http://127.0.0.1:{worker_port}/health")
+        self.sink = Proc("sink", env, data_dir / "sink.log", f"http://127.0.0.1:{sink_port}/health")
+        self.publisher = Publisher(self.settings)
+        self.config = GeofenceConfig(self.settings.hysteresis_m, DWELL_S)
+
+    def warnings(self, prefix: str, until: Callable[[list[Warning]], bool], timeout_s: float = 40) -> list[Warning]:
+        def mine(messages: list) -> list[Warning]:  # type: ignore[type-arg]
+            decoded = (decode(m.value, Warning) for m in messages)
+            return [w for w in decoded if w.citizen_id.startswith(prefix)]
+
+        return mine(read_topic(self.settings.kafka_bootstrap, "warnings", lambda seen: until(mine(seen)), timeout_s))
+
+    def rows(self, prefix: str) -> list[tuple[str, str, str, int]]:
+        with psycopg.connect(self.settings.database_url.get()) as conn:
+            return [(r[0], r[1], r[2], int(r[3])) for r in conn.execute(
+                "SELECT warning_id, citizen_id, kind, crisis_version FROM warnings WHERE citizen_id LIKE %s",
+                (prefix + "%",))]
+
+    def wait_rows(self, prefix: str, count: int, timeout_s: float = 40) -> list[tuple[str, str, str, int]]:
+        deadline = time.monotonic() + timeout_s
+        rows = self.rows(prefix)
+        while len(rows) < count and time.monotonic() < deadline:
+            time.sleep(0.3)
+            rows = self.rows(prefix)
+        time.sleep(1.0)  # anything extra would arrive now
+        return self.rows(prefix)
+
+
+@pytest.fixture(scope="module")
+def pipeline(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    data_dir = tmp_path_factory.mktemp("pipeline")
+    broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
+    ensure_topics(broker.bootstrap, 4, extra=[changelog_topic()])
+    p = Pipeline(broker.bootstrap, database_url, data_dir)
+    try:
+        p.sink.start()
+        p.worker.start()
+        yield p
+    finally:
+        p.publisher.close()
+        p.worker.stop()
+        p.sink.stop()
+        broker.stop()
+
+
+def kinds(warnings: list[Warning]) -> Counter[tuple[str, str, int]]:
+    return Counter((w.citizen_id, w.kind, w.crisis_version) for w in warnings)
+
+
+def test_declare_update_cancel_reach_kafka_and_postgres(pipeline: Pipeline) -> None:
+    prefix = f"p{uuid.uuid4().hex[:6]}-"
+    now = datetime.now(UTC)
+    crisis_id = f"{prefix}flood"
+    core, edge, far = prefix + "core", prefix + "edge", prefix + "far"
+    pipeline.publisher.publish_events([
+        make_checkin(core, -6.2, 106.8, observed_at=now),
+        make_checkin(edge, -6.2, 107.0, observed_at=now),  # outside v1, inside v2
+        make_checkin(far, -8.0, 110.0, observed_at=now)])
+    time.sleep(2)  # the worker has them before the crisis: the crisis sweep must find them
+
+    pipeline.publisher.publish_events([make_crisis(crisis_id, square(106.8, -6.2, 0.1), version=1, effective=now)])
+    got = pipeline.warnings(prefix, lambda ws: len(ws) >= 1)
+    assert kinds(got) == Counter({(core, "inside", 1): 1})
+
+    pipeline.publisher.publish_events([make_crisis(crisis_id, square(106.8, -6.2, 0.3), version=2, effective=now)])
+    got = pipeline.warnings(prefix, lambda ws: len(ws) >= 2)
+    assert kinds(got) == Counter({(core, "inside", 1): 1, (edge, "inside", 2): 1})
+
+    pipeline.publisher.publish_events([make_crisis(crisis_id, None, op="cancel", version=3, effective=now)])
+    got = pipeline.warnings(prefix, lambda ws: len(ws) >= 4)
+    time.sleep(1.5)
+    got = pipeline.warnings(prefix, lambda ws: len(ws) >= 4)
+    # the all-clear names the version that ended (2), for everyone warned under any version
+    assert kinds(got) == Counter({(core, "inside", 1): 1, (edge, "inside", 2): 1,
+                                  (core, "all_clear", 2): 1, (edge, "all_clear", 2): 1})
+    rows = pipeline.wait_rows(prefix, 4)
+    assert sorted((r[1], r[2]) for r in rows) == sorted([(core, "inside"), (edge, "inside"),
+                                                         (core, "all_clear"), (edge, "all_clear")])
+    assert {r[0] for r in rows} == {w.warning_id for w in got}
+
+
+def test_invalid_checkin_goes_to_dlq_and_the_worker_carries_on(pipeline: Pipeline) -> None:
+    prefix = f"d{uuid.uuid4().hex[:6]}-"
+    now = datetime.now(UTC)
+    from producers.publisher import Outgoing
+
+    pipeline.publisher.publish([Outgoing("checkins", prefix.encode(), b'{"schema":"checkin/1","lat":500}')])
+    pipeline.publisher.publish_events([make_crisis(prefix + "c", square(20.0, 20.0, 0.5), effective=now)])
+    pipeline.publisher.publish_events([make_checkin(prefix + "a", 20.0, 20.0, observed_at=now)])
+    got = pipeline.warnings(prefix, lambda ws: len(ws) >= 1)
+    assert kinds(got) == Counter({(prefix + "a", "entered", 1): 1})
+    dead = read_topic(pipeline.settings.kafka_bootstrap, "dlq",
+                      lambda seen: any(m.key == prefix.encode() for m in seen), 20)
+    letter = next(m for m in dead if m.key == prefix.encode())
+    reason = dict(letter.headers)["crisiswatch-dlq-reason"].decode()
+    assert "checkin/1" in reason and "citizen_id" in reason
+
+
+def test_worker_restart_mid_stream_loses_and_duplicates_nothing(pipeline: Pipeline) -> None:
+    prefix = f"r{uuid.uuid4().hex[:6]}-"
+    t0 = datetime.now(UTC)
+    area = square(30.0, 10.0, 0.5)
+    crisis = make_crisis(prefix + "zone", area, effective=t0)
+    citizens = [f"{prefix}{i:03d}" for i in range(200)]
+    rounds: list[list[Checkin]] = [
+        [make_checkin(c, 10.0, 31.0, observed_at=t0 + timedelta(seconds=1)) for c in citizens],   # outside
+        [make_checkin(c, 10.0, 30.0, observed_at=t0 + timedelta(seconds=2)) for c in citizens],   # entered
+        [make_checkin(c, 10.0, 32.0, observed_at=t0 + timedelta(seconds=3)) for c in citizens],   # leaving
+        [make_checkin(c, 10.0, 32.0, observed_at=t0 + timedelta(seconds=6)) for c in citizens],   # exited
+    ]
+    mirror = Timeline(pipeline.config)
+    expected = list(mirror.crisis(crisis, t0))
+    for batch in rounds:
+        expected += mirror.checkins(batch)
+    assert Counter(w.kind for w in expected) == Counter({"entered": 200, "exited": 200})
+
+    pipeline.publisher.publish_events([crisis])
+    pipeline.publisher.publish_events(rounds[0])
+    pipeline.publisher.publish_events(rounds[1])
+    time.sleep(0.3)
+    pipeline.worker.stop(signal.SIGKILL)  # mid-stream, no goodbye
+    pipeline.publisher.publish_events(rounds[2])
+    pipeline.worker.start()
+    pipeline.publisher.publish_events(rounds[3])
+
+    rows = pipeline.wait_rows(prefix, len(expected), timeout_s=60)
+    assert sorted(r[0] for r in rows) == sorted(w.warning_id for w in expected)  # none lost, none duplicated
+    assert Counter(r[2] for r in rows) == Counter({"entered": 200, "exited": 200})
+    in_kafka = pipeline.warnings(prefix, lambda ws: {w.warning_id for w in ws} >= {w.warning_id for w in expected})
+    assert {w.warning_id for w in in_kafka} == {w.warning_id for w in expected}
