@@ -200,8 +200,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
         _TableView(table), KafkaEmitter(app), metrics, clock, owns)
-    crises_loaded = asyncio.Event()
-    table_recovered = asyncio.Event()
+    crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
 
     @app.agent(checkins_topic, name="locate")
     async def locate(stream: Any) -> None:

@@ -80,6 +80,9 @@ class GeofenceRuntime:
         self.clock = clock
         self.owns = owns  # whether a citizen's partition is currently assigned to this worker
         self.lock = asyncio.Lock()
+        # A worker geofences nothing before it knows every active crisis and has recovered its citizens.
+        self.crises_loaded = asyncio.Event()
+        self.table_recovered = asyncio.Event()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _state(self, citizen_id: str) -> CitizenState | None:
