@@ -159,7 +159,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     metrics = WorkerMetrics(registry)
     _bound_fetch_wait()
     timeout = settings.rebalance_timeout_s
-    producer_options = {}
+    producer_options: dict[str, Any] = {}
     if settings.producer_max_batch_bytes:
         producer_options["producer_max_batch_size"] = settings.producer_max_batch_bytes
     app = faust.App(
