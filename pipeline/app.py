@@ -138,6 +138,10 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
         assigned = [TopicPartition(topics.CRISIS_EVENTS, p) for p in sorted(parts)]
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
+        # Caught up = every partition read up to the end offset known at start AND a fetch came back
+        # empty. (An empty fetch alone can just be a slow broker; the end offset alone can be short on
+        # the embedded broker, which reports the last batch's base offset, still a batch we must read.)
+        ends = await consumer.end_offsets(assigned)
         caught_up = False
         while True:
             batches = await consumer.getmany(timeout_ms=200 if not caught_up else 500, max_records=1000)
@@ -145,7 +149,7 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
                        for batch in batches.values() for r in batch]
             if records:
                 yield records
-            elif not caught_up:
+            elif not caught_up and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
                 caught_up = True
                 follow.set()
                 yield []

@@ -179,9 +179,10 @@ class Tracker:
             relevant = set(matches[i]) | {cid for cid, p in state.presence.items() if p.status != "out"}
             for crisis_id in sorted(relevant):
                 item = index.by_id.get(crisis_id)
-                if item is None:  # ended while this citizen's state still mentioned it
-                    state = state.with_presence(crisis_id, None)
-                    continue
+                if item is None:
+                    if crisis_id in self.ended:  # ended while this citizen's state still mentioned it
+                        state = state.with_presence(crisis_id, None)
+                    continue  # otherwise not known here yet: keep what the citizen was told
                 distance = matches[i][crisis_id] if crisis_id in matches[i] else item.distance_km(state.lat, state.lon)
                 state, warning = self._move(state, item, distance, now or checkin.observed_at)
                 if warning is not None:

@@ -184,3 +184,17 @@ def test_state_survives_serialisation() -> None:
     timeline.checkins([make_checkin("a", *INSIDE)])
     state = timeline.states["a"]
     assert CitizenState.from_dict("a", state.to_dict()) == state
+
+
+def test_a_crisis_not_known_yet_does_not_erase_what_the_citizen_was_told() -> None:
+    # a restarted worker may see a citizen's check-in before it has re-read the crisis log
+    timeline = Timeline(CONFIG)
+    timeline.crisis(make_crisis("flood", AREA), T0)
+    timeline.checkins([make_checkin("a", *INSIDE, observed_at=T0)])
+    restarted = Timeline(CONFIG)
+    restarted.states = dict(timeline.states)
+    restarted.checkins([make_checkin("a", *OUTSIDE_FAR, observed_at=T0 + timedelta(seconds=10))])
+    assert restarted.states["a"].presence["flood"].status == "in"
+    swept = restarted.crisis(make_crisis("flood", AREA), T0 + timedelta(seconds=20))
+    later = restarted.checkins([make_checkin("a", *OUTSIDE_FAR, observed_at=T0 + timedelta(minutes=10))])
+    assert kinds([*swept, *later]) == [("a", "exited")]
