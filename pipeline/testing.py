@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -32,3 +33,32 @@ def make_crisis(crisis_id: str = "c-1", geometry: Mapping[str, Any] | None = Non
 def make_checkin(citizen_id: str, lat: float, lon: float, observed_at: datetime = T0,
                  accuracy_m: float | None = 10.0, source: str = "app") -> Checkin:
     return Checkin(citizen_id, lat, lon, observed_at, source, accuracy_m)  # type: ignore[arg-type]
+
+
+def records_for(bootstrap: str, topic: str, keys: set[str], expected: int | None = None) -> list[Any]:
+    """The records on ``topic`` whose key is one of ``keys``, read with assign + seek_to_beginning.
+
+    Reading goes on until at least ``expected`` records were found and the topic is drained: past
+    its listed end offsets (which the embedded broker may report short of the true end) and one
+    poll that brought nothing new. Duplicates would therefore show.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert partitions, f"topic {topic} has no partitions"
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        end = consumer.end_offsets(partitions)
+        found: list[Any] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            batches = consumer.poll(timeout_ms=500)
+            found += [r for batch in batches.values() for r in batch if r.key is not None and r.key.decode() in keys]
+            drained = not batches and all(consumer.position(tp) >= end[tp] for tp in partitions)
+            if drained and len(found) >= (expected or 0):
+                return found
+        raise AssertionError(f"found {len(found)} of {expected} records on {topic} in 30 s")
+    finally:
+        consumer.close()

@@ -7,18 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from pipeline import topics
 from pipeline.embedded import free_port, wait_for_port
 from pipeline.settings import Secret, Settings
+from pipeline.testing import records_for
 from producers.api_cmd import ApiServer
 from schemas import Checkin, Crisis, decode
 
@@ -26,26 +25,6 @@ pytestmark = pytest.mark.integration
 
 INGEST_TOKEN = "integration-ingest-token"
 OPERATOR_TOKEN = "integration-operator-token"
-
-
-def records_for(bootstrap: str, topic: str, keys: set[str], expected: int) -> list[Any]:
-    """Records keyed by ``keys`` on ``topic``: read from the beginning until ``expected`` are found and the topic is drained."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        end = consumer.end_offsets(partitions)
-        found: list[Any] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            batches = consumer.poll(timeout_ms=500)
-            found += [r for batch in batches.values() for r in batch if r.key is not None and r.key.decode() in keys]
-            if len(found) >= expected and not batches and all(consumer.position(tp) >= end[tp] for tp in partitions):
-                return found
-        raise AssertionError(f"found {len(found)} of {expected} records on {topic} in 30 s")
-    finally:
-        consumer.close()
 
 
 def checkins(n: int) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ Each module gets its own topics; each test reads back only the citizen or crisis
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,12 +14,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from pipeline.cli import main
 from pipeline.embedded import create_topics, free_port
 from pipeline.settings import Secret, Settings
+from pipeline.testing import records_for
 from producers.api import MAX_BATCH, ApiTopics, create_app
 from producers.publisher import Publisher
 from schemas import Ack, Checkin, Citizen, Crisis, decode
@@ -65,33 +64,6 @@ def make_client(settings: Settings, publisher: Publisher, api_topics: ApiTopics 
 @pytest.fixture
 def client(settings: Settings, publisher: Publisher, api_topics: ApiTopics) -> TestClient:
     return make_client(settings, publisher, api_topics)
-
-
-def records_for(bootstrap: str, topic: str, keys: set[str], expected: int | None = None) -> list[Any]:
-    """The records on ``topic`` whose key is one of ``keys``, read with assign + seek_to_beginning.
-
-    Reading goes on until at least ``expected`` records were found and the topic is drained: past
-    its listed end offsets (which the embedded broker may report short of the true end) and one
-    poll that brought nothing new. Duplicates would therefore show.
-    """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        assert partitions, f"topic {topic} has no partitions"
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        end = consumer.end_offsets(partitions)
-        found: list[Any] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            batches = consumer.poll(timeout_ms=500)
-            found += [r for batch in batches.values() for r in batch if r.key is not None and r.key.decode() in keys]
-            drained = not batches and all(consumer.position(tp) >= end[tp] for tp in partitions)
-            if drained and len(found) >= (expected or 0):
-                return found
-        raise AssertionError(f"found {len(found)} of {expected} records on {topic} in 30 s")
-    finally:
-        consumer.close()
 
 
 def checkin(citizen_id: str, **overrides: Any) -> dict[str, Any]:
