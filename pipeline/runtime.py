@@ -154,27 +154,26 @@ class GeofenceRuntime:
 
     def remember(self, crises: Iterable[Crisis]) -> None:
         """Load crises into the table without sweeping (start-up, before citizens are known)."""
+        now = self.clock()
         for crisis in crises:
             if crisis.op == "cancel":
                 self.tracker.end(crisis.crisis_id, crisis.version)
             else:
-                self.tracker.accept(crisis)
+                self.tracker.accept(crisis, now)
         self.metrics.active_crises.set(len(self.tracker.crises))
 
     async def apply_crisis(self, crisis: Crisis) -> tuple[Warning, ...]:
         """An upsert or cancel seen live: update the crisis table and sweep this worker's citizens."""
         async with self.lock:
             now = self.clock()
+            warnings: list[Warning] = []
             if crisis.op == "cancel":
-                ended = self.tracker.end(crisis.crisis_id, crisis.version)
-                outcome = Outcome() if ended is None else self.tracker.on_end(ended, self._owned_states(), now)
-            elif self.tracker.accept(crisis):
-                outcome = self.tracker.on_upsert(crisis, self._owned_states(), now)
-            else:
-                outcome = Outcome()
-            await self._commit(outcome)
+                self.tracker.end(crisis.crisis_id, crisis.version)
+            elif self.tracker.accept(crisis, now):
+                warnings += await self._apply(self.tracker.on_upsert(crisis, self._owned_states(), now))
+            warnings += await self._clear_ended_locked(now)
         self.metrics.active_crises.set(len(self.tracker.crises))
-        return outcome.warnings
+        return tuple(warnings)
 
     async def apply_crisis_messages(self, messages: Sequence[RawMessage]) -> tuple[Warning, ...]:
         warnings: list[Warning] = []
@@ -189,16 +188,17 @@ class GeofenceRuntime:
         return tuple(warnings)
 
     async def reconcile(self) -> tuple[Warning, ...]:
-        """Sweep every owned citizen against every active crisis (after recovery or a rebalance).
-        Only what is missing is sent: the states remember what each citizen was told."""
+        """Sweep every owned citizen against every active crisis (after recovery or a rebalance), and
+        send the all-clears of crises that ended meanwhile. Only what is missing is sent: the states
+        remember what each citizen was told."""
         warnings: list[Warning] = []
         async with self.lock:
             now = self.clock()
-            await self._expire_locked()
+            self.tracker.expired(now)
             for crisis in sorted(self.tracker.crises.values(), key=lambda c: c.crisis_id):
-                outcome = self.tracker.on_upsert(crisis, self._owned_states(), now)
-                await self._commit(outcome)
-                warnings.extend(outcome.warnings)
+                warnings += await self._apply(self.tracker.on_upsert(crisis, self._owned_states(), now))
+            warnings += await self._clear_ended_locked(now)
+        self.metrics.active_crises.set(len(self.tracker.crises))
         return tuple(warnings)
 
     async def expire(self) -> tuple[Warning, ...]:
@@ -207,11 +207,18 @@ class GeofenceRuntime:
 
     async def _expire_locked(self) -> tuple[Warning, ...]:
         now = self.clock()
+        if not self.tracker.expired(now):
+            return ()
+        self.metrics.active_crises.set(len(self.tracker.crises))
+        return await self._clear_ended_locked(now)
+
+    async def _clear_ended_locked(self, now: datetime) -> tuple[Warning, ...]:
+        """All-clear, once, to every owned citizen still holding a presence for an ended crisis."""
         warnings: list[Warning] = []
-        for crisis in self.tracker.expired(now):
-            outcome = self.tracker.on_end(crisis, self._owned_states(), now)
-            await self._commit(outcome)
-            warnings.extend(outcome.warnings)
-        if warnings:
-            self.metrics.active_crises.set(len(self.tracker.crises))
+        for ended in self.tracker.leftovers(self._owned_states()):
+            warnings += await self._apply(self.tracker.on_end(ended, self._owned_states(), now))
         return tuple(warnings)
+
+    async def _apply(self, outcome: Outcome) -> tuple[Warning, ...]:
+        await self._commit(outcome)
+        return outcome.warnings

@@ -115,6 +115,7 @@ class Tracker:
         self.config = config or GeofenceConfig()
         self.crises: dict[str, Crisis] = {}
         self.ended: dict[str, int] = {}  # crisis_id -> version that ended it (cancels are final for older versions)
+        self.finished: dict[str, Crisis] = {}  # the last active form of each ended crisis, for late all-clears
         self._index: CrisisIndex | None = None
 
     # -- the crisis table ------------------------------------------------------------------------
@@ -127,14 +128,19 @@ class Tracker:
     def reaches_citizens(self, crisis: Crisis) -> bool:
         return crisis.status == "actual" or self.config.exercise_mode
 
-    def accept(self, crisis: Crisis) -> bool:
-        """Record an upsert if it is newer than what we know; False for stale or ignored events."""
+    def accept(self, crisis: Crisis, now: datetime | None = None) -> bool:
+        """Record an upsert if it is newer than what we know; False for stale or ignored events.
+        A crisis already expired at ``now`` warns nobody: it ends what an earlier version started."""
         if not self.reaches_citizens(crisis) or crisis.geometry is None:
             return False
         known = self.crises.get(crisis.crisis_id)
         if known is not None and known.version >= crisis.version:
             return False
         if self.ended.get(crisis.crisis_id, 0) >= crisis.version:
+            return False
+        if now is not None and crisis.expires is not None and crisis.expires <= now:
+            self.end(crisis.crisis_id, crisis.version)
+            self.finished.setdefault(crisis.crisis_id, crisis)
             return False
         self.crises[crisis.crisis_id] = crisis
         self._index = None
@@ -146,7 +152,13 @@ class Tracker:
         ended = self.crises.pop(crisis_id, None)
         if ended is not None:
             self._index = None
+            self.finished[crisis_id] = ended
         return ended
+
+    def leftovers(self, states: Iterable[CitizenState]) -> list[Crisis]:
+        """Ended crises some of these citizens still hold a presence for (their all-clear is due)."""
+        due = {cid for s in states for cid in s.presence if cid in self.finished and cid not in self.crises}
+        return [self.finished[cid] for cid in sorted(due)]
 
     def expired(self, now: datetime) -> list[Crisis]:
         """Remove and return the crises whose ``expires`` has passed."""

@@ -198,3 +198,10 @@ def test_a_crisis_not_known_yet_does_not_erase_what_the_citizen_was_told() -> No
     swept = restarted.crisis(make_crisis("flood", AREA), T0 + timedelta(seconds=20))
     later = restarted.checkins([make_checkin("a", *OUTSIDE_FAR, observed_at=T0 + timedelta(minutes=10))])
     assert kinds([*swept, *later]) == [("a", "exited")]
+
+
+def test_a_crisis_that_arrives_already_expired_warns_nobody() -> None:
+    tracker = Timeline(CONFIG).tracker
+    stale = make_crisis("old", AREA, effective=T0, expires=T0 + timedelta(hours=1))
+    assert tracker.accept(stale, now=T0 + timedelta(hours=2)) is False
+    assert "old" not in tracker.crises and tracker.ended["old"] == 1
