@@ -20,7 +20,7 @@ from pipeline.domain.feeds.base import FORMATS, FeedError, ParseContext, ParseRe
 from pipeline.domain.feeds.detect import detect_format
 from pipeline.settings import Settings
 from producers.feeds.geocoding import make_geocoder
-from schemas import InvalidEvent, check, encode
+from schemas import InvalidEvent, check, encode, parse_time
 
 DEFAULT_MIN_CONFIDENCE = ParseContext(now=datetime.min.replace(tzinfo=UTC)).min_confidence
 
@@ -44,6 +44,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-review", action="store_true",
                         help="print events held for review too (they are only listed on stderr otherwise)")
     parser.add_argument("--notes", action="store_true", help="also list the parsers' notes on stderr")
+    parser.add_argument("--at", type=_aware_time, default=None, metavar="TIME",
+                        help="read the documents as of this RFC 3339 time, e.g. an archived feed as it was when "
+                             "published (items expired by then yield no event) [default: now]")
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time with an offset: {text!r} ({exc})") from None
 
 
 class _LazyGeocoder:
@@ -102,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"crisiswatch parse: {exc}", file=sys.stderr)
         return 2
-    ctx = ParseContext(now=datetime.now(UTC), exercise_mode=args.exercise or settings.exercise_mode,
+    ctx = ParseContext(now=args.at or datetime.now(UTC), exercise_mode=args.exercise or settings.exercise_mode,
                        source_name="crisiswatch parse", language=args.language,
                        geocoder=_LazyGeocoder(args.geocoder), min_confidence=args.min_confidence)
     failed = 0

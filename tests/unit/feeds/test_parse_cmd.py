@@ -131,3 +131,14 @@ def test_every_cap_and_news_sample_parses_to_valid_events() -> None:
     assert "Traceback" not in done.stderr
     events = events_of(done.stdout)
     assert len(events) >= 70  # 59 from the NSW RFS envelope alone
+
+
+def test_at_reads_an_archived_feed_as_it_was() -> None:
+    week = FIXTURES / "usgs" / "week.geojson"  # origin times around 2023-11-14
+    today = events_of(crisiswatch_parse(week).stdout)
+    then = crisiswatch_parse("--at", "2023-11-15T00:00:00Z", week)
+    assert then.returncode == 0 and "rejected us7000bad1" in then.stderr  # a bad item does not fail the file
+    assert today == []  # everything in it expired long ago
+    assert "usgs:us7000abcd" in {e["crisis_id"] for e in events_of(then.stdout)}
+    refused = crisiswatch_parse("--at", "2023-11-15 noon", week)
+    assert refused.returncode == 2 and "RFC 3339" in refused.stderr
