@@ -9,6 +9,7 @@ reason, and never becomes an exception deep inside an agent.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -16,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 from jsonschema import Draft202012Validator, FormatChecker
 
-from schemas.models import MODELS, Event
+from schemas.models import MODELS, Checkin, CheckinSource, Event, parse_time
 
 E = TypeVar("E", bound=Event)
 
@@ -72,14 +73,64 @@ def check(obj: Mapping[str, Any], expected: str | None = None) -> str:
     return name
 
 
+def _no_constant(name: str) -> Any:
+    raise InvalidEvent(f"{name} is not a JSON number")
+
+
 def parse_json(raw: bytes | str) -> Any:
-    """JSON bytes to an object, with size and encoding errors as :class:`InvalidEvent`."""
+    """JSON bytes to an object, with size and encoding errors as :class:`InvalidEvent`.
+    NaN and Infinity, which Python's json module would accept, are refused: JSON has no such numbers."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise InvalidEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidEvent(f"not JSON: {exc}") from None
+
+
+class _CheckinFastPath:
+    """checkin/1, the hot path of every worker, checked by plain comparisons read from its JSON
+    Schema (bounds, pattern, enum), about 50 times faster than the generic validator. Anything it
+    does not accept goes through the full validator, which gives the precise error; a test checks
+    that both agree on valid and mutated messages."""
+
+    def __init__(self) -> None:
+        props = validator("checkin/1").schema["properties"]
+        cid = props["citizen_id"]
+        self.id_pattern = re.compile(cid["pattern"])
+        self.id_len = (cid["minLength"], cid["maxLength"])
+        self.lat = (props["lat"]["minimum"], props["lat"]["maximum"])
+        self.lon = (props["lon"]["minimum"], props["lon"]["maximum"])
+        self.accuracy = (props["accuracy_m"]["minimum"], props["accuracy_m"]["maximum"])
+        self.time_pattern = re.compile(props["observed_at"]["pattern"])
+        self.sources = frozenset(props["source"]["enum"])
+
+    @staticmethod
+    def _number(value: Any, bounds: tuple[float, float]) -> bool:
+        return type(value) in (int, float) and bounds[0] <= value <= bounds[1]
+
+    def __call__(self, obj: Any) -> Checkin | None:
+        if not isinstance(obj, dict) or obj.get("schema") != "checkin/1":
+            return None
+        cid, lat, lon = obj.get("citizen_id"), obj.get("lat"), obj.get("lon")
+        observed, source, accuracy = obj.get("observed_at"), obj.get("source"), obj.get("accuracy_m")
+        if not (type(cid) is str and self.id_len[0] <= len(cid) <= self.id_len[1] and self.id_pattern.match(cid)
+                and self._number(lat, self.lat) and self._number(lon, self.lon)
+                and type(observed) is str and self.time_pattern.match(observed)
+                and type(source) is str and source in self.sources
+                and ("accuracy_m" not in obj or self._number(accuracy, self.accuracy))):
+            return None
+        try:
+            when = parse_time(observed)
+        except ValueError:
+            return None
+        return Checkin(cid, float(cast(float, lat)), float(cast(float, lon)), when, cast(CheckinSource, source),
+                       None if accuracy is None else float(accuracy))
+
+
+@cache
+def _checkin_fast_path() -> _CheckinFastPath:
+    return _CheckinFastPath()
 
 
 def from_obj(obj: Mapping[str, Any], expected: type[E] | None = None) -> E:
@@ -93,7 +144,12 @@ def from_obj(obj: Mapping[str, Any], expected: type[E] | None = None) -> E:
 
 def decode(raw: bytes | str, expected: type[E] | None = None) -> E:
     """Bytes from the wire to a typed event, or :class:`InvalidEvent` with the reason."""
-    return from_obj(parse_json(raw), expected)
+    obj = parse_json(raw)
+    if expected is Checkin:
+        fast = _checkin_fast_path()(obj)
+        if fast is not None:
+            return cast(E, fast)
+    return from_obj(obj, expected)
 
 
 def encode(event: Event) -> bytes:

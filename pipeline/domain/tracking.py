@@ -175,9 +175,12 @@ class Tracker:
         ``now`` is the warnings' ``emitted_at``; ``None`` stamps each with its check-in's ``observed_at``
         (the offline engine, where time is the events' own)."""
         index = self.index
+        lats = np.fromiter((c.lat for c in checkins), dtype=float, count=len(checkins))
+        lons = np.fromiter((c.lon for c in checkins), dtype=float, count=len(checkins))
         matches: list[dict[str, float]] = [{} for _ in checkins]
-        for m in index.match([c.lat for c in checkins], [c.lon for c in checkins]):
+        for m in index.match(lats, lons):
             matches[m.point][m.crisis_id] = m.distance_km
+        self._distances_to_known_crises(checkins, states, matches, lats, lons)
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
         stale = 0
@@ -188,7 +191,8 @@ class Tracker:
                 continue
             state = CitizenState(checkin.citizen_id, checkin.lat, checkin.lon, checkin.accuracy_m, checkin.observed_at,
                                  prev.presence if prev is not None else {})
-            relevant = set(matches[i]) | {cid for cid, p in state.presence.items() if p.status != "out"}
+            relevant = {cid for cid, d in matches[i].items() if d <= index.by_id[cid].crisis.buffer_km} \
+                | {cid for cid, p in state.presence.items() if p.status != "out"}
             for crisis_id in sorted(relevant):
                 item = index.by_id.get(crisis_id)
                 if item is None:
@@ -201,6 +205,30 @@ class Tracker:
                     warnings.append(warning)
             changed[checkin.citizen_id] = state
         return Outcome(tuple(warnings), changed, stale)
+
+    def _distances_to_known_crises(self, checkins: Sequence[Checkin], states: Mapping[str, CitizenState],
+                                   matches: list[dict[str, float]], lats: np.ndarray, lons: np.ndarray) -> None:
+        """Add to ``matches`` the distance of each check-in to the crises its citizen may be in or near
+        (from the stored state, or from another check-in of the batch): the exit rules need them. One
+        vectorised call per crisis, not one per check-in."""
+        index = self.index
+        of_citizen: dict[str, set[str]] = {}
+        for i, checkin in enumerate(checkins):
+            known = of_citizen.get(checkin.citizen_id)
+            if known is None:
+                state = states.get(checkin.citizen_id)
+                known = of_citizen[checkin.citizen_id] = {cid for cid, p in state.presence.items()
+                                                          if p.status != "out"} if state else set()
+            known.update(matches[i])
+        wanted: dict[str, list[int]] = {}
+        for i, checkin in enumerate(checkins):
+            for cid in of_citizen[checkin.citizen_id]:
+                if cid not in matches[i] and cid in index.by_id:
+                    wanted.setdefault(cid, []).append(i)
+        for cid, rows in wanted.items():
+            at = np.asarray(rows, dtype=int)
+            for i, distance in zip(rows, index.by_id[cid].distances_km(lats[at], lons[at]).tolist(), strict=True):
+                matches[i][cid] = distance
 
     def _margin_km(self, state: CitizenState) -> float:
         return max(self.config.hysteresis_m, state.accuracy_m or 0.0) / 1000.0
