@@ -33,6 +33,10 @@ class Timeline:
         self.tracker = Tracker(config)
         self.states: dict[str, CitizenState] = {}
 
+    def _by_citizen(self) -> list[CitizenState]:
+        """Citizens in id order, so simultaneous warnings come out in a stable, readable order."""
+        return [self.states[k] for k in sorted(self.states)]
+
     def _apply(self, outcome: Outcome) -> tuple[Warning, ...]:
         self.states.update(outcome.states)
         return outcome.warnings
@@ -43,17 +47,17 @@ class Timeline:
         for expires, crisis_id in due:
             ended = self.tracker.end(crisis_id, self.tracker.crises[crisis_id].version)
             if ended is not None:
-                yield from self._apply(self.tracker.on_end(ended, list(self.states.values()), expires))
+                yield from self._apply(self.tracker.on_end(ended, self._by_citizen(), expires))
 
     def crisis(self, crisis: Crisis, now: datetime) -> tuple[Warning, ...]:
         if crisis.op == "cancel":
             ended = self.tracker.end(crisis.crisis_id, crisis.version)
             if ended is None:
                 return ()
-            return self._apply(self.tracker.on_end(ended, list(self.states.values()), now))
+            return self._apply(self.tracker.on_end(ended, self._by_citizen(), now))
         if not self.tracker.accept(crisis):
             return ()
-        return self._apply(self.tracker.on_upsert(crisis, list(self.states.values()), now))
+        return self._apply(self.tracker.on_upsert(crisis, self._by_citizen(), now))
 
     def checkins(self, batch: list[Checkin], now: datetime | None = None) -> tuple[Warning, ...]:
         return self._apply(self.tracker.on_checkins(batch, self.states, now))
