@@ -2,7 +2,8 @@
 
     python -m bench.worker [--checkins 40000] [--citizens 10000] [--crises 200]
 
-On one embedded broker (4 partitions) the same pre-loaded check-ins are read by:
+The runtime's own work is timed first, in process, with no Kafka. Then, on one embedded broker
+(4 partitions), the same pre-loaded check-ins are read by:
 1. a raw aiokafka consumer that produces every message to another topic (the ceiling for any
    Kafka-to-Kafka step in Python on this machine);
 2. ``crisiswatch worker`` with the embedded profile's one-record producer batches;
@@ -120,6 +121,29 @@ def run_worker(bootstrap: str, total: int, batch_bytes: str, data_dir: Path, app
         log.close()
 
 
+def runtime_alone(checkins: list[bytes], keys: list[bytes], crises: list[bytes], batch: int) -> float:
+    """The worker's own work (decode, geofence, transitions, state) with no Kafka and no Faust."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.domain.tracking import GeofenceConfig
+    from pipeline.metrics import WorkerMetrics
+    from pipeline.runtime import GeofenceRuntime, MemoryEmitter, RawMessage
+    from schemas import Crisis, decode
+
+    runtime = GeofenceRuntime(GeofenceConfig(), {}, MemoryEmitter(), WorkerMetrics(CollectorRegistry()),
+                              clock=lambda: datetime.now(UTC))
+    runtime.remember([decode(c, Crisis) for c in crises])
+    messages = [RawMessage(value, key) for key, value in zip(keys, checkins, strict=True)]
+
+    async def go() -> None:
+        for i in range(0, len(messages), batch):
+            await runtime.process_checkins(messages[i:i + batch])
+
+    started = time.perf_counter()
+    asyncio.run(go())
+    return len(messages) / (time.perf_counter() - started)
+
+
 def as_worker() -> None:
     """A worker under its own app id, so each variant reads the check-ins from the start."""
     from faust.worker import Worker
@@ -166,6 +190,7 @@ def main() -> None:
                          observed_at=t0 + timedelta(seconds=n // args.citizens))
         checkins.append(encode(c))
         keys.append(citizen.encode())
+    alone = runtime_alone(checkins, keys, crises, batch=90)
     with tempfile.TemporaryDirectory() as tmp:
         broker = EmbeddedBroker.start()
         try:
@@ -179,6 +204,7 @@ def main() -> None:
     print(f"worker: {args.checkins} check-ins of {args.citizens} citizens, {args.crises} crises, "
           f"{PARTITIONS} partitions, one worker")
     print(f"  raw aiokafka passthrough                {raw:>9,.0f} msg/s")
+    print(f"  geofence runtime alone, no Kafka        {alone:>9,.0f} check-ins/s   (batches of 90, as the worker sees)")
     print(f"  worker, one-record batches (embedded)   {one:>9,.0f} check-ins/s   ({one / raw:.2f}x passthrough)")
     print(f"  worker, default batching (Apache Kafka) {batched:>9,.0f} check-ins/s   ({batched / raw:.2f}x passthrough)")
 
