@@ -62,3 +62,23 @@ def records_for(bootstrap: str, topic: str, keys: set[str], expected: int | None
         raise AssertionError(f"found {len(found)} of {expected} records on {topic} in 30 s")
     finally:
         consumer.close()
+
+
+def assert_normalised_area(geojson: Mapping[str, Any]) -> None:
+    """What the geometry normaliser promises: a valid Polygon/MultiPolygon with closed rings of at least
+    four positions, lon within ±180 and lat within ±90, exteriors counter-clockwise, a positive area."""
+    import shapely
+    from shapely.geometry import shape
+
+    assert geojson["type"] in ("Polygon", "MultiPolygon"), geojson["type"]
+    polygons = [geojson["coordinates"]] if geojson["type"] == "Polygon" else geojson["coordinates"]
+    for rings in polygons:
+        for ring in rings:
+            assert len(ring) >= 4, ring
+            assert ring[0] == ring[-1], "ring not closed"
+            assert all(-180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0 for lon, lat in ring), ring
+        assert shapely.is_ccw(shapely.LinearRing(rings[0])), "exterior ring is clockwise"
+    area = shape(geojson)
+    assert area.is_valid, shapely.is_valid_reason(area)
+    assert area.area > 0
+

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shapely.geometry import Point, Polygon, shape
 
 from pipeline.domain.geometry import GeometryError, circle, normalise_geometry
+from pipeline.testing import assert_normalised_area
 
 SETTINGS = settings(max_examples=120, deadline=None)
 
@@ -51,19 +52,6 @@ def arbitrary_polygons(draw: st.DrawFn) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def assert_well_formed(geojson: dict[str, Any]) -> None:
-    assert geojson["type"] in ("Polygon", "MultiPolygon")
-    polygons = [geojson["coordinates"]] if geojson["type"] == "Polygon" else geojson["coordinates"]
-    for rings in polygons:
-        for ring in rings:
-            assert len(ring) >= 4
-            assert ring[0] == ring[-1]
-            assert all(-180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0 for lon, lat in ring)
-    area = shape(geojson)
-    assert area.is_valid, shapely.is_valid_reason(area)
-    assert area.area > 0
-
-
 def part_widths(geojson: dict[str, Any]) -> list[float]:
     return [p.bounds[2] - p.bounds[0] for p in shapely.get_parts(shape(geojson))]
 
@@ -73,7 +61,7 @@ def part_widths(geojson: dict[str, Any]) -> list[float]:
 def test_star_polygon_is_well_formed_narrow_and_keeps_its_centre(case: tuple[dict[str, Any], tuple[float, float], Polygon]) -> None:
     raw, (lon, lat), extended = case
     out = normalise_geometry(raw)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     # never a band around the globe: no part is wider than the original shape
     assert max(part_widths(out)) <= (extended.bounds[2] - extended.bounds[0]) + 1e-9
     # same area as the shape drawn continuously (splitting only moves pieces by 360°)
@@ -98,7 +86,7 @@ def test_any_ring_is_repaired_or_refused_with_a_reason(raw: dict[str, Any]) -> N
     except GeometryError as exc:
         assert str(exc) and "\n" not in str(exc)
         return
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert max(part_widths(out)) <= 30.0 + 1e-9
     again = normalise_geometry(out)
     assert shape(again).symmetric_difference(shape(out)).area <= 1e-9 * shape(out).area
@@ -108,6 +96,6 @@ def test_any_ring_is_repaired_or_refused_with_a_reason(raw: dict[str, Any]) -> N
 @given(st.floats(-85.0, 85.0), st.floats(-180.0, 180.0), st.floats(0.0, 2000.0))
 def test_circle_is_well_formed_and_holds_its_centre(lat: float, lon: float, radius_km: float) -> None:
     out = circle(lat, lon, radius_km)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert shape(out).covers(Point(wrap(lon), lat))
     assert shape(normalise_geometry(out)).equals(shape(out))

@@ -21,6 +21,7 @@ from pipeline.domain.geometry import (
     polygon_from_latlon,
     union,
 )
+from pipeline.testing import assert_normalised_area
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "geometry"
 SAMPLES = Path(__file__).resolve().parents[4] / "shared" / "samples" / "tricky"
@@ -32,27 +33,13 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
-def assert_well_formed(geojson: dict[str, Any]) -> None:
-    assert geojson["type"] in ("Polygon", "MultiPolygon")
-    polygons = [geojson["coordinates"]] if geojson["type"] == "Polygon" else geojson["coordinates"]
-    for rings in polygons:
-        for ring in rings:
-            assert len(ring) >= 4
-            assert ring[0] == ring[-1]
-            for lon, lat in ring:
-                assert -180.0 <= lon <= 180.0
-                assert -90.0 <= lat <= 90.0
-        assert shapely.is_ccw(shapely.LinearRing(rings[0]))
-    assert shape(geojson).is_valid
-
-
 def parts(geojson: dict[str, Any]) -> list[Any]:
     return list(shapely.get_parts(shape(geojson)))
 
 
 def test_unsplit_polygon_crossing_180_becomes_two_narrow_parts() -> None:
     out = normalise_geometry(load("crossing_180_unsplit.geojson"))
-    assert_well_formed(out)
+    assert_normalised_area(out)
     east, west = sorted(parts(out), key=lambda p: -p.bounds[0])
     # the edges are cut where they meet 180°: 52.0 + 0.1 * 6/7 and 52.3 + 0.1 * 6/7
     assert east.bounds == pytest.approx((179.4, 52.0, 180.0, 52.3 + 0.6 / 7), abs=1e-9)
@@ -64,7 +51,7 @@ def test_unsplit_polygon_crossing_180_becomes_two_narrow_parts() -> None:
 
 def test_lon_above_180_and_unclosed_ring_is_closed_and_wrapped() -> None:
     out = normalise_geometry(load("lon_over_180_unclosed.geojson"))
-    assert_well_formed(out)
+    assert_normalised_area(out)
     area = shape(out)
     assert area.covers(Point(-172.0, 64.3))  # 188°E written as 188
     assert area.covers(Point(179.0, 64.0))
@@ -75,7 +62,7 @@ def test_lon_above_180_and_unclosed_ring_is_closed_and_wrapped() -> None:
 def test_presplit_multipolygon_stays_split_and_keeps_its_area() -> None:
     raw = load("presplit_at_180.geojson")
     out = normalise_geometry(raw)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert out["type"] == "MultiPolygon"
     assert len(out["coordinates"]) == 3
     assert shape(out).area == pytest.approx(shape(raw).area, rel=1e-12)
@@ -85,7 +72,7 @@ def test_presplit_multipolygon_stays_split_and_keeps_its_area() -> None:
 
 def test_spike_is_cut_off_and_only_the_area_is_kept() -> None:
     out = normalise_geometry(load("spike.geojson"))
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert out["type"] == "Polygon"
     assert shape(out).area == pytest.approx(16.0)
     assert shape(out).bounds == (10.0, 50.0, 14.0, 54.0)
@@ -93,7 +80,7 @@ def test_spike_is_cut_off_and_only_the_area_is_kept() -> None:
 
 def test_self_touching_ring_becomes_two_triangles() -> None:
     out = normalise_geometry(load("self_touching.geojson"))
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert out["type"] == "MultiPolygon"
     assert len(out["coordinates"]) == 2
     assert shape(out).area == pytest.approx(0.5)
@@ -107,7 +94,7 @@ def test_empty_polygon_is_refused_with_a_reason() -> None:
 def test_four_vertex_sliver_is_kept() -> None:
     raw = load("sliver.geojson")
     out = normalise_geometry(raw)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert shape(out).area == pytest.approx(shape(raw).area, rel=1e-9)
     assert shape(out).area > 0
 
@@ -148,7 +135,7 @@ def test_hole_is_kept_even_when_written_on_the_other_side_of_the_antimeridian() 
     shell = [[175, -10], [185, -10], [185, 0], [175, 0], [175, -10]]
     hole = [[-178, -6], [-178, -4], [178, -4], [178, -6], [-178, -6]]
     out = normalise_geometry({"type": "Polygon", "coordinates": [shell, hole]})
-    assert_well_formed(out)
+    assert_normalised_area(out)
     area = shape(out)
     assert not area.covers(Point(179.5, -5))
     assert not area.covers(Point(-179.5, -5))
@@ -157,13 +144,13 @@ def test_hole_is_kept_even_when_written_on_the_other_side_of_the_antimeridian() 
 
 def test_polygon_from_latlon_swaps_to_lonlat() -> None:
     out = polygon_from_latlon([(38.47, -120.14), (38.34, -119.95), (38.52, -119.74), (38.62, -119.89), (38.47, -120.14)])
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert shape(out).covers(Point(-119.94, 38.49))
 
 
 def test_radius_zero_circle_gets_the_minimum_radius() -> None:
     out = circle(32.9525, -115.5527, 0)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     area_km2 = globe_share(out) * EARTH_KM2
     assert area_km2 == pytest.approx(math.pi * MIN_CIRCLE_RADIUS_KM**2, rel=0.02)
 
@@ -179,14 +166,14 @@ def test_circle_contains_every_point_at_its_radius() -> None:
 
 def test_circle_over_the_antimeridian_is_split() -> None:
     out = circle(-17.8, 179.9, 50.0)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert out["type"] == "MultiPolygon"
     assert shape(out).covers(Point(-179.8, -17.8)) and shape(out).covers(Point(179.6, -17.8))
 
 
 def test_circle_around_a_pole_is_a_cap() -> None:
     out = circle(88.0, 20.0, 400.0)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert shape(out).covers(Point(-160.0, 89.9))
 
 
@@ -197,7 +184,7 @@ def test_negative_radius_is_refused() -> None:
 
 def test_bbox_with_longitudes_below_minus_180_lands_on_both_sides() -> None:
     out = bbox(-183.5, -175.5, -26.0, -18.0)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert out["type"] == "MultiPolygon"
     west, east = sorted(parts(out), key=lambda p: p.bounds[0])
     assert west.bounds == pytest.approx((-180.0, -26.0, -175.5, -18.0))
@@ -215,7 +202,7 @@ def test_point_bbox_is_refused() -> None:
 
 def test_union_merges_overlaps_and_keeps_split() -> None:
     out = union([bbox(170, 190, 0, 10), bbox(0, 10, 0, 10), bbox(5, 15, 0, 10)])
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert shape(out).area == pytest.approx(20 * 10 + 15 * 10)
     with pytest.raises(GeometryError):
         union([])
@@ -236,7 +223,7 @@ needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared samples 
 @needs_samples
 def test_sample_issue174_unsplit_crossing() -> None:
     out = normalise_geometry(json.loads((SAMPLES / "antimeridian_issue174_polygon_crossing_180_unsplit.geojson").read_text()))
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert out["type"] == "MultiPolygon"
     widths = sorted(p.bounds[2] - p.bounds[0] for p in parts(out))
     assert widths == pytest.approx([0.00117, 0.49301], abs=1e-4)
@@ -245,7 +232,7 @@ def test_sample_issue174_unsplit_crossing() -> None:
 @needs_samples
 def test_sample_issue187_lon_over_180_unclosed() -> None:
     out = normalise_geometry(json.loads((SAMPLES / "antimeridian_issue187_polygon_lon_over_180_unclosed.geojson").read_text()))
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert shape(out).covers(Point(-162.0, 66.5))
     assert max(p.bounds[2] - p.bounds[0] for p in parts(out)) < 22
 
@@ -254,6 +241,6 @@ def test_sample_issue187_lon_over_180_unclosed() -> None:
 def test_sample_fiji_presplit() -> None:
     raw = json.loads((SAMPLES / "fiji_split_at_antimeridian_world.geo.json_FJI.geojson").read_text())["features"][0]["geometry"]
     out = normalise_geometry(raw)
-    assert_well_formed(out)
+    assert_normalised_area(out)
     assert len(out["coordinates"]) == 3
     assert shape(out).area == pytest.approx(shape(raw).area, rel=1e-12)
