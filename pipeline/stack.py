@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.app import changelog_topic
-from pipeline.embedded import EmbeddedBroker, EmbeddedPostgres, apply_migrations, ensure_topics, free_port
+from pipeline.embedded import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    apply_migrations,
+    die_with_parent,
+    ensure_topics,
+    free_port,
+)
 from pipeline.settings import Settings
 
 # The embedded broker (Tansu, memory storage) answers ListOffsets(latest) with the base offset of a
@@ -61,7 +68,7 @@ class Child:
         self.log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", *self.argv], env=env, stdout=self.log_file,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

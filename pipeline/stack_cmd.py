@@ -53,5 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print("\nstopping...", file=sys.stderr, flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, _raise_stop)  # a second SIGTERM during shutdown must not skip cleanup
+        # a second Ctrl-C or SIGTERM during shutdown must not cut the cleanup short and orphan children
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
