@@ -71,7 +71,11 @@ class KafkaEmitter:
         self.dlq_topic = app.topic(topics.DLQ, key_serializer="raw", value_serializer="raw")
 
     async def warnings(self, warnings: Sequence[Warning]) -> None:
-        futures = [await self.warnings_topic.send(key=w.citizen_id.encode(), value=encode(w)) for w in warnings]
+        # force=True: publish now. Without it Faust attaches a message sent inside an agent to the event
+        # being processed and publishes it only when that event is acknowledged, after the citizen's new
+        # state is already in the changelog; a crash in between would lose the warning for good.
+        futures = [await self.warnings_topic.send(key=w.citizen_id.encode(), value=encode(w), force=True)
+                   for w in warnings]
         await asyncio.gather(*futures)
 
     async def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
@@ -81,7 +85,7 @@ class KafkaEmitter:
                        (topics.DLQ_SOURCE_TOPIC_HEADER, letter.raw.topic.encode("utf-8")),
                        (topics.DLQ_STAGE_HEADER, letter.stage.encode("utf-8"))]
             futures.append(await self.dlq_topic.send(key=letter.raw.key, value=letter.raw.value or b"",
-                                                     headers=headers))
+                                                     headers=headers, force=True))
         await asyncio.gather(*futures)
 
 
@@ -134,7 +138,13 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
                                 **{k: v for k, v in opts.items() if k != "ssl_cafile"})
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topics.CRISIS_EVENTS) or set()
+        parts: set[int] = set()
+        while not parts:  # metadata may not name the topic's partitions yet on a busy broker
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topics.CRISIS_EVENTS) or set()
+            if not parts:
+                log.warning("waiting for the partitions of %s", topics.CRISIS_EVENTS)
+                await asyncio.sleep(0.5)
         assigned = [TopicPartition(topics.CRISIS_EVENTS, p) for p in sorted(parts)]
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
@@ -233,7 +243,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                     runtime.remember(backlog)
                     backlog.clear()
                     crises_loaded.set()
-                    log.info("crisis table loaded", extra={"active_crises": len(runtime.tracker.crises)})
+                    log.info("crisis table loaded: %d active crises", len(runtime.tracker.crises))
                     if table_recovered.is_set():
                         await runtime.reconcile()
                 continue
