@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.app import changelog_topic
 from pipeline.embedded import EmbeddedBroker, create_topics, ensure_topics, free_port
+from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.testing import make_checkin, make_crisis, square
 from schemas import encode
@@ -74,17 +74,8 @@ async def passthrough(bootstrap: str, total: int) -> float:
         await producer.stop()
 
 
-def metric(url: str, name: str) -> float:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
-            text = response.read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
 def processed(url: str) -> float:
-    return metric(url, "crisiswatch_checkins_processed_total")
+    return read_metric(url, "crisiswatch_checkins_processed_total")
 
 
 def run_worker(bootstrap: str, total: int, batch_bytes: str, data_dir: Path, app_suffix: str,
@@ -108,7 +99,7 @@ def run_worker(bootstrap: str, total: int, batch_bytes: str, data_dir: Path, app
                 first_t, first_n = time.perf_counter(), done
             if done >= total:
                 assert first_t is not None
-                batches = metric(url, "crisiswatch_batch_size_count")
+                batches = read_metric(url, "crisiswatch_batch_size_count")
                 print(f"  ({app_suffix}: mean batch {done / max(batches, 1):.0f} check-ins)", flush=True)
                 return (done - first_n) / max(time.perf_counter() - first_t, 1e-9)
             if worker.poll() is not None:

@@ -227,8 +227,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         async for event in stream.events():
             decoded = runtime.decode_crisis(raw_message(event))
             if isinstance(decoded, DeadLetter):
-                await runtime.emitter.dead_letters([decoded])
-                metrics.dlq.labels(stage="crisis", reason="invalid crisis/1").inc()
+                await runtime.dead_letter([decoded])
 
     async def crisis_reader() -> None:
         follow = asyncio.Event()

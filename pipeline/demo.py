@@ -38,6 +38,7 @@ from pipeline.domain.feeds import ParseContext, parse_document
 from pipeline.domain.timeline import Timeline
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.domain.travellers import City, TravellerModel
+from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.stack import Stack, StackError
 from producers.publisher import Publisher
@@ -95,15 +96,6 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(0.1)
-
-
-def metric(url: str, name: str) -> float:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
-        return 0.0
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def api_post(base: str, path: str, token: str, body: Any) -> Any:
@@ -173,7 +165,7 @@ class Scenario:
         self.crises.append(crisis.crisis_id)
 
     def settle(self, what: str) -> None:
-        wait_for(lambda: metric(self.worker_metrics, "crisiswatch_checkins_processed_total") >= self.checkins_sent, 60,
+        wait_for(lambda: read_metric(self.worker_metrics, "crisiswatch_checkins_processed_total") >= self.checkins_sent, 60,
                  f"the worker to process {self.checkins_sent} check-ins ({what})")
         wait_for(lambda: self.collector.count() >= len(self._mirror), 60,
                  f"{len(self._mirror)} warnings ({what}); {self.collector.count()} arrived")

@@ -66,3 +66,15 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int,
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True).start()
     return server
+
+
+def read_metric(url: str, name: str) -> float:
+    """The sum of a metric's unlabelled samples on a ``/metrics`` page; 0 when the page cannot be read."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a URL the caller built
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))

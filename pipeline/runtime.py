@@ -101,7 +101,8 @@ class GeofenceRuntime:
         for citizen_id, state in outcome.states.items():
             self.states[citizen_id] = state.to_dict()
 
-    async def _dead(self, letters: list[DeadLetter]) -> None:
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Bad messages to the DLQ with their reasons, counted by stage and reason."""
         if letters:
             await self.emitter.dead_letters(letters)
             for letter in letters:
@@ -125,7 +126,7 @@ class GeofenceRuntime:
             checkins.append(checkin)
             if message.timestamp is not None:
                 arrived[checkin.citizen_id] = message.timestamp
-        await self._dead(letters)
+        await self.dead_letter(letters)
         if not checkins:
             return ()
         async with self.lock:
@@ -184,7 +185,7 @@ class GeofenceRuntime:
                 letters.append(decoded)
             else:
                 warnings.extend(await self.apply_crisis(decoded))
-        await self._dead(letters)
+        await self.dead_letter(letters)
         return tuple(warnings)
 
     async def reconcile(self) -> tuple[Warning, ...]:
