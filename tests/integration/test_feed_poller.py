@@ -303,15 +303,18 @@ def test_cli_serves_metrics_and_stops_cleanly_on_sigterm(kafka_bootstrap: str, t
     proc = cli(["--config", str(config), "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
                {"CRISISWATCH_KAFKA_BOOTSTRAP": kafka_bootstrap, "CRISISWATCH_DATA_DIR": str(tmp_path / "data")})
     try:
+        # The histogram of fetch times is observed just before the success time is set: wait for the latter.
+        wanted = 'crisiswatch_feed_last_success_timestamp_seconds{feed="quiet"}'
         body = ""
         deadline = time.monotonic() + 60
-        while 'feed="quiet"' not in body and time.monotonic() < deadline:
+        while wanted not in body and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
                     body = resp.read().decode()
             except OSError:
-                time.sleep(0.2)
-        assert 'crisiswatch_feed_last_success_timestamp_seconds{feed="quiet"}' in body
+                pass
+            time.sleep(0.2)
+        assert wanted in body
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
             assert resp.status == 200
         proc.send_signal(signal.SIGTERM)
