@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pipeline import topics
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.runtime import DeadLetter, GeofenceRuntime, RawMessage
+from pipeline.runtime import DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
 from schemas import Crisis, Warning, encode
 
@@ -112,6 +112,35 @@ def _bound_fetch_wait(max_wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
     setattr(thread, "_crisiswatch_fetch_wait", max_wait_ms)  # noqa: B010
 
 
+def _rewind_uncommitted() -> None:
+    """Start partitions that have no committed offset from their beginning after every seek.
+
+    While a restarted worker restores its table, aiokafka already fetches the check-in partitions
+    and the position moves past what it fetched. Afterwards Faust seeks every partition back to its
+    committed offset, but a partition with no committed offset (or offset 0: aiokafka's
+    ``seek_to_committed`` skips both) is left where the fetch got to: check-ins published while no
+    worker ran were skipped, their warnings never sent. ``auto_offset_reset`` is ``earliest``, so
+    "no committed offset" means "from the beginning": seek there explicitly."""
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer, "_crisiswatch_rewind", False):
+        return
+    original = Consumer.perform_seek
+
+    async def perform_seek(self: Any) -> None:
+        await original(self)
+        changelogs = self.app.tables.changelog_topics
+        uncommitted = {tp: 0 for tp in self.assignment()
+                       if tp.topic not in changelogs and not self._committed_offset.get(tp)}
+        if uncommitted:
+            log.info("no committed offset, reading from the beginning: %s",
+                     ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(uncommitted)))
+            await self.seek_wait(uncommitted)
+
+    setattr(Consumer, "perform_seek", perform_seek)  # noqa: B010 - patching a method on purpose
+    setattr(Consumer, "_crisiswatch_rewind", True)  # noqa: B010
+
+
 def broker_credentials(settings: Settings) -> Any:
     protocol = settings.kafka_security_protocol
     if protocol.startswith("SASL"):
@@ -172,6 +201,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics(registry)
     _bound_fetch_wait()
+    _rewind_uncommitted()
     timeout = settings.rebalance_timeout_s
     producer_options: dict[str, Any] = {}
     if settings.producer_max_batch_bytes:
@@ -265,6 +295,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     app.timer(interval=5.0)(expire_crises)
 
+
     @app.page("/metrics")
     async def metrics_page(self: View, request: Request) -> Response:
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition
@@ -280,20 +311,37 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     return app, runtime
 
 
-class _TableView(MutableMapping[str, Any]):
-    """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes."""
+class _TableView(DurableStates):
+    """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes.
+
+    Writes go to the table's store and its changelog like ``table[key] = value`` does, but the
+    changelog sends are kept and :meth:`persisted` waits for their acknowledgement. Faust itself
+    only buffers them, and the flush it runs before committing offsets gives up after 0.1 s
+    without a send: offsets of check-ins whose new state never reached the changelog were
+    committed, and a worker killed then forgot those citizens' states for good."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self.pending: list[asyncio.Future[Any]] = []
 
     def __getitem__(self, key: str) -> Any:
         return self.table[key.encode("utf-8")]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self.table[key.encode("utf-8")] = value
+        raw = key.encode("utf-8")
+        # partition None: the producer's partitioner places it, as it placed the citizen's check-ins
+        self.pending.append(self.table.send_changelog(None, raw, value))
+        self.table.data[raw] = value
 
     def __delitem__(self, key: str) -> None:
-        del self.table[key.encode("utf-8")]
+        raw = key.encode("utf-8")
+        self.pending.append(self.table.send_changelog(None, raw, None, value_serializer="raw"))
+        del self.table.data[raw]
+
+    async def persisted(self) -> None:
+        pending, self.pending = self.pending, []
+        if pending:
+            await asyncio.gather(*pending)
 
     def __iter__(self) -> Iterator[str]:
         return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.keys())])

@@ -6,9 +6,11 @@ through an :class:`Emitter` (Kafka in a worker, a list in tests). Bad messages g
 with a reason; nothing raises out of here for bad data.
 
 Order of effects for at-least-once without duplicates: warnings are handed to Kafka and
-acknowledged first, citizen state is written after. A crash in between re-processes the
-check-ins against the old state, which yields the same warnings with the same deterministic
-ids, which every sink drops.
+acknowledged first, citizen state is written after, and a batch is done only once that state
+is durable too (:class:`DurableStates`: the table's changelog records acknowledged). Only then
+may the check-ins' offsets be committed. A crash anywhere before re-processes the check-ins
+against the old state, which yields the same warnings with the same deterministic ids, which
+every sink drops.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,6 +49,14 @@ class DeadLetter:
     raw: RawMessage
     reason: str
     stage: str
+
+
+class DurableStates(MutableMapping[str, Any]):
+    """A state mapping whose writes reach durable storage asynchronously (a Faust table's changelog)."""
+
+    @abstractmethod
+    async def persisted(self) -> None:
+        """Return once every write made so far is durable; raise if one failed."""
 
 
 class Emitter(Protocol):
@@ -100,6 +111,8 @@ class GeofenceRuntime:
                 self.metrics.warnings.labels(kind=warning.kind).inc()
         for citizen_id, state in outcome.states.items():
             self.states[citizen_id] = state.to_dict()
+        if isinstance(self.states, DurableStates):
+            await self.states.persisted()
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         """Bad messages to the DLQ with their reasons, counted by stage and reason."""
