@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -141,6 +142,26 @@ def _rewind_uncommitted() -> None:
     setattr(Consumer, "_crisiswatch_rewind", True)  # noqa: B010
 
 
+EXIT_UNFINISHED = 75  # EX_TEMPFAIL: the process manager should start the worker again
+
+
+async def finish_or_exit(work: Awaitable[Any], what: str, exit_now: Callable[[int], Any] = os._exit) -> None:
+    """Run one unit of agent work; if it fails, end the process before Faust can commit past it.
+
+    Bad data never raises out of the runtime (it goes to the DLQ); what does is Kafka refusing a
+    warning, a dead letter or a state write after its own retries. Leaving the agent loop then
+    would let Faust acknowledge the events anyway (``take_events`` acknowledges a batch however
+    its body ended) and commit their offsets: the batch would be lost. Exiting at once, with
+    nothing committed, makes a restarted worker process it again (at-least-once)."""
+    try:
+        await work
+    except Exception:
+        log.critical("could not finish %s; exiting without committing it, a restarted worker processes it again",
+                     what, exc_info=True)
+        logging.shutdown()
+        exit_now(EXIT_UNFINISHED)
+
+
 def broker_credentials(settings: Settings) -> Any:
     protocol = settings.kafka_security_protocol
     if protocol.startswith("SASL"):
@@ -250,16 +271,16 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     async def locate(stream: Any) -> None:
         await crises_loaded.wait()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
-            await runtime.process_checkins([raw_message(e) for e in events])
+            await finish_or_exit(runtime.process_checkins([raw_message(e) for e in events]), "a batch of check-ins")
 
     @app.agent(crisis_topic, name="crisis")
     async def crisis_agent(stream: Any) -> None:
         async for event in stream.events():
             decoded = runtime.decode_crisis(raw_message(event))
             if isinstance(decoded, DeadLetter):
-                await runtime.dead_letter([decoded])
+                await finish_or_exit(runtime.dead_letter([decoded]), "a dead letter")
 
-    async def crisis_reader() -> None:
+    async def follow_crises() -> None:
         follow = asyncio.Event()
         backlog: list[Crisis] = []
         async for batch in read_crisis_log(settings, follow):
@@ -281,17 +302,20 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                 if isinstance(decoded, Crisis):  # bad ones are the crisis agent's to dead-letter
                     await runtime.apply_crisis(decoded)
 
+    async def crisis_reader() -> None:
+        await finish_or_exit(follow_crises(), "following crisis-events")
+
     app.task(crisis_reader)
 
     @table.on_recover
     async def on_recovered() -> None:
         table_recovered.set()
         if crises_loaded.is_set():
-            await runtime.reconcile()
+            await finish_or_exit(runtime.reconcile(), "the reconcile after a recovery")
 
     async def expire_crises() -> None:
         if crises_loaded.is_set():
-            await runtime.expire()
+            await finish_or_exit(runtime.expire(), "ending expired crises")
 
     app.timer(interval=5.0)(expire_crises)
 
