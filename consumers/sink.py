@@ -3,7 +3,10 @@ the tables of deploy/sql, idempotently and at least once.
 
 Three failures, three paths:
 
-* a message that is not a valid event of its topic's schema → ``dlq`` with the reason;
+* a message that is not a valid event of its topic's schema → ``dlq`` with the reason, for the
+  topics only the sink reads (citizens, acks); on the others the stage that owns the topic
+  dead-letters it (the worker: check-ins, crisis events; the router: warnings) and the sink only
+  counts and logs it, so one bad message is one dead letter;
 * a row PostgreSQL refuses (a value it cannot store) → that row alone goes to ``dlq``;
 * PostgreSQL or Kafka unreachable → retry with backoff, never dead-letter, never skip.
 
@@ -161,6 +164,10 @@ class SinkTopics:
         if len({t for t, _ in pairs}) != len(pairs):
             raise ValueError("each sink topic must carry one event type; got a topic twice")
         return dict(pairs)
+
+    def dead_lettered_here(self) -> frozenset[str]:
+        """The topics whose invalid messages the sink dead-letters: those no other stage reads."""
+        return frozenset({self.citizens, self.acks})
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +390,7 @@ class PostgresSink:
         self.metrics = metrics
         self.bootstrap = bootstrap or settings.kafka_bootstrap
         self.models = sink_topics.models()
+        self.dead_lettered_here = sink_topics.dead_lettered_here()
         self.group_id = group_id
         self.store = PostgresStore(database_url or settings.database_url.get())
         self._own_publisher = publisher is None
@@ -423,7 +431,14 @@ class PostgresSink:
         self.healthy = True
         for table, count in outcome.written.items():
             self.metrics.rows.labels(table=table).inc(count)
-        rejected = [*prepared.rejected, *(Rejected(row.source, reason, "database") for row, reason in outcome.refused)]
+        here = self.dead_lettered_here
+        for r in prepared.rejected:
+            if r.message.topic not in here:
+                self.metrics.skipped.labels(topic=r.message.topic, reason=r.label).inc()
+                log.warning("invalid, not written (its owner dead-letters it)",
+                            extra={"where": r.message.where(), "reason": r.reason})
+        rejected = [*(r for r in prepared.rejected if r.message.topic in here),
+                    *(Rejected(row.source, reason, "database") for row, reason in outcome.refused)]
         if rejected:
             letters: list[Outgoing] = [dead_letter(r.message.value, r.reason, r.message.topic, STAGE, r.message.key)
                                        for r in rejected]

@@ -25,6 +25,7 @@ MetricName = Literal[
     "crisiswatch_sink_rows_written_total",
     "crisiswatch_sink_batch_seconds",
     "crisiswatch_sink_errors_total",
+    "crisiswatch_sink_skipped_total",
     "crisiswatch_router_messages_total",
     "crisiswatch_feed_last_success_timestamp_seconds",
     "crisiswatch_feed_items_total",
@@ -83,6 +84,9 @@ class SinkMetrics(DlqMetrics):
         self.batch_seconds = Histogram("crisiswatch_sink_batch_seconds", "Time to write one batch to PostgreSQL",
                                        buckets=LATENCY_BUCKETS, registry=registry)
         self.errors = Counter(_name("crisiswatch_sink_errors_total"), "PostgreSQL errors (retried)", registry=registry)
+        self.skipped = Counter(_name("crisiswatch_sink_skipped_total"),
+                               "Invalid messages not written, dead-lettered by the stage that owns their topic",
+                               ["topic", "reason"], registry=registry)
         self.routed = Counter(_name("crisiswatch_router_messages_total"), "Warnings routed to per-country topics",
                               ["topic"], registry=registry)
 

@@ -179,13 +179,23 @@ def test_invalid_checkin_goes_to_dlq_and_the_worker_carries_on(pipeline: Pipelin
     pipeline.publisher.publish_events([make_checkin(prefix + "a", 20.0, 20.0, observed_at=now)])
     got = pipeline.warnings(prefix, lambda ws: len(ws) >= 1)
     assert kinds(got) == Counter({(prefix + "a", "entered", 1): 1})
-    def from_worker(messages: list) -> list:  # type: ignore[type-arg]
-        # the sink reads check-ins too and dead-letters the same message under its own stage
-        return [m for m in messages if m.key == prefix.encode()
-                and dict(m.headers).get("crisiswatch-dlq-stage") == b"locate"]
+    def ours(messages: list) -> list:  # type: ignore[type-arg]
+        return [m for m in messages if m.key == prefix.encode()]
 
-    dead = from_worker(read_topic(pipeline.settings.kafka_bootstrap, "dlq", lambda seen: bool(from_worker(seen)), 20))
+    def skipped_by_sink() -> float:
+        with urllib.request.urlopen(pipeline.sink.health.replace("/health", "/metrics"), timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.split()[-1]) for line in lines
+                   if line.startswith('crisiswatch_sink_skipped_total{') and 'topic="checkins"' in line)
+
+    read_topic(pipeline.settings.kafka_bootstrap, "dlq", lambda seen: bool(ours(seen)), 20)
+    deadline = time.monotonic() + 20
+    while skipped_by_sink() < 1:  # the sink has read it too: it counts it and adds no second dead letter
+        assert time.monotonic() < deadline, "the sink never read the bad check-in"
+        time.sleep(0.2)
+    dead = ours(read_topic(pipeline.settings.kafka_bootstrap, "dlq", lambda seen: False, 2.0))
     assert len(dead) == 1
+    assert dict(dead[0].headers)["crisiswatch-dlq-stage"] == b"locate"
     headers = dict(dead[0].headers)
     assert headers["crisiswatch-dlq-topic"] == b"checkins"
     assert "checkin/1" in headers["crisiswatch-dlq-reason"].decode()
