@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from pipeline.app import changelog_topic
 from pipeline.embedded import EmbeddedBroker, create_topics, ensure_topics, free_port
 from pipeline.observability import read_metric
 from pipeline.settings import Settings
@@ -136,23 +135,11 @@ def runtime_alone(checkins: list[bytes], keys: list[bytes], crises: list[bytes],
 
 
 def as_worker() -> None:
-    """A worker under its own app id, so each variant reads the check-ins from the start."""
-    from faust.worker import Worker
+    """A worker under its own app id, so each variant reads the check-ins from the start; otherwise
+    exactly what ``crisiswatch worker`` runs."""
+    from pipeline.worker_cmd import run_worker
 
-    import pipeline.app as app_module
-
-    settings = Settings.from_env()
-    app_id = f"crisiswatch-bench-{os.environ['CRISISWATCH_BENCH_APP_ID']}"
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    create_topics(settings.kafka_bootstrap, [changelog_topic(app_id)], settings.partitions)
-    app, _ = app_module.create_app(settings, app_id=app_id)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    run_worker(Settings.from_env(), "warning", app_id=f"crisiswatch-bench-{os.environ['CRISISWATCH_BENCH_APP_ID']}")
 
 
 def main() -> None:

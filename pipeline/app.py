@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -64,30 +65,38 @@ def raw_message(event: Any) -> RawMessage:
     return RawMessage(message.value, message.key, message.topic, message.partition, message.timestamp)
 
 
+Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # key, value, headers
+
+
+async def send_all(app: faust.App, topic: str, records: Sequence[Record]) -> None:
+    """Hand records to the app's producer in order and return once Kafka acknowledged them all.
+
+    This is the transport-level send, not ``Topic.send``: no per-message channel, serializer and
+    future bookkeeping (a fifth of a worker's time when every warning and state record went through
+    it), and nothing buffered or attached to the event being processed — Faust publishes a message
+    sent that way only when the event is acknowledged, so a crash in between lost it."""
+    send = app.producer.send
+    futures = [await send(topic, key, value, None, None, headers) for key, value, headers in records]
+    if futures:
+        await asyncio.gather(*futures)
+
+
 class KafkaEmitter:
     """Warnings and dead letters out through the app's producer; returns once acknowledged."""
 
     def __init__(self, app: faust.App) -> None:
-        self.warnings_topic = app.topic(topics.WARNINGS, key_serializer="raw", value_serializer="raw")
-        self.dlq_topic = app.topic(topics.DLQ, key_serializer="raw", value_serializer="raw")
+        self.app = app
 
     async def warnings(self, warnings: Sequence[Warning]) -> None:
-        # force=True: publish now. Without it Faust attaches a message sent inside an agent to the event
-        # being processed and publishes it only when that event is acknowledged, after the citizen's new
-        # state is already in the changelog; a crash in between would lose the warning for good.
-        futures = [await self.warnings_topic.send(key=w.citizen_id.encode(), value=encode(w), force=True)
-                   for w in warnings]
-        await asyncio.gather(*futures)
+        await send_all(self.app, topics.WARNINGS, [(w.citizen_id.encode(), encode(w), None) for w in warnings])
 
     async def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        futures = []
-        for letter in letters:
-            headers = [(topics.DLQ_REASON_HEADER, letter.reason.encode("utf-8")[:1000]),
-                       (topics.DLQ_SOURCE_TOPIC_HEADER, letter.raw.topic.encode("utf-8")),
-                       (topics.DLQ_STAGE_HEADER, letter.stage.encode("utf-8"))]
-            futures.append(await self.dlq_topic.send(key=letter.raw.key, value=letter.raw.value or b"",
-                                                     headers=headers, force=True))
-        await asyncio.gather(*futures)
+        await send_all(self.app, topics.DLQ, [
+            (letter.raw.key, letter.raw.value or b"",
+             [(topics.DLQ_REASON_HEADER, letter.reason.encode("utf-8")[:1000]),
+              (topics.DLQ_SOURCE_TOPIC_HEADER, letter.raw.topic.encode("utf-8")),
+              (topics.DLQ_STAGE_HEADER, letter.stage.encode("utf-8"))])
+            for letter in letters])
 
 
 FETCH_MAX_WAIT_MS = 100
@@ -264,7 +273,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
-        _TableView(table), KafkaEmitter(app), metrics, clock, owns)
+        _TableView(app, table), KafkaEmitter(app), metrics, clock, owns)
     crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
 
     @app.agent(checkins_topic, name="locate")
@@ -338,34 +347,36 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 class _TableView(DurableStates):
     """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes.
 
-    Writes go to the table's store and its changelog like ``table[key] = value`` does, but the
-    changelog sends are kept and :meth:`persisted` waits for their acknowledgement. Faust itself
-    only buffers them, and the flush it runs before committing offsets gives up after 0.1 s
-    without a send: offsets of check-ins whose new state never reached the changelog were
-    committed, and a worker killed then forgot those citizens' states for good."""
+    Writes go to the table's store at once and to its changelog in :meth:`persisted`, which returns
+    once Kafka acknowledged them. ``table[key] = value`` would hand the changelog record to Faust's
+    buffer, and the flush Faust runs before committing offsets gives up after 0.1 s without a send:
+    offsets of check-ins whose new state never reached the changelog were committed, and a worker
+    killed then forgot those citizens' states for good. Records are what Faust itself writes and
+    reads back on recovery: the raw key, the state as JSON, placed by the key's hash (like the
+    citizen's check-ins); a deletion is a null value."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, app: faust.App, table: Any) -> None:
+        self.app = app
         self.table = table
-        self.pending: list[asyncio.Future[Any]] = []
+        self.topic: str = table.changelog_topic.get_topic_name()
+        self.unsent: list[Record] = []
 
     def __getitem__(self, key: str) -> Any:
         return self.table[key.encode("utf-8")]
 
     def __setitem__(self, key: str, value: Any) -> None:
         raw = key.encode("utf-8")
-        # partition None: the producer's partitioner places it, as it placed the citizen's check-ins
-        self.pending.append(self.table.send_changelog(None, raw, value))
         self.table.data[raw] = value
+        self.unsent.append((raw, json.dumps(value, separators=(",", ":")).encode("utf-8"), None))
 
     def __delitem__(self, key: str) -> None:
         raw = key.encode("utf-8")
-        self.pending.append(self.table.send_changelog(None, raw, None, value_serializer="raw"))
         del self.table.data[raw]
+        self.unsent.append((raw, None, None))
 
     async def persisted(self) -> None:
-        pending, self.pending = self.pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        unsent, self.unsent = self.unsent, []
+        await send_all(self.app, self.topic, unsent)
 
     def __iter__(self) -> Iterator[str]:
         return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.keys())])
