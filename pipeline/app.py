@@ -266,10 +266,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
                       key_type=bytes)
 
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.CHECKINS}
+
     def owns(citizen_id: str) -> bool:
-        assigned = app.assignor.assigned_actives()
-        part = partition_of(citizen_id.encode("utf-8"), settings.partitions)
-        return any(tp.topic == topics.CHECKINS and tp.partition == part for tp in assigned)
+        return partition_of(citizen_id.encode("utf-8"), settings.partitions) in owned_partitions()
 
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
@@ -339,7 +340,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         ready = crises_loaded.is_set() and table_recovered.is_set()
         return self.json({"status": "ok" if ready else "starting", "crises_loaded": crises_loaded.is_set(),
                           "table_recovered": table_recovered.is_set(),
-                          "active_crises": len(runtime.tracker.crises)}, status=200 if ready else 503)
+                          "active_crises": len(runtime.tracker.crises),
+                          "checkin_partitions": sorted(owned_partitions())}, status=200 if ready else 503)
 
     return app, runtime
 

@@ -133,6 +133,13 @@ def pipeline(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         broker.stop()
 
 
+def metric_sum(proc: Proc, name: str, label: str = "") -> float:
+    """The sum of a metric's samples on a process's /metrics page, those with ``label`` if given."""
+    with urllib.request.urlopen(proc.health.replace("/health", "/metrics"), timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{") and label in line)
+
+
 def kinds(warnings: list[Warning]) -> Counter[tuple[str, str, int]]:
     return Counter((w.citizen_id, w.kind, w.crisis_version) for w in warnings)
 
@@ -183,10 +190,7 @@ def test_invalid_checkin_goes_to_dlq_and_the_worker_carries_on(pipeline: Pipelin
         return [m for m in messages if m.key == prefix.encode()]
 
     def skipped_by_sink() -> float:
-        with urllib.request.urlopen(pipeline.sink.health.replace("/health", "/metrics"), timeout=5) as response:
-            lines = response.read().decode().splitlines()
-        return sum(float(line.split()[-1]) for line in lines
-                   if line.startswith('crisiswatch_sink_skipped_total{') and 'topic="checkins"' in line)
+        return metric_sum(pipeline.sink, "crisiswatch_sink_skipped_total", 'topic="checkins"')
 
     read_topic(pipeline.settings.kafka_bootstrap, "dlq", lambda seen: bool(ours(seen)), 20)
     deadline = time.monotonic() + 20
@@ -243,3 +247,68 @@ def test_worker_restart_mid_stream_loses_and_duplicates_nothing(pipeline: Pipeli
     assert sorted(r[0] for r in rows) == sorted(wanted)  # none lost, none duplicated in PostgreSQL
     assert Counter(r[2] for r in rows) == Counter({"entered": 200, "exited": 200})
 
+
+
+def health(proc: Proc) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(proc.health, timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+def test_two_workers_share_the_citizens_and_a_leaving_worker_hands_them_over(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    """Scale-out: a second worker joins the group; each sweeps and geofences only the citizens whose
+    partitions it owns, so each warning is sent once. Then it leaves, and the first worker takes its
+    partitions over with the citizens' recovered states: their exits are warned, once."""
+    port = free_port()
+    second = Proc("worker", {**pipeline.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
+                             "CRISISWATCH_DATA_DIR": str(tmp_path)},
+                  tmp_path / "worker-2.log", f"http://127.0.0.1:{port}/health")
+    second.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (health(second).get("checkin_partitions") and health(pipeline.worker).get("checkin_partitions")
+                   and health(second)["status"] == health(pipeline.worker)["status"] == "ok"):
+            assert time.monotonic() < deadline, (health(pipeline.worker), health(second))
+            time.sleep(0.3)
+        owned = [set(health(p)["checkin_partitions"]) for p in (pipeline.worker, second)]
+        assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(pipeline.settings.partitions))
+
+        prefix = f"s{uuid.uuid4().hex[:6]}-"
+        t0 = datetime.now(UTC)
+        crisis = make_crisis(prefix + "zone", square(50.0, 20.0, 0.5), effective=t0)
+        early = [f"{prefix}in{i:02d}" for i in range(40)]    # inside before the crisis: the sweep warns them
+        late = [f"{prefix}on{i:02d}" for i in range(40)]     # walk in afterwards: 'entered'
+        rounds = [
+            [make_checkin(c, 20.0, 50.0, observed_at=t0) for c in early],
+            [make_checkin(c, 20.0, 50.0, observed_at=t0 + timedelta(seconds=1)) for c in late],
+            [make_checkin(c, 20.0, 52.0, observed_at=t0 + timedelta(seconds=2)) for c in early + late],  # leaving
+            [make_checkin(c, 20.0, 52.0, observed_at=t0 + timedelta(seconds=5)) for c in early + late],  # exited
+        ]
+        mirror = Timeline(pipeline.config)
+        expected = list(mirror.checkins(rounds[0])) + list(mirror.crisis(crisis, t0 + timedelta(milliseconds=1)))
+        for batch in rounds[1:]:
+            expected += mirror.checkins(batch)
+        assert Counter(w.kind for w in expected) == Counter({"inside": 40, "entered": 40, "exited": 80})
+
+        pipeline.publisher.publish_events(rounds[0])
+        time.sleep(1.0)  # both workers hold their citizens before the crisis arrives
+        pipeline.publish_crisis_and_wait(crisis)
+        pipeline.publisher.publish_events(rounds[1])
+        pipeline.publisher.publish_events(rounds[2])
+        first_half = pipeline.warnings(prefix, lambda ws: len(ws) >= 80, timeout_s=40)
+        assert Counter(w.kind for w in first_half) == Counter({"inside": 40, "entered": 40})  # each once
+        assert metric_sum(second, "crisiswatch_warnings_emitted_total") > 0  # the second worker did its share
+
+        second.stop()  # leaves the group: the first worker takes over its partitions and their states
+        deadline = time.monotonic() + 60
+        while set(health(pipeline.worker)["checkin_partitions"]) != set(range(pipeline.settings.partitions)):
+            assert time.monotonic() < deadline, health(pipeline.worker)
+            time.sleep(0.3)
+        pipeline.publisher.publish_events(rounds[3])
+        wanted = {w.warning_id for w in expected}
+        got = pipeline.warnings(prefix, lambda ws: {w.warning_id for w in ws} >= wanted, timeout_s=60)
+        time.sleep(1.0)
+        got = pipeline.warnings(prefix, lambda ws: False, timeout_s=2)
+        assert sorted(w.warning_id for w in got) == sorted(wanted)  # every one, none twice
+    finally:
+        second.stop()
