@@ -15,6 +15,12 @@
 - after every table recovery (start, rebalance) the worker reconciles: every owned citizen
   against every active crisis, sending only what the stored state says is missing.
 - a timer ends expired crises (``all_clear``).
+
+At-least-once, nothing lost: a batch is finished only when its warnings and the citizens' new
+state records are acknowledged by Kafka (:func:`send_all`, :class:`_TableView`); Faust commits a
+batch's offsets only after that. Work that cannot be finished ends the process before anything is
+committed (:func:`finish_or_exit`), and partitions with no committed offset are read from their
+beginning after every seek (:func:`_rewind_uncommitted`).
 """
 
 from __future__ import annotations
