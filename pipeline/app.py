@@ -129,14 +129,15 @@ def _bound_fetch_wait(max_wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
 
 
 def _rewind_uncommitted() -> None:
-    """Start partitions that have no committed offset from their beginning after every seek.
+    """Make Faust's seek back to the committed offsets (after every rebalance) lose nothing.
 
     While a restarted worker restores its table, aiokafka already fetches the check-in partitions
     and the position moves past what it fetched. Afterwards Faust seeks every partition back to its
     committed offset, but a partition with no committed offset (or offset 0: aiokafka's
     ``seek_to_committed`` skips both) is left where the fetch got to: check-ins published while no
     worker ran were skipped, their warnings never sent. ``auto_offset_reset`` is ``earliest``, so
-    "no committed offset" means "from the beginning": seek there explicitly."""
+    "no committed offset" means "from the beginning": seek there explicitly. And the flow must be
+    stopped while positions move back (below)."""
     from faust.transport.consumer import Consumer
 
     if getattr(Consumer, "_crisiswatch_rewind", False):
@@ -144,6 +145,11 @@ def _rewind_uncommitted() -> None:
     original = Consumer.perform_seek
 
     async def perform_seek(self: Any) -> None:
+        # Stop the flow first: Faust calls this with the flow running (it was resumed to read the
+        # changelogs) and clears the channels' queues only afterwards, so check-ins fetched after the
+        # seek but before that clear were dropped, their offsets already counted as read. Faust resumes
+        # the flow itself right after.
+        self.stop_flow()
         await original(self)
         changelogs = self.app.tables.changelog_topics
         uncommitted = {tp: 0 for tp in self.assignment()
@@ -334,6 +340,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
             await finish_or_exit(runtime.expire(), "ending expired crises")
 
     app.timer(interval=5.0)(expire_crises)
+
 
 
     @app.page("/metrics")

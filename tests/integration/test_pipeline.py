@@ -312,3 +312,4 @@ def test_two_workers_share_the_citizens_and_a_leaving_worker_hands_them_over(
         assert sorted(w.warning_id for w in got) == sorted(wanted)  # every one, none twice
     finally:
         second.stop()
+
