@@ -207,10 +207,11 @@ def test_invalid_checkin_goes_to_dlq_and_the_worker_carries_on(pipeline: Pipelin
 
 
 def test_worker_restart_mid_stream_loses_and_duplicates_nothing(pipeline: Pipeline) -> None:
-    """SIGKILL right after a batch, check-ins published while no worker runs, then a restart. Two
+    """SIGKILL right after a batch, check-ins published while no worker runs, then a restart. Three
     ways this used to lose warnings: offsets committed before the citizens' new states reached the
-    changelog (Faust's flush gives up after 0.1 s), and a partition with no committed offset left
-    wherever the fetch during table recovery got to (check-ins published meanwhile skipped)."""
+    changelog (Faust's flush gives up after 0.1 s); a partition with no committed offset left
+    wherever the fetch during table recovery got to; check-ins fetched between Faust's seek back to
+    the committed offsets and its queue clear dropped (see ``pipeline.app._rewind_uncommitted``)."""
     prefix = f"r{uuid.uuid4().hex[:6]}-"
     t0 = datetime.now(UTC)
     area = square(30.0, 10.0, 0.5)
