@@ -431,14 +431,15 @@ class PostgresSink:
         self.healthy = True
         for table, count in outcome.written.items():
             self.metrics.rows.labels(table=table).inc(count)
-        here = self.dead_lettered_here
+        rejected: list[Rejected] = []
         for r in prepared.rejected:
-            if r.message.topic not in here:
+            if r.message.topic in self.dead_lettered_here:
+                rejected.append(r)
+            else:
                 self.metrics.skipped.labels(topic=r.message.topic, reason=r.label).inc()
                 log.warning("invalid, not written (its owner dead-letters it)",
                             extra={"where": r.message.where(), "reason": r.reason})
-        rejected = [*(r for r in prepared.rejected if r.message.topic in here),
-                    *(Rejected(row.source, reason, "database") for row, reason in outcome.refused)]
+        rejected += [Rejected(row.source, reason, "database") for row, reason in outcome.refused]
         if rejected:
             letters: list[Outgoing] = [dead_letter(r.message.value, r.reason, r.message.topic, STAGE, r.message.key)
                                        for r in rejected]

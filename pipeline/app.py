@@ -341,8 +341,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     app.timer(interval=5.0)(expire_crises)
 
-
-
     @app.page("/metrics")
     async def metrics_page(self: View, request: Request) -> Response:
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition

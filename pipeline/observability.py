@@ -68,8 +68,11 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int,
     return server
 
 
-def read_metric(url: str, name: str) -> float:
-    """The sum of a metric's unlabelled samples on a ``/metrics`` page; 0 when the page cannot be read."""
+def read_metric(url: str, name: str, label: str | None = None) -> float:
+    """The sum of a metric's samples on a ``/metrics`` page; 0 when the page cannot be read.
+
+    Without ``label`` the unlabelled samples; with it the labelled ones whose labels contain it
+    (``""``: all of them, e.g. every ``kind`` of a counter)."""
     import urllib.request
 
     try:
@@ -77,4 +80,7 @@ def read_metric(url: str, name: str) -> float:
             text = response.read().decode()
     except OSError:
         return 0.0
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    if label is None:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + "{") and label in line.split("}")[0])

@@ -25,6 +25,7 @@ from pipeline.app import changelog_topic
 from pipeline.domain.timeline import Timeline
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
+from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import make_checkin, make_crisis, square
@@ -133,11 +134,8 @@ def pipeline(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         broker.stop()
 
 
-def metric_sum(proc: Proc, name: str, label: str = "") -> float:
-    """The sum of a metric's samples on a process's /metrics page, those with ``label`` if given."""
-    with urllib.request.urlopen(proc.health.replace("/health", "/metrics"), timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{") and label in line)
+def metrics_url(proc: Proc) -> str:
+    return proc.health.replace("/health", "/metrics")
 
 
 def kinds(warnings: list[Warning]) -> Counter[tuple[str, str, int]]:
@@ -190,7 +188,7 @@ def test_invalid_checkin_goes_to_dlq_and_the_worker_carries_on(pipeline: Pipelin
         return [m for m in messages if m.key == prefix.encode()]
 
     def skipped_by_sink() -> float:
-        return metric_sum(pipeline.sink, "crisiswatch_sink_skipped_total", 'topic="checkins"')
+        return read_metric(metrics_url(pipeline.sink), "crisiswatch_sink_skipped_total", 'topic="checkins"')
 
     read_topic(pipeline.settings.kafka_bootstrap, "dlq", lambda seen: bool(ours(seen)), 20)
     deadline = time.monotonic() + 20
@@ -298,7 +296,7 @@ def test_two_workers_share_the_citizens_and_a_leaving_worker_hands_them_over(
         pipeline.publisher.publish_events(rounds[2])
         first_half = pipeline.warnings(prefix, lambda ws: len(ws) >= 80, timeout_s=40)
         assert Counter(w.kind for w in first_half) == Counter({"inside": 40, "entered": 40})  # each once
-        assert metric_sum(second, "crisiswatch_warnings_emitted_total") > 0  # the second worker did its share
+        assert read_metric(metrics_url(second), "crisiswatch_warnings_emitted_total", "") > 0  # the second worker did its share
 
         second.stop()  # leaves the group: the first worker takes over its partitions and their states
         deadline = time.monotonic() + 60
