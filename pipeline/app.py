@@ -78,9 +78,10 @@ async def send_all(app: faust.App, topic: str, records: Sequence[Record]) -> Non
     """Hand records to the app's producer in order and return once Kafka acknowledged them all.
 
     This is the transport-level send, not ``Topic.send``: no per-message channel, serializer and
-    future bookkeeping (a fifth of a worker's time when every warning and state record went through
-    it), and nothing buffered or attached to the event being processed — Faust publishes a message
-    sent that way only when the event is acknowledged, so a crash in between lost it."""
+    future bookkeeping (a large share of a busy worker's time when every warning and state record
+    went through it; ``python -m bench.worker`` shows the worker's rate), and nothing buffered or
+    attached to the event being processed — Faust publishes a message sent that way only when the
+    event is acknowledged, so a crash in between lost it."""
     send = app.producer.send
     futures = [await send(topic, key, value, None, None, headers) for key, value, headers in records]
     if futures:
