@@ -164,9 +164,10 @@ def _message(exc: BaseException) -> str:
         return f"<{type(exc).__name__} without a printable message>"
 
 
-def describe(exc: BaseException, limit: int = MAX_REASON_CHARS) -> str:
-    """The reason of a dead letter: ``"<ExcType>: <message>"``, at most ``limit`` characters."""
-    text = f"{type(exc).__name__}: {_message(exc)}"
+def describe(exc: BaseException, context: str = "", limit: int = MAX_REASON_CHARS) -> str:
+    """The reason of a dead letter: ``"<ExcType>: <message>"`` (``"<ExcType>: <context>: <message>"``
+    when the stage says where it happened), at most ``limit`` characters."""
+    text = f"{type(exc).__name__}: {context + ': ' if context else ''}{_message(exc)}"
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
