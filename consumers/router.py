@@ -149,7 +149,11 @@ class WarningRouter:
             self.metrics.routed.labels(topic=UNROUTED).inc(unrouted)
         for letter, label in dead:
             self.metrics.dlq.labels(stage=STAGE, reason=label).inc()
-            log.warning("dead-lettered", extra={"reason": dict(letter.headers)[topics.DLQ_REASON_HEADER].decode()})
+            headers = dict(letter.headers)
+            log.warning("dead-lettered", extra={"reason": headers[topics.DLQ_REASON_HEADER].decode(),
+                                                "where": f"{headers[topics.DLQ_SOURCE_TOPIC_HEADER].decode()}"
+                                                         f"[{headers.get(topics.DLQ_SOURCE_PARTITION_HEADER, b'?').decode()}]"
+                                                         f"@{headers.get(topics.DLQ_SOURCE_OFFSET_HEADER, b'?').decode()}"})
 
     def run(self, stop: threading.Event) -> None:
         from kafka.errors import KafkaError

@@ -149,7 +149,7 @@ class GeofenceRuntime:
     def _skipped(self, stage: str, failure: Failure[Any], what: str) -> None:
         """Something no message is at fault for (or that another stage dead-letters) could not be processed."""
         self.metrics.stage_skipped.labels(stage=stage, reason=failure.label).inc()
-        log.error("skipped %s: %s", what, failure.reason, extra={"stage": stage, "error_type": failure.error_type})
+        log.error("skipped %s (stage %s): %s", what, stage, failure.reason)
 
     async def _commit(self, outcome: Outcome) -> None:
         if outcome.warnings:
@@ -167,8 +167,8 @@ class GeofenceRuntime:
             await self.emitter.dead_letters(letters)
             for letter in letters:
                 self.metrics.dlq.labels(stage=letter.stage, reason=letter.label).inc()
-                log.warning("dead-lettered", extra={"stage": letter.stage, "reason": letter.reason,
-                                                    "where": f"{letter.raw.topic}[{letter.raw.partition}]@{letter.raw.offset}"})
+                log.warning("dead-lettered %s[%s]@%s (stage %s): %s", letter.raw.topic, letter.raw.partition,
+                            letter.raw.offset, letter.stage, letter.reason)
 
     # -- check-ins -------------------------------------------------------------------------------
     async def process_checkins(self, messages: Sequence[RawMessage]) -> tuple[Warning, ...]:
@@ -223,7 +223,8 @@ class GeofenceRuntime:
     def skip(self, letter: DeadLetter) -> None:
         """A message this stage leaves out because another stage dead-letters it: counted and logged."""
         self.metrics.stage_skipped.labels(stage=letter.stage, reason=letter.label).inc()
-        log.info("skipped, dead-lettered by the stage that owns it", extra={"stage": letter.stage, "reason": letter.reason})
+        log.info("skipped %s[%s]@%s (stage %s; the stage that owns it dead-letters it): %s", letter.raw.topic,
+                 letter.raw.partition, letter.raw.offset, letter.stage, letter.reason)
 
     def remember(self, crises: Iterable[Crisis]) -> None:
         """Load admitted crises into the table without sweeping (start-up, before citizens are known)."""

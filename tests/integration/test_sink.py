@@ -176,7 +176,8 @@ def test_every_event_type_lands_once_and_bad_input_is_dead_lettered_once(
 
     reasons = {m.value: dict(m.headers)[topics.DLQ_REASON_HEADER].decode() for m in letters}
     assert reasons == {b"not json at all": reasons[b"not json at all"]}
-    assert reasons[b"not json at all"].startswith("$: not JSON")
+    assert reasons[b"not json at all"].startswith("InvalidEvent: $: not JSON")
+    assert dict(letters[0].headers)[topics.DLQ_ERROR_TYPE_HEADER] == b"schemas.codec.InvalidEvent"
     assert sample(registry, "crisiswatch_sink_rows_written_total", table="checkins") == 2
     # a bad check-in is the worker's to dead-letter (it reads the same topic): the sink counts it, once
     assert sample(registry, "crisiswatch_dlq_messages_total", stage="sink", reason="$") == 1
