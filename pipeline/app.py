@@ -14,7 +14,8 @@
   or cancel sweeps the citizens this worker owns (``inside``/``near`` at once, ``all_clear``
   on cancel). It admits each event the same way and skips (counts, never dead-letters) what is
   refused: admission depends on the event alone, so the crisis agent's verdict is every
-  reader's, and the event is dead-lettered exactly once across any number of workers.
+  reader's, and the event is dead-lettered once across any number of workers (twice only if a
+  worker dies between the dead letter and the commit of its offset: at-least-once, as everywhere).
 - after every table recovery (start, rebalance) the worker reconciles: every owned citizen
   against every active crisis, sending only what the stored state says is missing.
 - a timer ends expired crises (``all_clear``).

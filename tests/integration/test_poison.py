@@ -236,3 +236,48 @@ def test_crises_that_break_geofencing_once_a_citizen_is_inside_are_dead_lettered
     wait_until(lambda: stack.rows("SELECT count(*) FROM crises WHERE crisis_id = %s", good.crisis_id) == 1, 40,
                "the good crisis in PostgreSQL")
     stack.still_running()
+
+
+def test_with_two_workers_a_refused_crisis_is_dead_lettered_once_and_both_go_on(stack: Stack, tmp_path: Path) -> None:
+    """Every worker's crisis reader sees every crisis event; only the crisis agent (one member of the
+    group per event) dead-letters, and the readers reach its verdict by the same admission."""
+    port = free_port()
+    second = Proc("worker", {**stack.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
+                             "CRISISWATCH_DATA_DIR": str(tmp_path)}, tmp_path / "worker-2.log", port)
+    second.start()
+    try:
+        def partitions(proc: Proc) -> set[int]:
+            with urllib.request.urlopen(proc.health, timeout=5) as response:
+                return set(json.loads(response.read())["checkin_partitions"])
+
+        wait_until(lambda: bool(partitions(second)) and bool(partitions(stack.worker)) and stack.worker.healthy()
+                   and second.healthy(), 90, "both workers sharing the partitions")
+        prefix = f"w{uuid.uuid4().hex[:6]}-"
+        now = datetime.now(UTC)
+        area = square(80.0, 15.0, 0.5)
+        citizens = [f"{prefix}{i:02d}" for i in range(16)]  # spread over both workers' partitions
+        processed = sum(read_metric(p.metrics, "crisiswatch_checkins_processed_total") for p in (stack.worker, second))
+        stack.publisher.publish_events([make_checkin(c, 15.0, 80.0, observed_at=now) for c in citizens])
+        wait_until(lambda: sum(read_metric(p.metrics, "crisiswatch_checkins_processed_total")
+                               for p in (stack.worker, second)) >= processed + len(citizens), 40, "the citizens inside")
+
+        def skipped() -> list[float]:
+            return [read_metric(p.metrics, "crisiswatch_stage_skipped_total", 'stage="crisis-reader"')
+                    for p in (stack.worker, second)]
+
+        before = skipped()  # both have read the log's backlog (healthy), earlier poison included
+        key = f"poison-{prefix}lone".encode()
+        lone = json.dumps(make_crisis(prefix + "lone", area, effective=now, title="@TITLE@").to_dict())
+        stack.write(topics.CRISIS_EVENTS, key, lone.replace("@TITLE@", "\\ud800").encode())
+        letters = stack.dead_letters({key}, settle_s=5.0)
+        assert [header(m, topics.DLQ_STAGE_HEADER) for m in letters[key]] == [b"crisis"]
+        wait_until(lambda: all(after > was for after, was in zip(skipped(), before, strict=True)), 30,
+                   "both readers skipping it")  # each saw it; neither dead-lettered it
+
+        stack.publisher.publish_events([make_crisis(prefix + "flood", area, effective=now)])
+        got = stack.warnings(prefix, len(citizens))
+        assert sorted((w.citizen_id, w.kind) for w in got) == [(c, "inside") for c in citizens]  # each once
+        assert second.healthy()
+        stack.still_running()
+    finally:
+        second.stop()
