@@ -47,8 +47,8 @@ effects before raising; its items are then run again in the halves. That repeats
 runs. A step that fails for every message (all poison, or a bug) would cost N·log2(N) items handed
 to the step by plain halving; instead, once the items handed to the step reach ``work_factor``·N
 (4 by default), the remaining suspects run one at a time. So isolating costs at most
-(``work_factor`` + 1)·N items and 2·N runs, never more. Steps here that cannot fail per item before
-any effect (decoding) use :func:`map_isolated` and cost exactly N.
+(``work_factor`` + 1)·N items and 2·N runs, never more. Per-item work with no shared effect
+(decoding) uses :func:`map_isolated` and costs exactly N.
 """
 
 from __future__ import annotations
