@@ -12,15 +12,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import topics
+from pipeline import dlq, topics
 from pipeline.settings import Settings
+from pipeline.stage import BrokerUnavailable as BrokerUnavailable  # re-exported: defined with the other outage types
 from schemas import Event, encode
 
 log = logging.getLogger(__name__)
-
-
-class BrokerUnavailable(RuntimeError):
-    """Kafka did not acknowledge the messages in time; nothing can be promised about them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +51,13 @@ def outgoing(event: Event, topic: str | None = None) -> Outgoing:
     return Outgoing(topic or TOPIC_OF_SCHEMA[event.SCHEMA], key_of(event), encode(event))
 
 
-def dead_letter(raw: bytes, reason: str, source_topic: str, stage: str, key: bytes | None = None) -> Outgoing:
-    headers = ((topics.DLQ_REASON_HEADER, reason.encode("utf-8")[:1000]),
-               (topics.DLQ_SOURCE_TOPIC_HEADER, source_topic.encode("utf-8")),
-               (topics.DLQ_STAGE_HEADER, stage.encode("utf-8")))
-    return Outgoing(topics.DLQ, key, raw, headers)
+def dead_letter(raw: bytes | None, reason: str, source_topic: str, stage: str, key: bytes | None = None, *,
+                error_type: str = "", partition: int | None = None, offset: int | None = None,
+                max_payload_bytes: int = dlq.DEFAULT_MAX_PAYLOAD_BYTES) -> Outgoing:
+    """A dead letter for ``dlq``, built by the one builder (:func:`pipeline.dlq.build`): it always fits."""
+    record = dlq.build(raw, reason=reason, stage=stage, source_topic=source_topic, error_type=error_type,
+                       partition=partition, offset=offset, key=key, max_payload_bytes=max_payload_bytes)
+    return Outgoing(topics.DLQ, record.key, record.value, record.headers)
 
 
 class Publisher:
