@@ -233,8 +233,10 @@ def _ensure_topics(settings: Settings, targets: RestoreTargets) -> None:
         raise RestoreError(str(exc)) from exc
 
 
-def topic_ends(settings: Settings, names: Sequence[str], timeout_s: float = 20.0) -> dict[str, dict[int, int]]:
-    """Each topic's end offset per partition (0 everywhere: empty)."""
+def topic_ends(settings: Settings, names: Sequence[str], wait_s: float = 0.0,
+               timeout_s: float = 20.0) -> dict[str, dict[int, int]]:
+    """Each topic's end offset per partition (0 everywhere: empty; no partitions: no such topic, after
+    waiting up to ``wait_s`` for the metadata of a topic just created)."""
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
 
@@ -246,21 +248,26 @@ def topic_ends(settings: Settings, names: Sequence[str], timeout_s: float = 20.0
         raise RestoreError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
     try:
         ends: dict[str, dict[int, int]] = {}
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + wait_s
         for name in names:
             parts = consumer.partitions_for_topic(name)
-            while not parts:  # metadata may lag a topic just created
-                if time.monotonic() > deadline:
-                    raise RestoreError(f"Kafka names no partitions for topic {name!r}")
+            while not parts and time.monotonic() < deadline:
                 time.sleep(0.2)
                 parts = consumer.partitions_for_topic(name)
-            offsets = consumer.end_offsets([TopicPartition(name, p) for p in sorted(parts)])
+            offsets = consumer.end_offsets([TopicPartition(name, p) for p in sorted(parts)]) if parts else {}
             ends[name] = {tp.partition: int(end) for tp, end in offsets.items()}
         return ends
     except KafkaError as exc:
         raise RestoreError(f"Kafka did not answer for the end offsets: {exc}") from exc
     finally:
         consumer.close()
+
+
+def _partitions(settings: Settings, topic: str) -> int:
+    partitions = len(topic_ends(settings, [topic], wait_s=20.0)[topic])
+    if not partitions:
+        raise RestoreError(f"Kafka names no partitions for topic {topic!r}")
+    return partitions
 
 
 def group_members(settings: Settings, group_id: str, timeout_s: float = 10.0) -> int:
@@ -325,7 +332,7 @@ def restore(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTarge
     _ensure_topics(settings, targets)
     _refuse_while_workers_run(settings, targets)
     plan, recorded = plan_from_postgres(settings, clock(), future_tolerance)
-    partitions = len(topic_ends(settings, [targets.changelog])[targets.changelog])
+    partitions = _partitions(settings, targets.changelog)
     publish_plan(settings, plan, targets, partitions)
     report = RestoreReport.of(plan, len(recorded.skipped))
     log.info("%s", report.line())
@@ -333,7 +340,8 @@ def restore(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTarge
 
 
 def broker_holds_data(settings: Settings, targets: RestoreTargets) -> bool:
-    """Whether the crisis log or the worker's changelog holds anything: then the broker did not lose them."""
+    """Whether the crisis log or the worker's changelog holds anything: then the broker did not lose them
+    (a topic that does not exist holds nothing)."""
     ends = topic_ends(settings, [targets.crisis_events, targets.changelog])
     return any(end > 0 for per_partition in ends.values() for end in per_partition.values())
 
@@ -352,7 +360,7 @@ def restore_if_needed(settings: Settings, *, clock: Clock = utc_now, targets: Re
         log.info("no restore: PostgreSQL holds no crisis, citizen or location")
         return None
     _refuse_while_workers_run(settings, targets)
-    partitions = len(topic_ends(settings, [targets.changelog])[targets.changelog])
+    partitions = _partitions(settings, targets.changelog)
     publish_plan(settings, plan, targets, partitions)
     report = RestoreReport.of(plan, len(recorded.skipped))
     log.info("%s", report.line())
