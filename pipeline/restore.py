@@ -167,12 +167,14 @@ def read_recorded(database_url: str, now: datetime, future_tolerance: timedelta 
             conn.read_only = True
             with conn.transaction():
                 crises: list[Crisis] = []
+                invalid_newest: dict[str, int] = {}
                 for row in conn.execute(sql.SQL("SELECT {} FROM crises ORDER BY crisis_id, version").format(
                         columns(_CRISIS_COLUMNS))):
                     try:
                         crises.append(_crisis(row))
                     except InvalidEvent as exc:
                         skipped.append(f"crisis {row['crisis_id']!r} version {row['version']}: {exc}")
+                        invalid_newest[row["crisis_id"]] = row["version"]
                 citizens: list[Citizen] = []
                 for row in conn.execute(sql.SQL("SELECT {} FROM citizens ORDER BY citizen_id").format(
                         columns(_CITIZEN_COLUMNS))):
@@ -199,7 +201,20 @@ def read_recorded(database_url: str, now: datetime, future_tolerance: timedelta 
         raise RestoreError(f"cannot read PostgreSQL: {reason}") from exc
     for reason in skipped:
         log.warning("not restored, not a valid event: %s", reason)
-    return Recorded(tuple(crises), tuple(citizens), locations, warnings, tuple(skipped))
+    return Recorded(_without_invalid_newest(crises, invalid_newest), tuple(citizens), locations, warnings,
+                    tuple(skipped))
+
+
+def _without_invalid_newest(crises: Sequence[Crisis], invalid_newest: dict[str, int]) -> tuple[Crisis, ...]:
+    """Drop a crisis whose newest version is no valid event: an older version must not stand in for it
+    (it could bring back a crisis that was cancelled)."""
+    newest_valid: dict[str, int] = {}
+    for crisis in crises:
+        newest_valid[crisis.crisis_id] = max(crisis.version, newest_valid.get(crisis.crisis_id, 0))
+    dropped = {cid for cid, version in invalid_newest.items() if version > newest_valid.get(cid, 0)}
+    for crisis_id in sorted(dropped):
+        log.warning("crisis %r not restored: its newest version is not a valid event", crisis_id)
+    return tuple(c for c in crises if c.crisis_id not in dropped)
 
 
 def plan_from_postgres(settings: Settings, now: datetime,

@@ -17,7 +17,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,7 +30,15 @@ from consumers.kafka_io import read_topic
 from pipeline.app import changelog_topic, partition_of
 from pipeline.domain.tracking import CitizenState
 from pipeline.embedded import EmbeddedBroker, apply_migrations, ensure_topics, free_port
-from pipeline.restore import RestoreError, RestoreTargets, WorkersActive, broker_holds_data, restore, restore_if_needed
+from pipeline.restore import (
+    RestoreError,
+    RestoreTargets,
+    WorkersActive,
+    broker_holds_data,
+    read_recorded,
+    restore,
+    restore_if_needed,
+)
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import make_checkin, make_crisis, records_for, square
@@ -40,14 +48,19 @@ from schemas import Channel, Citizen, Crisis, Warning, decode
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def own_database(database_url: str) -> Iterator[str]:
+def new_database(database_url: str) -> str:
+    """A database of its own on the session's server, with the migrations applied."""
     name = f"restore_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = psycopg.conninfo.make_conninfo(database_url, dbname=name)
     apply_migrations(url)
-    yield url
+    return url
+
+
+@pytest.fixture(scope="module")
+def own_database(database_url: str) -> str:
+    return new_database(database_url)
 
 
 class Proc:
@@ -283,3 +296,19 @@ def test_an_unreachable_database_is_a_clear_error(kafka_bootstrap: str, fresh_to
     targets = RestoreTargets(fresh_topic("crises"), fresh_topic("citizens"), f"app-{uuid.uuid4().hex[:8]}")
     with pytest.raises(RestoreError, match="cannot read PostgreSQL"):
         restore_if_needed(settings, targets=targets)
+
+
+def test_rows_that_are_no_valid_event_are_skipped_and_never_stand_in_for_a_newer_version(database_url: str) -> None:
+    url = new_database(database_url)
+    insert = ("INSERT INTO crises (crisis_id, version, op, source, source_ref, title, category, severity, urgency, "
+              "certainty, geometry, buffer_km, effective, instruction, url) VALUES "
+              "(%s, %s, %s, 'operator', 'ref', 'Flooding', 'met', %s, 'immediate', 'observed', %s, 0, now(), '', '')")
+    area = json.dumps(square(10.0, 10.0, 0.1))
+    with psycopg.connect(url) as conn:
+        conn.execute(insert, ("cancelled", 1, "upsert", "severe", area))
+        conn.execute(insert, ("cancelled", 2, "cancel", "apocalyptic", None))  # refused by crisis/1 today
+        conn.execute(insert, ("mended", 1, "upsert", "apocalyptic", area))
+        conn.execute(insert, ("mended", 2, "upsert", "severe", area))
+    recorded = read_recorded(url, datetime.now(UTC))
+    assert [(c.crisis_id, c.version) for c in recorded.crises] == [("mended", 2)]
+    assert len(recorded.skipped) == 2 and all("severity" in reason for reason in recorded.skipped)
