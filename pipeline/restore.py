@@ -340,6 +340,13 @@ def publish_plan(settings: Settings, plan: RecoveryPlan, targets: RestoreTargets
 # --- entry points ------------------------------------------------------------------------------
 
 
+def _republish(settings: Settings, plan: RecoveryPlan, recorded: Recorded, targets: RestoreTargets) -> RestoreReport:
+    publish_plan(settings, plan, targets, _partitions(settings, targets.changelog))
+    report = RestoreReport.of(plan, len(recorded.skipped))
+    log.info("%s", report.line())
+    return report
+
+
 def restore(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTargets | None = None,
             future_tolerance: timedelta = FUTURE_TOLERANCE) -> RestoreReport:
     """Republish from PostgreSQL unconditionally (after data loss). Refuses while workers run."""
@@ -347,11 +354,7 @@ def restore(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTarge
     _ensure_topics(settings, targets)
     _refuse_while_workers_run(settings, targets)
     plan, recorded = plan_from_postgres(settings, clock(), future_tolerance)
-    partitions = _partitions(settings, targets.changelog)
-    publish_plan(settings, plan, targets, partitions)
-    report = RestoreReport.of(plan, len(recorded.skipped))
-    log.info("%s", report.line())
-    return report
+    return _republish(settings, plan, recorded, targets)
 
 
 def broker_holds_data(settings: Settings, targets: RestoreTargets) -> bool:
@@ -375,8 +378,4 @@ def restore_if_needed(settings: Settings, *, clock: Clock = utc_now, targets: Re
         log.info("no restore: PostgreSQL holds no crisis, citizen or location")
         return None
     _refuse_while_workers_run(settings, targets)
-    partitions = _partitions(settings, targets.changelog)
-    publish_plan(settings, plan, targets, partitions)
-    report = RestoreReport.of(plan, len(recorded.skipped))
-    log.info("%s", report.line())
-    return report
+    return _republish(settings, plan, recorded, targets)
