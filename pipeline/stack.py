@@ -31,6 +31,7 @@ from pipeline.embedded import (
     ensure_topics,
     free_port,
 )
+from pipeline.restore import RestoreError, RestoreReport, restore_if_needed
 from pipeline.settings import Settings
 
 # The embedded broker (Tansu, memory storage) answers ListOffsets(latest) with the base offset of a
@@ -105,6 +106,7 @@ class Stack:
     postgres: EmbeddedPostgres | None = None
     children: list[Child] = field(default_factory=list)
     generated_tokens: bool = False
+    restored: RestoreReport | None = None  # what was republished from PostgreSQL into a broker that lacked it
 
     @property
     def logs(self) -> Path:
@@ -128,6 +130,10 @@ class Stack:
             self.postgres = EmbeddedPostgres.start(s.data_dir)
             s = replace(s, database_url=Secret(self.postgres.url))
         apply_migrations(s.database_url.get())
+        try:  # a broker that lost everything (the embedded one keeps nothing) gets it back from PostgreSQL
+            self.restored = restore_if_needed(s)
+        except RestoreError as exc:
+            raise StackError(f"recovery from PostgreSQL failed: {exc}") from exc
         if not (s.ingest_token and s.operator_token):
             s = s.with_generated_tokens()
             self.generated_tokens = True
@@ -199,6 +205,8 @@ class Stack:
             if child.name == "feeds" and child.health_url:
                 lines.append(f"  feeds        {child.health_url.removesuffix('/health')}/metrics")
         lines += [f"  logs         {self.logs}/"]
+        if self.restored is not None:
+            lines += ["", f"  {self.restored.line()}"]
         if self.generated_tokens:
             lines += ["", "  tokens (generated for this run):",
                       f"    ingest     {s.ingest_token.get()}", f"    operator   {s.operator_token.get()}"]

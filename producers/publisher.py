@@ -26,6 +26,7 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None  # None: Kafka's default partitioner (murmur2 of the key)
 
 
 def key_of(event: Event) -> bytes | None:
@@ -64,9 +65,12 @@ class Publisher:
     """A kafka-python producer with acks=all; one per process, closed on shutdown."""
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float = 10.0,
-                 client_id: str = "crisiswatch-producer") -> None:
+                 client_id: str = "crisiswatch-producer", max_batch_bytes: int | None = None) -> None:
         self.bootstrap = bootstrap or settings.kafka_bootstrap
         self.timeout_s = timeout_s
+        # 1 on the embedded broker for topics a Faust table recovers from (see pipeline.stack's
+        # EMBEDDED_PRODUCER_MAX_BATCH_BYTES): one record per batch keeps the end offset it reports exact.
+        self._batch = {"batch_size": max_batch_bytes} if max_batch_bytes else {}
         self._options = settings.kafka_client_options()
         self._client_id = client_id
         self._producer: Any = None
@@ -83,7 +87,7 @@ class Publisher:
                 self._producer = KafkaProducer(
                     bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=5,
                     max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
-                    retries=3, max_in_flight_requests_per_connection=1, **bootstrap, **self._options)
+                    retries=3, max_in_flight_requests_per_connection=1, **bootstrap, **self._batch, **self._options)
             except KafkaError as exc:
                 raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
         return self._producer
@@ -94,7 +98,8 @@ class Publisher:
 
         producer = self._get()
         try:
-            futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers)) for m in messages]
+            futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers), partition=m.partition)
+                       for m in messages]
             for future in futures:
                 future.get(timeout=self.timeout_s)
         except (KafkaError, TimeoutError) as exc:
