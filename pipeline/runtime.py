@@ -25,8 +25,9 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from pipeline.domain.tracking import CitizenState, GeofenceConfig, Outcome, Tracker
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, decode_event
 from pipeline.metrics import WorkerMetrics
-from schemas import Checkin, Crisis, InvalidEvent, Warning, decode
+from schemas import Checkin, Crisis, InvalidEvent, Warning
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ class MemoryEmitter:
 
 class GeofenceRuntime:
     def __init__(self, config: GeofenceConfig, states: MutableMapping[str, Any], emitter: Emitter,
-                 metrics: WorkerMetrics, clock: Clock, owns: Callable[[str], bool] = lambda _: True) -> None:
+                 metrics: WorkerMetrics, clock: Clock, owns: Callable[[str], bool] = lambda _: True,
+                 rules: EventRules = DEFAULT_RULES) -> None:
         self.tracker = Tracker(config)
+        self.rules = rules  # what a message must satisfy to be used (pipeline.domain.validation)
         self.states = states
         self.emitter = emitter
         self.metrics = metrics
@@ -132,7 +135,7 @@ class GeofenceRuntime:
             try:
                 if message.value is None:
                     raise InvalidEvent("empty message")
-                checkin = decode(message.value, Checkin)
+                checkin = decode_event(message.value, Checkin, self.clock(), self.rules)
             except InvalidEvent as exc:
                 letters.append(DeadLetter(message, f"invalid checkin/1: {exc}", "locate"))
                 continue
@@ -162,7 +165,7 @@ class GeofenceRuntime:
         try:
             if message.value is None:
                 raise InvalidEvent("empty message")
-            return decode(message.value, Crisis)
+            return decode_event(message.value, Crisis, self.clock(), self.rules)
         except InvalidEvent as exc:
             return DeadLetter(message, f"invalid crisis/1: {exc}", "crisis")
 

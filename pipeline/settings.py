@@ -7,7 +7,10 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.domain.validation import EventRules
 
 
 class SettingsError(ValueError):
@@ -64,6 +67,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters."),
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits)."),
+    EnvVar("CRISISWATCH_MAX_FUTURE_SKEW_S", "300", "Check-ins and replies dated more than this many seconds ahead are refused (422, dlq)."),
     EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
     EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
 )
@@ -123,6 +127,7 @@ class Settings:
     batch_wait_s: float = 0.05
     rebalance_timeout_s: float = 5.0
     producer_max_batch_bytes: int | None = None
+    max_future_skew_s: float = 300.0
     exercise_mode: bool = False
     log_level: str = "INFO"
 
@@ -172,6 +177,7 @@ class Settings:
             rebalance_timeout_s=_float("CRISISWATCH_REBALANCE_TIMEOUT_S", get("CRISISWATCH_REBALANCE_TIMEOUT_S"), 1.0),
             producer_max_batch_bytes=(_int("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", raw_batch, 1)
                                       if (raw_batch := get("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES").strip()) else None),
+            max_future_skew_s=_float("CRISISWATCH_MAX_FUTURE_SKEW_S", get("CRISISWATCH_MAX_FUTURE_SKEW_S")),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
         )
@@ -183,6 +189,12 @@ class Settings:
             ingest_token=self.ingest_token or Secret(secrets.token_urlsafe(24)),
             operator_token=self.operator_token or Secret(secrets.token_urlsafe(24)),
         )
+
+    def event_rules(self) -> EventRules:
+        """The domain's limits on incoming events (see :mod:`pipeline.domain.validation`)."""
+        from pipeline.domain.validation import EventRules
+
+        return EventRules(max_future_skew_s=self.max_future_skew_s)
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in kafka-python's spelling (aiokafka takes the same names)."""
@@ -220,6 +232,7 @@ class Settings:
             "CRISISWATCH_BATCH_WAIT_S": str(self.batch_wait_s),
             "CRISISWATCH_REBALANCE_TIMEOUT_S": str(self.rebalance_timeout_s),
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(self.producer_max_batch_bytes or ""),
+            "CRISISWATCH_MAX_FUTURE_SKEW_S": str(self.max_future_skew_s),
             "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
             "CRISISWATCH_LOG_LEVEL": self.log_level,
         }
