@@ -40,10 +40,11 @@ from consumers.kafka_io import (
     retry,
 )
 from pipeline import topics
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, decode_event
 from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
-from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning, decode
+from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,11 @@ class Prepared:
     rejected: tuple[Rejected, ...]
 
 
-def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]]) -> Prepared:
-    """Decode a polled batch into rows, the bad messages set aside with their reasons. Pure."""
+def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now: datetime,
+            rules: EventRules = DEFAULT_RULES) -> Prepared:
+    """Decode a polled batch into rows, the bad messages set aside with their reasons. Pure.
+    Decoding is the stages' own (:func:`pipeline.domain.validation.decode_event`), so a row is
+    what the worker used and never holds a value PostgreSQL cannot store."""
     rows: list[SinkRow] = []
     rejected: list[Rejected] = []
     for message in messages:
@@ -202,7 +206,7 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]]) -> P
             rejected.append(Rejected(message, f"the sink does not read topic {message.topic!r}", "topic"))
             continue
         try:
-            spec, values = row_for(decode(message.value, model))
+            spec, values = row_for(decode_event(message.value, model, now, rules))
         except InvalidEvent as exc:
             rejected.append(Rejected(message, str(exc), dlq_label(exc.field)))
         except (KeyError, TypeError, ValueError) as exc:
@@ -396,6 +400,7 @@ class PostgresSink:
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, bootstrap=self.bootstrap, client_id="crisiswatch-sink-dlq")
         self.clock = clock
+        self.rules = settings.event_rules()
         self.timeouts = timeouts
         self.backoff = backoff
         self.retention_interval_s = retention_interval_s
@@ -418,7 +423,7 @@ class PostgresSink:
     def handle(self, messages: Sequence[Message], stop: threading.Event) -> None:
         """Write one polled batch and dead-letter what cannot be written. Returns once both are
         durable; raises :class:`Stopped` if asked to stop during an outage (nothing committed)."""
-        prepared = prepare(messages, self.models)
+        prepared = prepare(messages, self.models, self.clock(), self.rules)
 
         def write() -> WriteOutcome:
             started = time.perf_counter()
