@@ -156,14 +156,32 @@ def _no_constant(name: str) -> Any:
     raise InvalidEvent(f"{name} is not a JSON number")
 
 
+class _Unstorable(Exception):
+    """A number met while parsing that no stage could store; the text is parsed again to name its path."""
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if -MAX_INTEGER <= value <= MAX_INTEGER:
+        return value
+    raise _Unstorable
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # "1e400" is infinity
+    if value - value == 0.0:
+        return value
+    raise _Unstorable
+
+
+# Built once: json.loads with keyword arguments builds a new decoder on every call, which costs more than
+# the checks these hooks make (the number hooks run only for numbers, in C when they pass).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+_LENIENT_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _STRING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
-# After strict UTF-8 decoding, a lone surrogate or a NUL can only come from a \u escape, an integer
-# beyond 2^63 needs 19 digits, a number beyond a double an exponent of 3 digits (or many digits).
-# Text without any of these needs no walk over its values: the hot path stays a single json.loads.
-_SUSPECT_BYTES_TEXT = re.compile(r"\\u|\d{19}|[eE][+-]?\d{3}")
-_SUSPECT_STR = re.compile(r"\\u|\d{19}|[eE][+-]?\d{3}|[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 
 
@@ -236,18 +254,23 @@ def parse_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES, max_dept
     if len(raw) > max_bytes:
         raise InvalidEvent(f"message of {len(raw)} bytes exceeds {max_bytes}")
     if isinstance(raw, str):
-        text, suspect = raw, _SUSPECT_STR.search(raw) is not None
+        text = raw
+        suspect = "\\u" in text or _SURROGATE.search(text) is not None
     else:
-        try:
-            # json.loads(bytes) would accept UTF-16 and UTF-32 and let encoded surrogates through
-            text = bytes(raw).decode("utf-8-sig")
+        try:  # json.loads(bytes) would accept UTF-16 and UTF-32 and let encoded surrogates through
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidEvent(f"not JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-        suspect = _SUSPECT_BYTES_TEXT.search(text) is not None
+        text = text.removeprefix("\ufeff")
+        # After strict decoding, a lone surrogate or a NUL can only come from a \u escape.
+        suspect = "\\u" in text
     if nesting_depth_exceeds(text, max_depth):
         raise InvalidEvent(f"arrays and objects nested more than {max_depth} levels deep")
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        try:
+            obj = _DECODER.decode(text)
+        except _Unstorable:
+            obj, suspect = _LENIENT_DECODER.decode(text), True  # the walk below names the number's path
     except json.JSONDecodeError as exc:
         raise InvalidEvent(f"not JSON: {exc}") from None
     except RecursionError:  # not reachable after the depth check; kept so it can never escape

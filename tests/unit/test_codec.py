@@ -96,6 +96,12 @@ def test_encoded_surrogates_and_other_encodings_are_not_utf8() -> None:
     assert refusal(json.dumps(CHECKIN).encode("utf-16"), Checkin).reason.startswith("not JSON: not UTF-8")
 
 
+def test_text_handed_over_as_str_is_checked_too_and_a_utf8_bom_is_tolerated() -> None:
+    as_text = json.dumps({**CRISIS, "title": "\ud800"}, ensure_ascii=False)  # the surrogate itself, not an escape
+    assert refusal(as_text, Crisis).field == "$.title"
+    assert decode(b"\xef\xbb\xbf" + raw(CHECKIN), Checkin).citizen_id == "c-1"
+
+
 # --- numbers ------------------------------------------------------------------------------------------------
 
 
