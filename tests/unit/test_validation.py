@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,6 +19,8 @@ from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import GeofenceRuntime, MemoryEmitter, RawMessage
 from pipeline.testing import T0, make_checkin, make_crisis, square
 from producers.api import parse_crisis
+from producers.publisher import Outgoing
+from producers.replay import BadLine, read_events
 from schemas import Ack, Checkin, Crisis, InvalidEvent, decode, encode
 
 NOW = T0 + timedelta(minutes=10)
@@ -95,6 +97,16 @@ def test_an_area_already_normalised_is_left_exactly_as_it_was() -> None:
 def test_a_cancel_without_an_area_needs_no_geometry() -> None:
     cancel = make_crisis("k-1", None, op="cancel", version=2)
     assert decode_event(encode(cancel), Crisis, NOW) == cancel
+
+
+def test_replay_reports_what_the_stages_would_dead_letter_and_sends_the_rest_as_written() -> None:
+    tomorrow = make_checkin("a", -6.2, 106.8, observed_at=datetime.now(UTC) + timedelta(days=1))
+    lines = [crisis_bytes(BOW_TIE), crisis_bytes(WHOLE_GLOBE), encode(tomorrow),
+             b'{"schema": "checkin/1", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"]
+    out = list(read_events(lines))
+    assert out[0] == Outgoing("crisis-events", b"k-1", lines[0])
+    assert [(item.number, item.reason.split(":")[0]) for item in out[1:] if isinstance(item, BadLine)] == [
+        (2, "$.geometry"), (3, "$.observed_at"), (4, "$")]
 
 
 # --- the clock ------------------------------------------------------------------------------------------------
