@@ -34,6 +34,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Final, TypeVar
 
+from shapely.errors import ShapelyError
+
 from pipeline.domain.geometry import GeometryError, normalise_geometry
 from schemas import Ack, Checkin, Crisis, InvalidEvent, decode, encode
 from schemas.codec import check_values
@@ -70,6 +72,8 @@ def admit(event: E, now: datetime, rules: EventRules = DEFAULT_RULES) -> E:
                                       max_vertices=rules.max_vertices)
         except GeometryError as exc:
             raise InvalidEvent(str(exc), "$.geometry") from None
+        except (ShapelyError, ValueError, TypeError, ArithmeticError) as exc:  # GEOS failing on this area: its fault
+            raise InvalidEvent(f"area cannot be normalised ({type(exc).__name__}: {exc})", "$.geometry") from None
         if area != event.geometry:
             return replace(event, geometry=area)
     return event

@@ -273,9 +273,12 @@ class FeedPoller:
             try:
                 return prepare_outgoing(self._with_language(event, feed), now, self.rules)[0]
             except InvalidEvent as exc:
-                invalid.append(Rejection(event.source_ref or event.crisis_id,
-                                         f"the parser produced an invalid crisis/1 event ({exc})"))
-                return None
+                reason = f"the parser produced an invalid crisis/1 event ({exc})"
+            except Exception as exc:  # an item's problem nobody foresaw stays that item's problem
+                log.exception("checking a parsed event failed", extra={"feed": feed.name})
+                reason = f"checking the parsed event failed: {type(exc).__name__}: {exc}"
+            invalid.append(Rejection(event.source_ref or event.crisis_id, reason))
+            return None
 
         events: list[Outgoing] = []
         review_seen: dict[str, int] = {}
