@@ -11,6 +11,8 @@ event. What needs the domain is added here, in ``pipeline/domain`` (which may im
   what it would refuse (the whole globe, no area left, too many vertices) is refused with the
   normaliser's reason. Normalising is idempotent, so an area that was already normalised by the
   API or a feed parser comes out unchanged and every stage works on the very area published.
+  The structure stays the JSON Schema's, though: on the wire a ring has at least four positions
+  (GeoJSON), while the API first closes the three-point ring an operator may draw.
 - ``checkin/1`` observed, or ``ack/1`` received, more than ``max_future_skew_s`` after ``now``
   is refused. A stage keeps a citizen's latest location (and, for replies, the latest answer) by
   time; one check-in dated 9999-12-31 would make every later one look stale, so that citizen
@@ -20,12 +22,13 @@ event. What needs the domain is added here, in ``pipeline/domain`` (which may im
   keeps a crisis active, which is what its publisher asked for.
 
 Who calls what: a stage reading a topic calls :func:`decode_event` on the message bytes (the
-worker's locate and crisis agents, the sink; the router's warnings have no domain rule, so the
-codec's :func:`schemas.decode` is the whole check there). Whoever builds an event in-process
-before publishing it (the API, the feed poller, ``crisiswatch parse``) calls
-:func:`prepare_outgoing`, which encodes the event and decodes the bytes again through
-:func:`decode_event`: exactly what a stage will do, so nothing is acknowledged that a stage
-would then refuse.
+worker's locate and crisis agents, the sink, ``crisiswatch geofence`` on files; the router's
+warnings have no domain rule, so the codec's :func:`schemas.decode` is the whole check there).
+Whoever builds an event in-process before publishing it (the API, the feed poller,
+``crisiswatch parse``) calls :func:`prepare_outgoing`, which encodes the event and decodes the
+bytes again through :func:`decode_event`: exactly what a stage will do, so nothing is
+acknowledged that a stage would then refuse. ``crisiswatch replay`` sends lines as written and
+checks each with :func:`admit` first.
 """
 
 from __future__ import annotations
