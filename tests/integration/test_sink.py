@@ -230,14 +230,15 @@ def test_a_row_postgresql_refuses_is_dead_lettered_and_the_rest_of_the_batch_is_
     assert count(sink_db, "SELECT count(*) FROM citizens WHERE citizen_id = %s", good) == 1
     reasons = {next(who for who in (nul, refused) if who.encode() in m.value): dict(m.headers)[topics.DLQ_REASON_HEADER].decode()
                for m in letters}
-    assert reasons[nul] == "$.name: NUL (U+0000) is not allowed in text"
+    assert reasons[nul] == "InvalidEvent: $.name: NUL (U+0000) is not allowed in text"
     assert reasons[refused].startswith("postgresql refused the row for citizens") and "no_test_names" in reasons[refused]
 
 
 def test_a_row_that_cannot_be_written_is_isolated_and_dead_lettered_once_and_the_rest_written(
         kafka_bootstrap: str, sink_db: str, sink_topics: SinkTopics, publisher: Publisher) -> None:
-    """A name with a lone surrogate is valid JSON but no driver can encode it: writing its row raises
-    (not a PostgreSQL refusal, not an outage). The batch is split until that row is alone."""
+    """A name with a lone surrogate is valid JSON but no driver could encode it. Admission refuses it (the
+    decoder checks text); had it got past, writing its row would raise and the batch would be split until
+    that row is alone (tests/unit/test_stage.py). Either way: dead-lettered once, the rest written."""
     first, bad, last = uid("cit"), uid("cit"), uid("cit")
     surrogate = encode(citizen(bad, "@NAME@")).replace(b"@NAME@", b"\\ud800")
     publisher.publish([outgoing(citizen(first), sink_topics.citizens), Outgoing(sink_topics.citizens, bad.encode(), surrogate),
