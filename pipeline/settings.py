@@ -50,6 +50,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_KAFKA_SASL_USERNAME", "", "SASL user name."),
     EnvVar("CRISISWATCH_KAFKA_SASL_PASSWORD", "", "SASL password (secret; never logged)."),
     EnvVar("CRISISWATCH_KAFKA_SSL_CAFILE", "", "CA bundle for TLS to the brokers."),
+    EnvVar("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S", "2", "Longest wait for Kafka to acknowledge a publish; the API answers 503 after it."),
     EnvVar("CRISISWATCH_API_HOST", "127.0.0.1", "Ingest API listen address."),
     EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port."),
     EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated and printed."),
@@ -109,6 +110,7 @@ class Settings:
     kafka_sasl_username: str = ""
     kafka_sasl_password: Secret = Secret("")
     kafka_ssl_cafile: str = ""
+    kafka_publish_timeout_s: float = 2.0
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     ingest_token: Secret = Secret("")
@@ -157,6 +159,7 @@ class Settings:
             kafka_sasl_username=get("CRISISWATCH_KAFKA_SASL_USERNAME"),
             kafka_sasl_password=Secret(get("CRISISWATCH_KAFKA_SASL_PASSWORD")),
             kafka_ssl_cafile=get("CRISISWATCH_KAFKA_SSL_CAFILE"),
+            kafka_publish_timeout_s=_float("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S", get("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S"), 0.1),
             api_host=get("CRISISWATCH_API_HOST"),
             api_port=_int("CRISISWATCH_API_PORT", get("CRISISWATCH_API_PORT")),
             ingest_token=Secret(get("CRISISWATCH_INGEST_TOKEN")),
@@ -206,6 +209,7 @@ class Settings:
             "CRISISWATCH_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
             "CRISISWATCH_KAFKA_SASL_PASSWORD": self.kafka_sasl_password.get(),
             "CRISISWATCH_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S": str(self.kafka_publish_timeout_s),
             "CRISISWATCH_API_HOST": self.api_host,
             "CRISISWATCH_API_PORT": str(self.api_port),
             "CRISISWATCH_INGEST_TOKEN": self.ingest_token.get(),

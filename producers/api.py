@@ -7,7 +7,8 @@ Every request goes through three steps, in this order:
    :func:`parse_crisis`, :func:`parse_ack`): fill in what clients may leave out, check against the
    JSON Schema, build typed events. A batch is valid as a whole or refused as a whole;
 3. **publish** — hand every event to Kafka and answer ``202`` only after the broker acknowledged
-   each of them; an unreachable broker is ``503``, never a ``2xx``.
+   each of them; an unreachable broker is ``503``, never a ``2xx``: at once while the health probe
+   knows Kafka is away, else once ``CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S`` has passed.
 
 Every refusal is a JSON object ``{"error": ..., "reason": ..., "field": ...}``: ``field`` is a JSON
 path into the request body (``$[3].lat``, ``$.checkins[3].lat``, ``$.geometry``) when one field is
@@ -43,6 +44,7 @@ from pydantic import BaseModel
 from pipeline import topics
 from pipeline.domain.countries import countries_for
 from pipeline.domain.geometry import GeometryError, normalise_geometry
+from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
 from pipeline.settings import Secret, Settings
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
@@ -360,8 +362,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
-               *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None) -> FastAPI:
-    """The ingest API. Nothing global: settings, publisher, metrics registry and clock come in."""
+               *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None,
+               health: HealthProbe | None = None) -> FastAPI:
+    """The ingest API. Nothing global: settings, publisher, metrics registry, clock and the health
+    probe (``/health``; without one, ``/health`` only says the process serves) come in."""
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
@@ -402,6 +406,9 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(422, "invalid", exc.reason, exc.field) from None
 
     async def publish(messages: list[Outgoing]) -> None:
+        kafka_down = health.down().get(KAFKA) if health is not None else None
+        if kafka_down is not None:  # known to be away: answer now rather than after the publish timeout
+            raise ApiError(503, "broker_unavailable", f"Kafka is unreachable: {kafka_down}", headers={"Retry-After": "5"})
         try:
             await run_in_threadpool(publisher.publish, messages)
         except BrokerUnavailable as exc:
@@ -419,9 +426,12 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(413, "too_large", str(exc)) from None
         return result if isinstance(result, list) else [result]
 
-    @app.get("/health", tags=["operations"])
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", tags=["operations"], responses={503: {"description": "Kafka is unreachable; the body names it"}})
+    async def health_page() -> JSONResponse:
+        if health is None:
+            return JSONResponse({"status": "ok"})
+        status, body = health.report()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus_metrics() -> Response:

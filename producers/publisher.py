@@ -8,6 +8,7 @@ reached raises :class:`BrokerUnavailable` — HTTP callers turn that into 503.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,12 +63,25 @@ def dead_letter(raw: bytes, reason: str, source_topic: str, stage: str, key: byt
 
 
 class Publisher:
-    """A kafka-python producer with acks=all; one per process, closed on shutdown."""
+    """A kafka-python producer with acks=all; one per process, closed on shutdown.
 
-    def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float = 10.0,
+    Every wait is bounded by ``timeout_s`` (``CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S``, 2 s by default):
+    the first connection, a metadata fetch, a full buffer, and the acknowledgement of a whole call of
+    :meth:`publish`, which shares one deadline. A batch of 1,000 check-ins is acknowledged by the
+    embedded broker in tens of milliseconds, so only a broker that is away reaches the deadline.
+    A record that missed it is given up by the producer too (``delivery_timeout_ms``), so an answered
+    503 is rarely followed by a late delivery; a client that retries may still produce a duplicate,
+    which at-least-once delivery and the idempotent sinks allow.
+    """
+
+    # kafka-python backs off reconnecting to a lost broker for up to 30 s; a broker back on its port
+    # should be used again within a second.
+    RECONNECT_BACKOFF_MAX_MS = 1000
+
+    def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float | None = None,
                  client_id: str = "crisiswatch-producer") -> None:
         self.bootstrap = bootstrap or settings.kafka_bootstrap
-        self.timeout_s = timeout_s
+        self.timeout_s = settings.kafka_publish_timeout_s if timeout_s is None else timeout_s
         self._options = settings.kafka_client_options()
         self._client_id = client_id
         self._producer: Any = None
@@ -77,29 +91,34 @@ class Publisher:
             from kafka import KafkaProducer
             from kafka.errors import KafkaError
 
-            timeout_ms = int(self.timeout_s * 1000)
+            timeout_ms = max(1, int(self.timeout_s * 1000))
+            linger_ms = 5
             # kafka-python 3 waits bootstrap_timeout_ms (30 s by default) for an unreachable broker.
-            bootstrap = {"bootstrap_timeout_ms": timeout_ms} if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG else {}
+            bounded = {name: value for name, value in (("bootstrap_timeout_ms", timeout_ms),
+                                                       ("delivery_timeout_ms", timeout_ms + linger_ms))
+                       if name in KafkaProducer.DEFAULT_CONFIG}
             try:
                 self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=5,
+                    bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=linger_ms,
                     max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
-                    retries=3, max_in_flight_requests_per_connection=1, **bootstrap, **self._options)
+                    reconnect_backoff_max_ms=self.RECONNECT_BACKOFF_MAX_MS,
+                    retries=3, max_in_flight_requests_per_connection=1, **bounded, **self._options)
             except KafkaError as exc:
                 raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
         return self._producer
 
     def publish(self, messages: Iterable[Outgoing]) -> int:
-        """Send and wait for every acknowledgement; return how many were written."""
+        """Send and wait for every acknowledgement, all within ``timeout_s``; return how many were written."""
         from kafka.errors import KafkaError
 
+        deadline = time.monotonic() + self.timeout_s
         producer = self._get()
         try:
             futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers)) for m in messages]
             for future in futures:
-                future.get(timeout=self.timeout_s)
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
         except (KafkaError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"Kafka did not acknowledge: {exc}") from exc
+            raise BrokerUnavailable(f"Kafka did not acknowledge within {self.timeout_s:g}s: {exc!r}") from exc
         return len(futures)
 
     def publish_events(self, events: Sequence[Event]) -> int:
