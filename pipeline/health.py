@@ -78,8 +78,10 @@ def as_seen(dep: Dependency, now: float, stale_after_s: float = STALE_AFTER_S) -
 
 def describe(exc: BaseException) -> str:
     """One short line for a failed check: exception type and the first line of its message."""
+    name = type(exc).__name__
     lines = str(exc).strip().splitlines()
-    return (f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)[:_REASON_CHARS]
+    first = lines[0] if lines else ""
+    return (first if first.startswith(name) else f"{name}: {first}" if first else name)[:_REASON_CHARS]
 
 
 class HealthProbe:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S", "2", "Longest wait for Kafka to acknowledge a publish; the API answers 503 after it."),
     EnvVar("CRISISWATCH_API_HOST", "127.0.0.1", "Ingest API listen address."),
     EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port."),
-    EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated and printed."),
-    EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated and printed."),
+    EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated, kept in the data dir."),
+    EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated, kept in the data dir."),
     EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
     EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
     EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
@@ -177,14 +176,6 @@ class Settings:
                                       if (raw_batch := get("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES").strip()) else None),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
-        )
-
-    def with_generated_tokens(self) -> Settings:
-        """Embedded profile: fill in any missing API token with a fresh random one."""
-        return replace(
-            self,
-            ingest_token=self.ingest_token or Secret(secrets.token_urlsafe(24)),
-            operator_token=self.operator_token or Secret(secrets.token_urlsafe(24)),
         )
 
     def kafka_client_options(self) -> dict[str, Any]:
