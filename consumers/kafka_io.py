@@ -96,15 +96,9 @@ def commit(consumer: Any, messages: Sequence[Message], timeout_s: float = 10.0) 
 
 def dlq_label(field: str) -> str:
     """A bounded metric label for a dead letter: the JSON path of the fault, array indices dropped."""
-    out, depth = [], 0
-    for ch in field:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif depth == 0:
-            out.append(ch)
-    return "".join(out) or "$"
+    from pipeline.stage import json_path_label
+
+    return json_path_label(field)
 
 
 class Stopped(Exception):

@@ -4,6 +4,10 @@ of one country subscribe to their topic only.
 
 At least once: offsets are committed after every copy is acknowledged; a replay copies again and
 readers deduplicate on ``warning_id``. Warnings without a country are not routed, only counted.
+
+Failure policy (:mod:`pipeline.stage`): a warning that cannot be decoded or routed, or whose copies
+make publishing raise anything but an outage (the batch is split until it is alone), is
+dead-lettered with its reason; the rest is routed. An unreachable broker is retried with backoff.
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ from consumers.kafka_io import (
     Message,
     Stopped,
     commit,
-    dlq_label,
     group_consumer,
     poll_messages,
     retry,
 )
-from pipeline import topics
+from pipeline import dlq, topics
+from pipeline.domain.admission import admit
 from pipeline.embedded import EmbeddedError, create_topics
 from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
+from pipeline.stage import Failure, isolate, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
-from schemas import InvalidEvent, Warning, decode
+from schemas import InvalidEvent, Warning
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +48,46 @@ UNROUTED: Final = "none"
 
 
 @dataclass(frozen=True, slots=True)
-class Routed:
+class Delivery:
+    """One warning and its copies, one per country (none for a warning without a country)."""
+
+    message: Message
     copies: tuple[Outgoing, ...]
-    dead: tuple[tuple[Outgoing, str], ...]
-    unrouted: int
 
 
-def route(messages: Iterable[Message], topic_for: Callable[[str], str] = topics.country_warning_topic) -> Routed:
+@dataclass(frozen=True, slots=True)
+class Routed:
+    deliveries: tuple[Delivery, ...]
+    dead: tuple[tuple[Outgoing, str], ...]  # dead letter, bounded metric label
+
+    @property
+    def copies(self) -> tuple[Outgoing, ...]:
+        return tuple(c for d in self.deliveries for c in d.copies)
+
+    @property
+    def unrouted(self) -> int:
+        return sum(1 for d in self.deliveries if not d.copies)
+
+
+def letter_for(failure: Failure[Message], max_payload_bytes: int = dlq.DEFAULT_MAX_PAYLOAD_BYTES) -> Outgoing:
+    message = failure.item
+    return dead_letter(message.value, failure.reason, message.topic, STAGE, message.key, error_type=failure.error_type,
+                       partition=message.partition, offset=message.offset, max_payload_bytes=max_payload_bytes)
+
+
+def route(messages: Iterable[Message], topic_for: Callable[[str], str] = topics.country_warning_topic,
+          max_payload_bytes: int = dlq.DEFAULT_MAX_PAYLOAD_BYTES) -> Routed:
     """The copies to publish for a batch of warnings, and the dead letters (with a metric label). Pure."""
-    copies: list[Outgoing] = []
-    dead: list[tuple[Outgoing, str]] = []
-    unrouted = 0
-    for message in messages:
+    def deliver(message: Message) -> Delivery:
+        warning = admit(message.value, Warning)
         try:
-            warning = decode(message.value, Warning)
             targets = [topic_for(cc) for cc in dict.fromkeys(warning.country_codes)]
-        except InvalidEvent as exc:
-            dead.append((dead_letter(message.value, str(exc), message.topic, STAGE, message.key), dlq_label(exc.field)))
-            continue
         except ValueError as exc:
-            dead.append((dead_letter(message.value, f"$.country_codes: {exc}", message.topic, STAGE, message.key),
-                         "$.country_codes"))
-            continue
-        if not targets:
-            unrouted += 1
-        copies += [Outgoing(t, message.key, message.value, message.headers) for t in targets]
-    return Routed(tuple(copies), tuple(dead), unrouted)
+            raise InvalidEvent(str(exc), "$.country_codes") from None
+        return Delivery(message, tuple(Outgoing(t, message.key, message.value, message.headers) for t in targets))
+
+    routed = map_isolated(messages, deliver)
+    return Routed(routed.results, tuple((letter_for(f, max_payload_bytes), f.label) for f in routed.failures))
 
 
 class WarningRouter:
@@ -104,24 +123,37 @@ class WarningRouter:
                 log.info("created per-country warning topics", extra={"topics": created})
             self._known_topics.update(new)
 
+    def _publish(self, deliveries: Sequence[Delivery]) -> tuple[Delivery, ...]:
+        """The isolated step: publish the copies of some warnings (creating new country topics first)."""
+        copies = [c for d in deliveries for c in d.copies]
+        self._ensure_topics(c.topic for c in copies)
+        self.publisher.publish(copies)
+        return tuple(deliveries)
+
     def handle(self, messages: Sequence[Message], stop: threading.Event) -> None:
-        routed = route(messages, self.topic_for)
-        letters = [letter for letter, _ in routed.dead]
-
-        def publish() -> None:
-            self._ensure_topics(c.topic for c in routed.copies)
-            self.publisher.publish([*routed.copies, *letters])
-
-        retry(publish, outage=(BrokerUnavailable, EmbeddedError), stop=stop, what="publish routed warnings",
-              backoff=self.backoff, on_outage=self._outage)
+        max_payload = self.settings.dlq_max_payload_bytes
+        routed = route(messages, self.topic_for, max_payload)
+        outages = (BrokerUnavailable, EmbeddedError)
+        run = retry(lambda: isolate(routed.deliveries, self._publish, outages=outages), outage=outages, stop=stop,
+                    what="publish routed warnings", backoff=self.backoff, on_outage=self._outage)
+        record(self.metrics, STAGE, run)
+        dead = [*routed.dead, *((letter_for(Failure(f.item.message, f.error), max_payload), f.label) for f in run.failures)]
+        if dead:
+            retry(lambda: self.publisher.publish([letter for letter, _ in dead]), outage=outages, stop=stop,
+                  what="publish to dlq", backoff=self.backoff, on_outage=self._outage)
         self.healthy = True
-        for copy in routed.copies:
+        delivered = [d for part in run.results for d in part]
+        for copy in (c for d in delivered for c in d.copies):
             self.metrics.routed.labels(topic=copy.topic).inc()
-        if routed.unrouted:
-            self.metrics.routed.labels(topic=UNROUTED).inc(routed.unrouted)
-        for letter, label in routed.dead:
+        if unrouted := sum(1 for d in delivered if not d.copies):
+            self.metrics.routed.labels(topic=UNROUTED).inc(unrouted)
+        for letter, label in dead:
             self.metrics.dlq.labels(stage=STAGE, reason=label).inc()
-            log.warning("dead-lettered", extra={"reason": dict(letter.headers)[topics.DLQ_REASON_HEADER].decode()})
+            headers = dict(letter.headers)
+            log.warning("dead-lettered", extra={"reason": headers[topics.DLQ_REASON_HEADER].decode(),
+                                                "where": f"{headers[topics.DLQ_SOURCE_TOPIC_HEADER].decode()}"
+                                                         f"[{headers.get(topics.DLQ_SOURCE_PARTITION_HEADER, b'?').decode()}]"
+                                                         f"@{headers.get(topics.DLQ_SOURCE_OFFSET_HEADER, b'?').decode()}"})
 
     def run(self, stop: threading.Event) -> None:
         from kafka.errors import KafkaError

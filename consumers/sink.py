@@ -1,13 +1,17 @@
 """The PostgreSQL sink: check-ins, citizens, crisis events, warnings and acks from Kafka into
 the tables of deploy/sql, idempotently and at least once.
 
-Three failures, three paths:
+The failure policy is :mod:`pipeline.stage`'s, in three paths:
 
-* a message that is not a valid event of its topic's schema → ``dlq`` with the reason, for the
-  topics only the sink reads (citizens, acks); on the others the stage that owns the topic
-  dead-letters it (the worker: check-ins, crisis events; the router: warnings) and the sink only
-  counts and logs it, so one bad message is one dead letter;
-* a row PostgreSQL refuses (a value it cannot store) → that row alone goes to ``dlq``;
+* a message the sink cannot admit — not a valid event of its topic's schema, or anything else its
+  decoding or admission raises (:func:`pipeline.domain.admission.admit`, the worker's own check, so
+  the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics only the
+  sink reads (citizens, acks); on the others the stage that owns the topic dead-letters it (the
+  worker: check-ins, crisis events; the router: warnings) and the sink only counts and logs it, so
+  one bad message is one dead letter;
+* a row that cannot be written — PostgreSQL refuses it (a value it cannot store), or writing it
+  raises anything else that is not an outage (a string the driver cannot encode) → that row alone
+  goes to ``dlq``: the batch is split until it is alone, the rest is written;
 * PostgreSQL or Kafka unreachable → retry with backoff, never dead-letter, never skip.
 
 Offsets are committed only after the database transaction (and any dead-lettering) succeeded,
@@ -34,16 +38,17 @@ from consumers.kafka_io import (
     Message,
     Stopped,
     commit,
-    dlq_label,
     group_consumer,
     poll_messages,
     retry,
 )
 from pipeline import topics
+from pipeline.domain.admission import admit
 from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
+from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
-from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning, decode
+from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -179,11 +184,13 @@ class SinkRow:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A message that will not be written, with the reason that goes into the dlq header."""
+    """A message that will not be written, with the reason that goes into the dlq header and the
+    bounded metric label."""
 
     message: Message
     reason: str
     label: str
+    error_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,24 +199,23 @@ class Prepared:
     rejected: tuple[Rejected, ...]
 
 
-def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]]) -> Prepared:
-    """Decode a polled batch into rows, the bad messages set aside with their reasons. Pure."""
-    rows: list[SinkRow] = []
-    rejected: list[Rejected] = []
-    for message in messages:
+class UnknownTopic(ValueError):
+    """A message from a topic the sink was not configured to read."""
+
+
+def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], outages: OutageTypes = ()) -> Prepared:
+    """Admit a polled batch as rows, each message on its own; those that raise (anything but an
+    outage) are set aside with their reasons. Pure."""
+    def row(message: Message) -> SinkRow:
         model = models.get(message.topic)
         if model is None:
-            rejected.append(Rejected(message, f"the sink does not read topic {message.topic!r}", "topic"))
-            continue
-        try:
-            spec, values = row_for(decode(message.value, model))
-        except InvalidEvent as exc:
-            rejected.append(Rejected(message, str(exc), dlq_label(exc.field)))
-        except (KeyError, TypeError, ValueError) as exc:
-            rejected.append(Rejected(message, f"$: {exc}", "$"))
-        else:
-            rows.append(SinkRow(spec, values, message))
-    return Prepared(tuple(rows), tuple(rejected))
+            raise UnknownTopic(f"the sink does not read topic {message.topic!r}")
+        spec, values = row_for(admit(message.value, model))
+        return SinkRow(spec, values, message)
+
+    admitted = map_isolated(messages, row, outages=outages)
+    return Prepared(admitted.results,
+                    tuple(Rejected(f.item, f.reason, f.label, f.error_type) for f in admitted.failures))
 
 
 def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:
@@ -244,7 +250,7 @@ def _outage_errors() -> tuple[type[BaseException], ...]:
     return (psycopg.OperationalError, psycopg.InterfaceError, psycopg.ProgrammingError, psycopg.InternalError)
 
 
-def _bad_data_errors() -> tuple[type[BaseException], ...]:
+def _bad_data_errors() -> tuple[type[Exception], ...]:
     import psycopg
 
     return (psycopg.DataError, psycopg.IntegrityError)
@@ -253,7 +259,12 @@ def _bad_data_errors() -> tuple[type[BaseException], ...]:
 @dataclass
 class WriteOutcome:
     written: dict[str, int] = field(default_factory=dict)
-    refused: list[tuple[SinkRow, str]] = field(default_factory=list)
+    refused: list[tuple[SinkRow, Exception]] = field(default_factory=list)
+
+    def add(self, other: WriteOutcome) -> None:
+        for table, count in other.written.items():
+            self.written[table] = self.written.get(table, 0) + count
+        self.refused += other.refused
 
 
 class PostgresStore:
@@ -348,7 +359,7 @@ class PostgresStore:
                             with conn.transaction():
                                 written += self._insert_one(conn, spec, row)
                         except bad_data as exc:
-                            outcome.refused.append((row, f"postgresql refused the row for {table_name}: {exc}"))
+                            outcome.refused.append((row, exc))
                     outcome.written[table_name] = written
         except _outage_errors():
             self.close()
@@ -418,16 +429,23 @@ class PostgresSink:
     def handle(self, messages: Sequence[Message], stop: threading.Event) -> None:
         """Write one polled batch and dead-letter what cannot be written. Returns once both are
         durable; raises :class:`Stopped` if asked to stop during an outage (nothing committed)."""
-        prepared = prepare(messages, self.models)
+        outages = _outage_errors()
+        prepared = prepare(messages, self.models, outages)
 
-        def write() -> WriteOutcome:
+        def write() -> tuple[WriteOutcome, list[Rejected]]:
             started = time.perf_counter()
-            outcome = self.store.write(prepared.rows)
+            # Rows PostgreSQL refuses come back in the outcome; a row whose writing raises anything else
+            # that is not an outage is isolated by splitting the batch (the transaction rolls back).
+            run = isolate(prepared.rows, self.store.write, outages=outages)
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
-            return outcome
+            record(self.metrics, STAGE, run)
+            outcome = WriteOutcome()
+            for part in run.results:
+                outcome.add(part)
+            return outcome, [Rejected(f.item.source, f.reason, f.label, f.error_type) for f in run.failures]
 
-        outcome = retry(write, outage=_outage_errors(), stop=stop, what="write to PostgreSQL", backoff=self.backoff,
-                        on_outage=self._outage)
+        outcome, unwritable = retry(write, outage=outages, stop=stop, what="write to PostgreSQL", backoff=self.backoff,
+                                    on_outage=self._outage)
         self.healthy = True
         for table, count in outcome.written.items():
             self.metrics.rows.labels(table=table).inc(count)
@@ -439,10 +457,15 @@ class PostgresSink:
                 self.metrics.skipped.labels(topic=r.message.topic, reason=r.label).inc()
                 log.warning("invalid, not written (its owner dead-letters it)",
                             extra={"where": r.message.where(), "reason": r.reason})
-        rejected += [Rejected(row.source, reason, "database") for row, reason in outcome.refused]
+        rejected += [Rejected(row.source, describe(exc, f"postgresql refused the row for {row.table.name}"),
+                              label(exc), error_type(exc)) for row, exc in outcome.refused]
+        rejected += unwritable
         if rejected:
-            letters: list[Outgoing] = [dead_letter(r.message.value, r.reason, r.message.topic, STAGE, r.message.key)
-                                       for r in rejected]
+            letters: list[Outgoing] = [
+                dead_letter(r.message.value, r.reason, r.message.topic, STAGE, r.message.key, error_type=r.error_type,
+                            partition=r.message.partition, offset=r.message.offset,
+                            max_payload_bytes=self.settings.dlq_max_payload_bytes)
+                for r in rejected]
             retry(lambda: self.publisher.publish(letters), outage=(BrokerUnavailable,), stop=stop,
                   what="publish to dlq", backoff=self.backoff, on_outage=self._outage)
             for r in rejected:

@@ -6,18 +6,25 @@
   live in the ``citizen-state`` table (memory store, changelog in Kafka), co-partitioned with
   ``checkins`` (the changelog is partitioned by the same key hash as the check-ins), so a
   restarted or rebalanced worker recovers exactly the citizens it owns.
-- **crisis agent** (``crisis-events``, one member of the group sees each event): validates
-  every crisis event and dead-letters the bad ones, once.
+- **crisis agent** (``crisis-events``, one member of the group sees each event): admits every
+  crisis event (decoded, then rehearsed: :mod:`pipeline.domain.admission`) and dead-letters the
+  ones it refuses, once.
 - **crisis reader** (a task on every worker, no consumer group): reads ``crisis-events`` from
   the beginning so every worker holds every active crisis, then follows it live; each upsert
   or cancel sweeps the citizens this worker owns (``inside``/``near`` at once, ``all_clear``
-  on cancel).
+  on cancel). It admits each event the same way and skips (counts, never dead-letters) what is
+  refused: admission depends on the event alone, so the crisis agent's verdict is every
+  reader's, and the event is dead-lettered once across any number of workers (twice only if a
+  worker dies between the dead letter and the commit of its offset: at-least-once, as everywhere).
 - after every table recovery (start, rebalance) the worker reconciles: every owned citizen
   against every active crisis, sending only what the stored state says is missing.
 - a timer ends expired crises (``all_clear``).
 - ``/health`` is 200 once crises and citizens are loaded and, with a health probe
   (:mod:`pipeline.health`, given by ``crisiswatch worker``), while Kafka answers it; else 503, the
   body naming what is missing or down.
+
+Bad data never stops an agent (:mod:`pipeline.stage`): a message that makes a step raise anything
+but an infrastructure failure is isolated and dead-lettered, and the rest goes on.
 
 At-least-once, nothing lost: a batch is finished only when its warnings and the citizens' new
 state records are acknowledged by Kafka (:func:`send_all`, :class:`_TableView`); Faust commits a
@@ -43,11 +50,11 @@ from kafka.partitioner.default import murmur2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pipeline import topics
+from pipeline import dlq, topics
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
-from pipeline.runtime import DeadLetter, DurableStates, GeofenceRuntime, RawMessage
+from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
 from schemas import Crisis, Warning, encode
 
@@ -72,7 +79,8 @@ def partition_of(key: bytes, partitions: int) -> int:
 
 def raw_message(event: Any) -> RawMessage:
     message = event.message
-    return RawMessage(message.value, message.key, message.topic, message.partition, message.timestamp)
+    return RawMessage(message.value, message.key, message.topic, message.partition, message.timestamp,
+                      message.offset)
 
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # key, value, headers
@@ -95,19 +103,19 @@ async def send_all(app: faust.App, topic: str, records: Sequence[Record]) -> Non
 class KafkaEmitter:
     """Warnings and dead letters out through the app's producer; returns once acknowledged."""
 
-    def __init__(self, app: faust.App) -> None:
+    def __init__(self, app: faust.App, max_dlq_payload_bytes: int = dlq.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.app = app
+        self.max_dlq_payload_bytes = max_dlq_payload_bytes
 
     async def warnings(self, warnings: Sequence[Warning]) -> None:
         await send_all(self.app, topics.WARNINGS, [(w.citizen_id.encode(), encode(w), None) for w in warnings])
 
     async def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        await send_all(self.app, topics.DLQ, [
-            (letter.raw.key, letter.raw.value or b"",
-             [(topics.DLQ_REASON_HEADER, letter.reason.encode("utf-8")[:1000]),
-              (topics.DLQ_SOURCE_TOPIC_HEADER, letter.raw.topic.encode("utf-8")),
-              (topics.DLQ_STAGE_HEADER, letter.stage.encode("utf-8"))])
-            for letter in letters])
+        records = [dlq.build(letter.raw.value, reason=letter.reason, stage=letter.stage, error_type=letter.error_type,
+                             source_topic=letter.raw.topic, partition=letter.raw.partition, offset=letter.raw.offset,
+                             key=letter.raw.key, max_payload_bytes=self.max_dlq_payload_bytes)
+                   for letter in letters]
+        await send_all(self.app, topics.DLQ, [(r.key, r.value, list(r.headers)) for r in records])
 
 
 FETCH_MAX_WAIT_MS = 100
@@ -174,8 +182,9 @@ EXIT_UNFINISHED = 75  # EX_TEMPFAIL: the process manager should start the worker
 async def finish_or_exit(work: Awaitable[Any], what: str, exit_now: Callable[[int], Any] = os._exit) -> None:
     """Run one unit of agent work; if it fails, end the process before Faust can commit past it.
 
-    Bad data never raises out of the runtime (it goes to the DLQ); what does is Kafka refusing a
-    warning, a dead letter or a state write after its own retries. Leaving the agent loop then
+    Bad data never raises out of the runtime (:mod:`pipeline.stage` isolates it and it goes to the
+    DLQ); what does is an infrastructure failure: Kafka refusing a warning, a dead letter or a state
+    write after its own retries. Leaving the agent loop then
     would let Faust acknowledge the events anyway (``take_events`` acknowledges a batch however
     its body ended) and commit their offsets: the batch would be lost. Exiting at once, with
     nothing committed, makes a restarted worker process it again (at-least-once)."""
@@ -290,9 +299,12 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     def owns(citizen_id: str) -> bool:
         return partition_of(citizen_id.encode("utf-8"), settings.partitions) in owned_partitions()
 
+    from faust.exceptions import ProducerSendError
+
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
-        _TableView(app, table), KafkaEmitter(app), metrics, clock, owns)
+        _TableView(app, table), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
+        outages=(ProducerSendError,))
     crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
 
     @app.agent(checkins_topic, name="locate")
@@ -304,19 +316,23 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     @app.agent(crisis_topic, name="crisis")
     async def crisis_agent(stream: Any) -> None:
         async for event in stream.events():
-            decoded = runtime.decode_crisis(raw_message(event))
-            if isinstance(decoded, DeadLetter):
-                await finish_or_exit(runtime.dead_letter([decoded]), "a dead letter")
+            admitted = runtime.admit_crisis(raw_message(event))
+            if isinstance(admitted, DeadLetter):
+                await finish_or_exit(runtime.dead_letter([admitted]), "a dead letter")
 
     async def follow_crises() -> None:
         follow = asyncio.Event()
         backlog: list[Crisis] = []
         async for batch in read_crisis_log(settings, follow):
+            admitted: list[Crisis] = []
+            for message in batch:
+                verdict = runtime.admit_crisis(message, READER)
+                if isinstance(verdict, Crisis):
+                    admitted.append(verdict)
+                else:  # the crisis agent dead-letters it: same verdict, one member of the group
+                    runtime.skip(verdict)
             if not follow.is_set() or not crises_loaded.is_set():
-                for message in batch:
-                    decoded = runtime.decode_crisis(message)
-                    if isinstance(decoded, Crisis):
-                        backlog.append(decoded)
+                backlog += admitted
                 if follow.is_set():
                     runtime.remember(backlog)
                     backlog.clear()
@@ -325,10 +341,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                     if table_recovered.is_set():
                         await runtime.reconcile()
                 continue
-            for message in batch:
-                decoded = runtime.decode_crisis(message)
-                if isinstance(decoded, Crisis):  # bad ones are the crisis agent's to dead-letter
-                    await runtime.apply_crisis(decoded)
+            for crisis in admitted:
+                await runtime.apply_crisis(crisis)
 
     async def crisis_reader() -> None:
         await finish_or_exit(follow_crises(), "following crisis-events")

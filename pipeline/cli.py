@@ -28,6 +28,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "parse": ("producers.feeds.parse_cmd", "parse feed documents (CAP, GDACS, USGS, RSS, advisories) to crisis/1"),
     "feeds": ("producers.feeds.poll_cmd", "poll the configured feeds and publish crisis events"),
     "migrate": ("consumers.migrate_cmd", "apply the SQL migrations in deploy/sql to CRISISWATCH_DATABASE_URL"),
+    "restore": ("pipeline.restore_cmd", "republish active crises, citizens and citizen states from PostgreSQL "
+                "into a Kafka that lost them (before workers start)"),
 }
 
 

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
+from pipeline import topics
 from pipeline.domain.feeds import ParseContext, parse_document
 from pipeline.domain.timeline import Timeline
 from pipeline.domain.tracking import GeofenceConfig
@@ -42,7 +43,7 @@ from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.stack import Stack, StackError
 from producers.publisher import Publisher
-from schemas import Checkin, Crisis, Warning, decode
+from schemas import Checkin, Crisis, InvalidEvent, Warning, decode
 
 KL_FLOOD = (3.100, 3.190, 101.640, 101.730)  # lat_min, lat_max, lon_min, lon_max of the CAP polygon
 TOKYO_AREA = {"type": "Polygon", "coordinates": [[[139.66, 35.66], [139.74, 35.66], [139.74, 35.72],
@@ -121,6 +122,34 @@ def cap_flood(now: datetime, identifier: str) -> Crisis:
     return result.events[0]
 
 
+def crises_on_the_broker(settings: Settings, timeout_s: float = 30.0) -> list[Crisis]:
+    """The crisis events already on ``crisis-events`` when the scenario starts: those the stack
+    restored from PostgreSQL (an earlier run's crisis still in force), or a shared Kafka's. The
+    worker knows them, so the offline engine must too."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             **settings.kafka_client_options())
+    try:
+        tps = [TopicPartition(topics.CRISIS_EVENTS, p)
+               for p in sorted(consumer.partitions_for_topic(topics.CRISIS_EVENTS) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        found: list[Crisis] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batches = consumer.poll(timeout_ms=300)
+            for record in (r for batch in batches.values() for r in batch):
+                with contextlib.suppress(InvalidEvent):  # the worker dead-letters those and knows them not
+                    found.append(decode(record.value or b"", Crisis))
+            if not batches and all(consumer.position(tp) >= ends[tp] for tp in tps):
+                return found
+        raise TimeoutError(f"crisis-events not read to its end in {timeout_s:.0f}s")
+    finally:
+        consumer.close()
+
+
 def inside_box(c: Checkin, box: tuple[float, float, float, float]) -> bool:
     return box[0] < c.lat < box[1] and box[2] < c.lon < box[3]
 
@@ -142,6 +171,11 @@ class Scenario:
         self.model.add_cluster(City(tokyo.name, tokyo.country_code, 35.69, 139.70, tokyo.population),
                                travellers * 2 // 5, radius_km=10.0, roam=False)
         self.mirror = Timeline(GeofenceConfig(self.settings.hysteresis_m, self.settings.dwell_seconds))
+        for known in crises_on_the_broker(self.settings):  # as the worker loads them at start
+            if known.op == "cancel":
+                self.mirror.tracker.end(known.crisis_id, known.version)
+            else:
+                self.mirror.tracker.accept(known, self.start)
         self.publisher = Publisher(self.settings, client_id="crisiswatch-demo")
         self.collector = WarningCollector(self.settings, self.run_id)
         self.sent_at: dict[str, float] = {}  # citizen -> when their latest check-in was published
@@ -268,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         print(f"  stack up in {time.monotonic() - started:.1f}s", flush=True)
+        if stack.restored is not None:  # an earlier run's crises and travellers, back from PostgreSQL
+            print(f"  {stack.restored.line()}", flush=True)
         scenario = Scenario(stack, args.travellers, args.seed)
         try:
             scenario.play()

@@ -16,6 +16,8 @@ MetricName = Literal[
     "crisiswatch_warnings_emitted_total",
     "crisiswatch_active_crises",
     "crisiswatch_dlq_messages_total",
+    "crisiswatch_stage_isolations_total",
+    "crisiswatch_stage_skipped_total",
     "crisiswatch_checkin_to_warning_latency_seconds",
     "crisiswatch_batch_processing_seconds",
     "crisiswatch_batch_size",
@@ -44,9 +46,19 @@ def _name(name: MetricName) -> str:
 
 
 class DlqMetrics:
+    """What every consumer stage counts under the failure policy (:mod:`pipeline.stage`). ``reason`` is
+    a bounded label: the exception type, or the JSON path of a schema violation — never free text."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.dlq = Counter(_name("crisiswatch_dlq_messages_total"), "Messages sent to the dead-letter topic",
                            ["stage", "reason"], registry=registry)
+        self.isolations = Counter(_name("crisiswatch_stage_isolations_total"),
+                                  "Batches that raised a data error and were split to isolate the culprits", ["stage"],
+                                  registry=registry)
+        self.stage_skipped = Counter(_name("crisiswatch_stage_skipped_total"),
+                                     "Items a stage could not process and did not dead-letter itself (another stage "
+                                     "dead-letters the message, or no message is at fault)", ["stage", "reason"],
+                                     registry=registry)
 
 
 class WorkerMetrics(DlqMetrics):

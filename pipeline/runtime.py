@@ -2,8 +2,17 @@
 
 The Faust app (:mod:`pipeline.app`) only moves bytes into these methods. Citizen state lives in
 a ``MutableMapping[str, dict]`` (a Faust table in a worker, a dict in tests); output goes
-through an :class:`Emitter` (Kafka in a worker, a list in tests). Bad messages go to the DLQ
-with a reason; nothing raises out of here for bad data.
+through an :class:`Emitter` (Kafka in a worker, a list in tests).
+
+Failures follow :mod:`pipeline.stage`: nothing raises out of here for bad data, foreseen or not.
+A check-in that cannot be decoded, or that makes the geofencing of its batch raise, goes to the
+DLQ with its reason (the batch is split until it is alone; the rest of the batch is processed). A
+crisis is admitted only if the rehearsal of :mod:`pipeline.domain.admission` passes, so the crisis
+table holds no crisis that would break the index or the warnings of every later check-in; should
+applying one raise all the same, the table is put back as it was. Sweeps (a crisis against every
+citizen, reconcile, expiry) are isolated per crisis and per citizen: one that raises is skipped,
+logged and counted, and the others go on. Only infrastructure failures (Kafka refusing a warning,
+a dead letter or a state write) raise, and the worker exits without committing.
 
 Order of effects for at-least-once without duplicates: warnings are handed to Kafka and
 acknowledged first, citizen state is written after, and a batch is done only once that state
@@ -19,18 +28,37 @@ import asyncio
 import logging
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
+from pipeline.domain.admission import admit
 from pipeline.domain.tracking import CitizenState, GeofenceConfig, Outcome, Tracker
 from pipeline.metrics import WorkerMetrics
-from schemas import Checkin, Crisis, InvalidEvent, Warning, decode
+from pipeline.stage import (
+    Failure,
+    OutageTypes,
+    describe,
+    error_type,
+    is_infrastructure,
+    isolate_async,
+    label,
+    map_isolated,
+    map_isolated_async,
+    record,
+)
+from schemas import Checkin, Crisis, Warning
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+# Stage names: the ``stage`` header of a dead letter and the ``stage`` label of the metrics.
+LOCATE: Final = "locate"  # the check-in agent
+CRISIS: Final = "crisis"  # the crisis agent: dead-letters the crisis events admission refuses
+READER: Final = "crisis-reader"  # every worker's reader of crisis-events: skips what admission refuses
+SWEEP: Final = "sweep"  # a crisis against this worker's citizens (upsert, reconcile, expiry, cancel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +70,22 @@ class RawMessage:
     topic: str = ""
     partition: int = 0
     timestamp: float | None = None  # broker/producer time, seconds since the epoch
+    offset: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
+    """A message for the DLQ: ``reason`` is ``"<ExcType>: <message>"``, ``label`` the bounded metric label."""
+
     raw: RawMessage
     reason: str
     stage: str
+    error_type: str = ""
+    label: str = "$"
+
+    @classmethod
+    def of(cls, raw: RawMessage, error: BaseException, stage: str) -> DeadLetter:
+        return cls(raw, describe(error), stage, error_type(error), label(error))
 
 
 class DurableStates(MutableMapping[str, Any]):
@@ -83,13 +120,15 @@ class MemoryEmitter:
 
 class GeofenceRuntime:
     def __init__(self, config: GeofenceConfig, states: MutableMapping[str, Any], emitter: Emitter,
-                 metrics: WorkerMetrics, clock: Clock, owns: Callable[[str], bool] = lambda _: True) -> None:
+                 metrics: WorkerMetrics, clock: Clock, owns: Callable[[str], bool] = lambda _: True,
+                 outages: OutageTypes = ()) -> None:
         self.tracker = Tracker(config)
         self.states = states
         self.emitter = emitter
         self.metrics = metrics
         self.clock = clock
         self.owns = owns  # whether a citizen's partition is currently assigned to this worker
+        self.outages = outages  # outage types of this worker beyond pipeline.stage's
         self.lock = asyncio.Lock()
         # A worker geofences nothing before it knows every active crisis and has recovered its citizens.
         self.crises_loaded = asyncio.Event()
@@ -101,8 +140,16 @@ class GeofenceRuntime:
         return None if raw is None else CitizenState.from_dict(citizen_id, raw)
 
     def _owned_states(self) -> list[CitizenState]:
-        return [CitizenState.from_dict(cid, raw) for cid, raw in list(self.states.items())
-                if raw is not None and self.owns(cid)]
+        owned = [(cid, raw) for cid, raw in list(self.states.items()) if raw is not None and self.owns(cid)]
+        parsed = map_isolated(owned, lambda item: CitizenState.from_dict(*item), outages=self.outages)
+        for failure in parsed.failures:
+            self._skipped(SWEEP, failure, f"the stored state of citizen {failure.item[0]!r}")
+        return list(parsed.results)
+
+    def _skipped(self, stage: str, failure: Failure[Any], what: str) -> None:
+        """Something no message is at fault for (or that another stage dead-letters) could not be processed."""
+        self.metrics.stage_skipped.labels(stage=stage, reason=failure.label).inc()
+        log.error("skipped %s (stage %s): %s", what, stage, failure.reason)
 
     async def _commit(self, outcome: Outcome) -> None:
         if outcome.warnings:
@@ -115,59 +162,72 @@ class GeofenceRuntime:
             await self.states.persisted()
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        """Bad messages to the DLQ with their reasons, counted by stage and reason."""
+        """Bad messages to the DLQ with their reasons, counted by stage and (bounded) reason label."""
         if letters:
             await self.emitter.dead_letters(letters)
             for letter in letters:
-                self.metrics.dlq.labels(stage=letter.stage, reason=letter.reason.split(":")[0][:60]).inc()
+                self.metrics.dlq.labels(stage=letter.stage, reason=letter.label).inc()
+                log.warning("dead-lettered %s[%s]@%s (stage %s): %s", letter.raw.topic, letter.raw.partition,
+                            letter.raw.offset, letter.stage, letter.reason)
 
     # -- check-ins -------------------------------------------------------------------------------
     async def process_checkins(self, messages: Sequence[RawMessage]) -> tuple[Warning, ...]:
+        """Geofence a batch of check-ins. One that cannot be decoded, or that makes the geofencing raise
+        (the batch is split until it is alone), is dead-lettered; the others are processed."""
         started = time.perf_counter()
         self.metrics.checkins_received.inc(len(messages))
-        checkins: list[Checkin] = []
-        arrived: dict[str, float] = {}
-        letters: list[DeadLetter] = []
-        for message in messages:
-            try:
-                if message.value is None:
-                    raise InvalidEvent("empty message")
-                checkin = decode(message.value, Checkin)
-            except InvalidEvent as exc:
-                letters.append(DeadLetter(message, f"invalid checkin/1: {exc}", "locate"))
-                continue
-            checkins.append(checkin)
-            if message.timestamp is not None:
-                arrived[checkin.citizen_id] = message.timestamp
+        decoded = map_isolated(messages, lambda m: (m, admit(m.value, Checkin)), outages=self.outages)
+        letters = [DeadLetter.of(f.item, f.error, LOCATE) for f in decoded.failures]
+        outcomes: tuple[Outcome, ...] = ()
+        geofenced = 0
+        if decoded.results:
+            async with self.lock:
+                await self._expire_locked()
+                run = await isolate_async(decoded.results, self._geofence_locked, outages=self.outages)
+            record(self.metrics, LOCATE, run)
+            letters += [DeadLetter.of(f.item[0], f.error, LOCATE) for f in run.failures]
+            outcomes = run.results
+            geofenced = len(decoded.results) - len(run.failures)
         await self.dead_letter(letters)
-        if not checkins:
-            return ()
-        async with self.lock:
-            await self._expire_locked()
-            states = {c.citizen_id: s for c in checkins if (s := self._state(c.citizen_id)) is not None}
-            outcome = self.tracker.on_checkins(checkins, states, self.clock())
-            await self._commit(outcome)
-        done = time.time()
-        for warning in outcome.warnings:
-            if warning.citizen_id in arrived:
-                self.metrics.latency.observe(max(0.0, done - arrived[warning.citizen_id]))
-        self.metrics.checkins_processed.inc(len(checkins) - outcome.stale)
-        self.metrics.batch_size.observe(len(checkins))
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        self.metrics.citizens.set(len(self.states))
-        return outcome.warnings
+        warnings = tuple(w for outcome in outcomes for w in outcome.warnings)
+        if outcomes:
+            arrived = {c.citizen_id: m.timestamp for m, c in decoded.results if m.timestamp is not None}
+            done = time.time()
+            for warning in warnings:
+                if warning.citizen_id in arrived:
+                    self.metrics.latency.observe(max(0.0, done - arrived[warning.citizen_id]))
+            self.metrics.checkins_processed.inc(geofenced - sum(outcome.stale for outcome in outcomes))
+            self.metrics.batch_size.observe(geofenced)
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.citizens.set(len(self.states))
+        return warnings
+
+    async def _geofence_locked(self, batch: Sequence[tuple[RawMessage, Checkin]]) -> Outcome:
+        """The isolated step: geofence, send the warnings, then store the new states. Safe to re-run on
+        part of a batch (see :mod:`pipeline.stage`): warnings first, states after, deterministic ids."""
+        checkins = [checkin for _, checkin in batch]
+        states = {c.citizen_id: s for c in checkins if (s := self._state(c.citizen_id)) is not None}
+        outcome = self.tracker.on_checkins(checkins, states, self.clock())
+        await self._commit(outcome)
+        return outcome
 
     # -- crises ----------------------------------------------------------------------------------
-    def decode_crisis(self, message: RawMessage) -> Crisis | DeadLetter:
-        try:
-            if message.value is None:
-                raise InvalidEvent("empty message")
-            return decode(message.value, Crisis)
-        except InvalidEvent as exc:
-            return DeadLetter(message, f"invalid crisis/1: {exc}", "crisis")
+    def admit_crisis(self, message: RawMessage, stage: str = CRISIS) -> Crisis | DeadLetter:
+        """A crisis event decoded and rehearsed (:mod:`pipeline.domain.admission`), or its dead letter.
+        The verdict depends on the message alone: every worker, and the sink, reach the same one."""
+        admitted = map_isolated([message], lambda m: admit(m.value, Crisis), outages=self.outages)
+        if admitted.failures:
+            return DeadLetter.of(message, admitted.failures[0].error, stage)
+        return admitted.results[0]
+
+    def skip(self, letter: DeadLetter) -> None:
+        """A message this stage leaves out because another stage dead-letters it: counted and logged."""
+        self.metrics.stage_skipped.labels(stage=letter.stage, reason=letter.label).inc()
+        log.info("skipped %s[%s]@%s (stage %s; the stage that owns it dead-letters it): %s", letter.raw.topic,
+                 letter.raw.partition, letter.raw.offset, letter.stage, letter.reason)
 
     def remember(self, crises: Iterable[Crisis]) -> None:
-        """Load crises into the table without sweeping (start-up, before citizens are known)."""
+        """Load admitted crises into the table without sweeping (start-up, before citizens are known)."""
         now = self.clock()
         for crisis in crises:
             if crisis.op == "cancel":
@@ -177,43 +237,60 @@ class GeofenceRuntime:
         self.metrics.active_crises.set(len(self.tracker.crises))
 
     async def apply_crisis(self, crisis: Crisis) -> tuple[Warning, ...]:
-        """An upsert or cancel seen live: update the crisis table and sweep this worker's citizens."""
+        """An upsert or cancel seen live: update the crisis table and sweep this worker's citizens.
+
+        Should applying it raise a data error all the same (admission rehearses what can break), the
+        crisis table is put back as it was before this event, and the event is skipped and counted."""
         async with self.lock:
             now = self.clock()
-            warnings: list[Warning] = []
-            if crisis.op == "cancel":
-                self.tracker.end(crisis.crisis_id, crisis.version)
-            elif self.tracker.accept(crisis, now):
-                warnings += await self._apply(self.tracker.on_upsert(crisis, self._owned_states(), now))
-            warnings += await self._clear_ended_locked(now)
+            before = self.tracker.snapshot()
+            try:
+                warnings = await self._apply_crisis_locked(crisis, now)
+            except Exception as exc:
+                if is_infrastructure(exc, self.outages):
+                    raise
+                self.tracker.restore(before)
+                self._skipped(READER, Failure(crisis, exc), f"crisis {crisis.crisis_id!r} version {crisis.version}")
+                warnings = ()
         self.metrics.active_crises.set(len(self.tracker.crises))
+        return warnings
+
+    async def _apply_crisis_locked(self, crisis: Crisis, now: datetime) -> tuple[Warning, ...]:
+        warnings: list[Warning] = []
+        if crisis.op == "cancel":
+            self.tracker.end(crisis.crisis_id, crisis.version)
+        elif self.tracker.accept(crisis, now):
+            _ = self.tracker.index  # build it now: a crisis that cannot be indexed fails before any sweep
+            warnings += await self._sweep_locked(crisis, lambda states: self.tracker.on_upsert(crisis, states, now))
+        warnings += await self._clear_ended_locked(now)
         return tuple(warnings)
 
     async def apply_crisis_messages(self, messages: Sequence[RawMessage]) -> tuple[Warning, ...]:
+        """Admit and apply crisis events, dead-lettering the refused ones (one worker, tests, benchmarks)."""
         warnings: list[Warning] = []
         letters: list[DeadLetter] = []
         for message in messages:
-            decoded = self.decode_crisis(message)
-            if isinstance(decoded, DeadLetter):
-                letters.append(decoded)
+            admitted = self.admit_crisis(message)
+            if isinstance(admitted, DeadLetter):
+                letters.append(admitted)
             else:
-                warnings.extend(await self.apply_crisis(decoded))
+                warnings.extend(await self.apply_crisis(admitted))
         await self.dead_letter(letters)
         return tuple(warnings)
 
     async def reconcile(self) -> tuple[Warning, ...]:
         """Sweep every owned citizen against every active crisis (after recovery or a rebalance), and
         send the all-clears of crises that ended meanwhile. Only what is missing is sent: the states
-        remember what each citizen was told."""
-        warnings: list[Warning] = []
+        remember what each citizen was told. A crisis whose sweep raises is skipped; the others go on."""
         async with self.lock:
             now = self.clock()
             self.tracker.expired(now)
-            for crisis in sorted(self.tracker.crises.values(), key=lambda c: c.crisis_id):
-                warnings += await self._apply(self.tracker.on_upsert(crisis, self._owned_states(), now))
+            crises = sorted(self.tracker.crises.values(), key=lambda c: c.crisis_id)
+            warnings = await self._per_crisis_locked(
+                crises, lambda c: self._sweep_locked(c, lambda states: self.tracker.on_upsert(c, states, now)))
             warnings += await self._clear_ended_locked(now)
         self.metrics.active_crises.set(len(self.tracker.crises))
-        return tuple(warnings)
+        return warnings
 
     async def expire(self) -> tuple[Warning, ...]:
         async with self.lock:
@@ -228,11 +305,30 @@ class GeofenceRuntime:
 
     async def _clear_ended_locked(self, now: datetime) -> tuple[Warning, ...]:
         """All-clear, once, to every owned citizen still holding a presence for an ended crisis."""
-        warnings: list[Warning] = []
-        for ended in self.tracker.leftovers(self._owned_states()):
-            warnings += await self._apply(self.tracker.on_end(ended, self._owned_states(), now))
-        return tuple(warnings)
+        ended = self.tracker.leftovers(self._owned_states())
+        return await self._per_crisis_locked(
+            ended, lambda c: self._sweep_locked(c, lambda states: self.tracker.on_end(c, states, now)))
 
-    async def _apply(self, outcome: Outcome) -> tuple[Warning, ...]:
-        await self._commit(outcome)
-        return outcome.warnings
+    async def _per_crisis_locked(self, crises: Sequence[Crisis],
+                                 sweep: Callable[[Crisis], Awaitable[tuple[Warning, ...]]]) -> tuple[Warning, ...]:
+        """One sweep per crisis, each isolated: a crisis whose sweep raises is skipped, logged and counted."""
+        run = await map_isolated_async(crises, sweep, outages=self.outages)
+        for failure in run.failures:
+            self._skipped(SWEEP, failure, f"the sweep of crisis {failure.item.crisis_id!r}")
+        return tuple(w for warnings in run.results for w in warnings)
+
+    async def _sweep_locked(self, crisis: Crisis,
+                            sweep: Callable[[Sequence[CitizenState]], Outcome]) -> tuple[Warning, ...]:
+        """One crisis against this worker's citizens, isolated per citizen: a citizen whose state makes
+        the sweep raise is skipped (no message is at fault, so nothing is dead-lettered), the others are
+        told. Sweeps treat each citizen on its own, so a sweep of part of them is the same sweep."""
+        async def step(states: Sequence[CitizenState]) -> tuple[Warning, ...]:
+            outcome = sweep(states)
+            await self._commit(outcome)
+            return outcome.warnings
+
+        run = await isolate_async(self._owned_states(), step, outages=self.outages)
+        record(self.metrics, SWEEP, run)
+        for failure in run.failures:
+            self._skipped(SWEEP, failure, f"citizen {failure.item.citizen_id!r} in the sweep of crisis {crisis.crisis_id!r}")
+        return tuple(w for warnings in run.results for w in warnings)

@@ -64,6 +64,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters."),
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits)."),
+    EnvVar("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES", "524288",
+           "Largest payload kept in a dead letter; longer ones are cut (size and SHA-256 kept in headers)."),
     EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
     EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
 )
@@ -85,6 +87,18 @@ def _int(name: str, raw: str, minimum: int = 0) -> int:
         raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+# A dead letter's payload must leave room for its key and headers under the 1,000,000-byte limit of
+# Kafka's producers and brokers.
+DLQ_PAYLOAD_CEILING = 900_000
+
+
+def _int_between(name: str, raw: str, minimum: int, maximum: int) -> int:
+    value = _int(name, raw, minimum)
+    if value > maximum:
+        raise SettingsError(f"{name}: must be <= {maximum}, got {value}")
     return value
 
 
@@ -124,6 +138,7 @@ class Settings:
     batch_wait_s: float = 0.05
     rebalance_timeout_s: float = 5.0
     producer_max_batch_bytes: int | None = None
+    dlq_max_payload_bytes: int = 524_288
     exercise_mode: bool = False
     log_level: str = "INFO"
 
@@ -174,6 +189,8 @@ class Settings:
             rebalance_timeout_s=_float("CRISISWATCH_REBALANCE_TIMEOUT_S", get("CRISISWATCH_REBALANCE_TIMEOUT_S"), 1.0),
             producer_max_batch_bytes=(_int("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", raw_batch, 1)
                                       if (raw_batch := get("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES").strip()) else None),
+            dlq_max_payload_bytes=_int_between("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES",
+                                               get("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES"), 1024, DLQ_PAYLOAD_CEILING),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
         )
@@ -215,6 +232,7 @@ class Settings:
             "CRISISWATCH_BATCH_WAIT_S": str(self.batch_wait_s),
             "CRISISWATCH_REBALANCE_TIMEOUT_S": str(self.rebalance_timeout_s),
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(self.producer_max_batch_bytes or ""),
+            "CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES": str(self.dlq_max_payload_bytes),
             "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
             "CRISISWATCH_LOG_LEVEL": self.log_level,
         }

@@ -25,7 +25,6 @@ The generated API tokens are kept in the data directory (:mod:`pipeline.tokens`)
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import signal
@@ -50,6 +49,7 @@ from pipeline.embedded import (
     ensure_topics,
     free_port,
 )
+from pipeline.restore import RestoreError, RestoreReport, restore_if_needed
 from pipeline.settings import Secret, Settings
 from pipeline.tokens import TokenFileError, with_kept_tokens
 
@@ -173,6 +173,7 @@ class Stack:
     postgres: EmbeddedPostgres | None = None
     children: list[Child] = field(default_factory=list)
     tokens_file: Path | None = None  # where the generated tokens are kept; None when both are configured
+    restored: RestoreReport | None = None  # what was republished from PostgreSQL into a broker that lacked it
     restart_limit: RestartLimit = RestartLimit()
     say: Callable[[str], None] = _say_on_stderr  # one line per restart
     clock: Callable[[], float] = time.monotonic
@@ -221,24 +222,16 @@ class Stack:
         self.settings = replace(s, api_port=self._port(s.api_port), worker_web_port=self._port(s.worker_web_port),
                                 sink_metrics_port=self._port(s.sink_metrics_port))
         try:
-            self._restore_broker()
-        except Exception as exc:
-            raise StackError(f"could not restore Kafka from PostgreSQL: {exc!r}") from exc
+            self.restored = self._restore_broker()
+        except RestoreError as exc:
+            raise StackError(f"recovery from PostgreSQL failed: {exc}") from exc
 
-    def _restore_broker(self) -> bool:
-        """The hook through which PostgreSQL, the system of record, refills a broker that lacks the
-        active crises, the citizens and the citizens' last known states (the embedded broker starts
-        empty, also after its restart): ``pipeline.restore.restore_if_needed(settings)``, called with
-        the stack's settings once the topics exist and before the worker starts. A no-op while that
-        module does not exist. Whether it ran."""
-        try:
-            restore = importlib.import_module("pipeline.restore")
-        except ModuleNotFoundError as exc:
-            if exc.name != "pipeline.restore":
-                raise
-            return False
-        restore.restore_if_needed(self.settings)
-        return True
+    def _restore_broker(self) -> RestoreReport | None:
+        """PostgreSQL, the system of record, refills a broker that lacks the active crises, the
+        citizens and the citizens' last known states (the embedded broker starts empty, also after its
+        restart); called once the topics exist and before any worker runs. What was republished, or
+        None when the broker held the data already or there was nothing to restore."""
+        return restore_if_needed(self.settings)
 
     def _make_children(self) -> list[Child]:
         s = self.settings
@@ -348,12 +341,12 @@ class Stack:
             self.broker = EmbeddedBroker.start(port=dead.port, log_path=log_path)
             self._ensure_topics()
             restored = self._restore_broker()
-        except Exception as exc:
+        except Exception as exc:  # anything: the broker cannot be kept running
             raise StackError(f"stopped: {what} and could not be restarted on port {dead.port}: {exc!r}; "
                              f"see {log_path}") from exc
         self._start_again(affected)
-        self.say(f"crisiswatch up: the embedded broker is running again on {dead.bootstrap}"
-                 f"{', restored from PostgreSQL' if restored else ''} ({self.clock() - started:.0f}s)")
+        self.say(f"crisiswatch up: the embedded broker is running again on {dead.bootstrap} "
+                 f"({self.clock() - started:.0f}s); {restored.line() if restored else 'nothing to restore from PostgreSQL'}")
 
     def _recover_postgres(self) -> None:
         assert self.postgres is not None
@@ -412,6 +405,8 @@ class Stack:
             if child.name == "feeds" and child.health_url:
                 lines.append(f"  feeds        {child.health_url.removesuffix('/health')}/metrics")
         lines += [f"  logs         {self.logs}/"]
+        if self.restored is not None:
+            lines += ["", f"  {self.restored.line()}"]
         if self.tokens_file is not None:
             ingest_set, operator_set = self._configured_tokens
             lines += ["", f"  tokens (kept in {self.tokens_file}, reused by the next `crisiswatch up`):",

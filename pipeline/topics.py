@@ -20,6 +20,12 @@ CORE_TOPICS: Final = (CHECKINS, CITIZENS, CRISIS_EVENTS, ACKS, WARNINGS, CRISIS_
 DLQ_REASON_HEADER: Final = "crisiswatch-dlq-reason"
 DLQ_SOURCE_TOPIC_HEADER: Final = "crisiswatch-dlq-topic"
 DLQ_STAGE_HEADER: Final = "crisiswatch-dlq-stage"
+DLQ_ERROR_TYPE_HEADER: Final = "crisiswatch-dlq-error-type"
+DLQ_SOURCE_PARTITION_HEADER: Final = "crisiswatch-dlq-partition"
+DLQ_SOURCE_OFFSET_HEADER: Final = "crisiswatch-dlq-offset"
+DLQ_ORIGINAL_SIZE_HEADER: Final = "crisiswatch-dlq-original-size"
+DLQ_ORIGINAL_SHA256_HEADER: Final = "crisiswatch-dlq-original-sha256"
+DLQ_TRUNCATED_HEADER: Final = "crisiswatch-dlq-truncated"
 
 
 def country_warning_topic(country_code: str) -> str:

@@ -15,15 +15,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import topics
+from pipeline import dlq, topics
 from pipeline.settings import Settings
+from pipeline.stage import BrokerUnavailable as BrokerUnavailable  # re-exported: defined with the other outage types
 from schemas import Event, encode
 
 log = logging.getLogger(__name__)
-
-
-class BrokerUnavailable(RuntimeError):
-    """Kafka did not acknowledge the messages in time; nothing can be promised about them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +29,7 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None  # None: Kafka's default partitioner (murmur2 of the key)
 
 
 def key_of(event: Event) -> bytes | None:
@@ -57,11 +55,13 @@ def outgoing(event: Event, topic: str | None = None) -> Outgoing:
     return Outgoing(topic or TOPIC_OF_SCHEMA[event.SCHEMA], key_of(event), encode(event))
 
 
-def dead_letter(raw: bytes, reason: str, source_topic: str, stage: str, key: bytes | None = None) -> Outgoing:
-    headers = ((topics.DLQ_REASON_HEADER, reason.encode("utf-8")[:1000]),
-               (topics.DLQ_SOURCE_TOPIC_HEADER, source_topic.encode("utf-8")),
-               (topics.DLQ_STAGE_HEADER, stage.encode("utf-8")))
-    return Outgoing(topics.DLQ, key, raw, headers)
+def dead_letter(raw: bytes | None, reason: str, source_topic: str, stage: str, key: bytes | None = None, *,
+                error_type: str = "", partition: int | None = None, offset: int | None = None,
+                max_payload_bytes: int = dlq.DEFAULT_MAX_PAYLOAD_BYTES) -> Outgoing:
+    """A dead letter for ``dlq``, built by the one builder (:func:`pipeline.dlq.build`): it always fits."""
+    record = dlq.build(raw, reason=reason, stage=stage, source_topic=source_topic, error_type=error_type,
+                       partition=partition, offset=offset, key=key, max_payload_bytes=max_payload_bytes)
+    return Outgoing(topics.DLQ, record.key, record.value, record.headers)
 
 
 class Publisher:
@@ -90,10 +90,13 @@ class Publisher:
     RECONNECT_BACKOFF_MAX_MS = 1000
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float | None = None,
-                 client_id: str = "crisiswatch-producer") -> None:
+                 client_id: str = "crisiswatch-producer", max_batch_bytes: int | None = None) -> None:
         self.bootstrap = bootstrap or settings.kafka_bootstrap
         self.timeout_s = settings.kafka_publish_timeout_s if timeout_s is None else timeout_s
         self.max_wait_s = self.timeout_s * self.MAX_WAIT_FACTOR
+        # 1 on the embedded broker for topics a Faust table recovers from (see pipeline.stack's
+        # EMBEDDED_PRODUCER_MAX_BATCH_BYTES): one record per batch keeps the end offset it reports exact.
+        self._batch = {"batch_size": max_batch_bytes} if max_batch_bytes else {}
         self._options = settings.kafka_client_options()
         self._client_id = client_id
         self._producer: Any = None
@@ -130,7 +133,7 @@ class Publisher:
                 bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=linger_ms,
                 max_block_ms=timeout_ms, request_timeout_ms=max_wait_ms,
                 reconnect_backoff_max_ms=self.RECONNECT_BACKOFF_MAX_MS,
-                retries=3, max_in_flight_requests_per_connection=1, **bounded, **self._options)
+                retries=3, max_in_flight_requests_per_connection=1, **bounded, **self._batch, **self._options)
         except KafkaError as exc:
             self._connect_failed_at, self._connect_error = time.monotonic(), exc
             raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
@@ -165,7 +168,8 @@ class Publisher:
         started = time.monotonic()
         producer = self._get(started)
         try:
-            futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers)) for m in messages]
+            futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers), partition=m.partition)
+                       for m in messages]
             for future in futures:
                 future.add_callback(self._acknowledged)
             for future in futures:

@@ -108,6 +108,15 @@ def make_warning(state: CitizenState, crisis: Crisis, kind: WarningKind, distanc
         emitted_at=emitted_at, country_codes=crisis.country_codes)
 
 
+@dataclass(frozen=True, slots=True)
+class TrackerSnapshot:
+    """The crisis table at one moment (crises are immutable, so shallow copies suffice)."""
+
+    crises: Mapping[str, Crisis]
+    ended: Mapping[str, int]
+    finished: Mapping[str, Crisis]
+
+
 class Tracker:
     """The active crises and the rules; citizen states are passed in and handed back."""
 
@@ -124,6 +133,14 @@ class Tracker:
         if self._index is None:
             self._index = CrisisIndex(self.crises.values())
         return self._index
+
+    def snapshot(self) -> TrackerSnapshot:
+        return TrackerSnapshot(dict(self.crises), dict(self.ended), dict(self.finished))
+
+    def restore(self, snapshot: TrackerSnapshot) -> None:
+        """Put the crisis table back as it was (a crisis event whose application failed half way)."""
+        self.crises, self.ended, self.finished = dict(snapshot.crises), dict(snapshot.ended), dict(snapshot.finished)
+        self._index = None
 
     def reaches_citizens(self, crisis: Crisis) -> bool:
         return crisis.status == "actual" or self.config.exercise_mode

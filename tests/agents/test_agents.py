@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.app import create_app
-from pipeline.runtime import GeofenceRuntime, MemoryEmitter
+from pipeline.runtime import DeadLetter, GeofenceRuntime, MemoryEmitter
 from pipeline.settings import Settings
 from pipeline.testing import T0, make_checkin, make_crisis, square
 from schemas import encode
@@ -61,3 +61,16 @@ async def test_crisis_agent_dead_letters_invalid_crisis_events(worker: tuple[Any
         await agent.put(encode(make_crisis("ok")), key=b"ok")
     assert len(emitter.dead) == 1
     assert emitter.dead[0].stage == "crisis" and "required" in emitter.dead[0].reason
+
+
+async def test_crisis_agent_dead_letters_a_crisis_it_cannot_apply(worker: tuple[Any, GeofenceRuntime, MemoryEmitter]) -> None:
+    """Admission rehearses the crisis: a geometry the index refuses is dead-lettered by the agent, with
+    the same verdict every worker's crisis reader reaches (so they skip it, and it is dead-lettered once)."""
+    app, runtime, emitter = worker
+    ring = {"type": "Polygon", "coordinates": [[[106.8, -6.2], [106.8, -6.2], [106.8, -6.2], [106.8, -6.2]]]}
+    async with app.agents["crisis"].test_context() as agent:
+        await agent.put(encode(make_crisis("point", ring)), key=b"point")
+        await agent.put(b'{"schema":"crisis/1","x":' + b"[" * 5000 + b"]" * 5000 + b"}", key=b"deep")
+    assert [(d.raw.key, d.stage, d.error_type) for d in emitter.dead] == [
+        (b"point", "crisis", "ValueError"), (b"deep", "crisis", "RecursionError")]
+    assert isinstance(runtime.admit_crisis(emitter.dead[0].raw, "crisis-reader"), DeadLetter)

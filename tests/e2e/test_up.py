@@ -18,13 +18,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from consumers.kafka_io import read_topic
 from pipeline.embedded import free_port
+from pipeline.observability import read_metric
+from schemas import Warning, decode
 
 pytestmark = pytest.mark.e2e
 
@@ -161,6 +164,81 @@ def test_killing_up_outright_takes_its_children_down(up: Up, tmp_path: Path) -> 
     while pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not pid_file.exists()  # and now it is stopped
+
+
+def post(url: str, token: str, body: dict) -> dict:  # type: ignore[type-arg]
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=15) as response:
+        assert response.status == 202
+        return dict(json.loads(response.read()))
+
+
+def warnings_on(up: Up, until: Callable[[list[Warning]], bool], timeout_s: float = 60) -> list[Warning]:
+    def decoded(messages: list) -> list[Warning]:  # type: ignore[type-arg]
+        return [decode(m.value, Warning) for m in messages]
+
+    return decoded(read_topic(f"127.0.0.1:{up.kafka_port}", "warnings", lambda seen: until(decoded(seen)), timeout_s))
+
+
+def wait_metric(up: Up, name: str, label: str, at_least: float, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while read_metric(f"http://127.0.0.1:{up.ports['sink']}/metrics", name, label) < at_least:
+        assert time.monotonic() < deadline, f"{name}{{{label}}} never reached {at_least}"
+        time.sleep(0.3)
+
+
+def test_up_again_on_the_same_data_dir_restores_what_the_lost_broker_held(tmp_path: Path) -> None:
+    """The embedded broker keeps nothing: the second ``up`` gets the crisis and the citizens' states
+    back from PostgreSQL, so a citizen walking in is warned and the warned get their all-clear."""
+    zone = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.3], [106.9, -6.1], [106.7, -6.1],
+                                                [106.7, -6.3]]]}
+    first = Up(tmp_path / "data")
+    try:
+        operator = re.search(r"operator\s+(\S+)$", first.banner, re.M).group(1)  # type: ignore[union-attr]
+        api = f"http://127.0.0.1:{first.ports['ingest API']}"
+        post(f"{api}/v1/crises", operator, {"crisis_id": "e2e-zone", "title": "Flooding", "geometry": zone})
+        deadline = time.monotonic() + 30
+        while read_metric(f"http://127.0.0.1:{first.ports['worker']}/metrics", "crisiswatch_active_crises") < 1:
+            assert time.monotonic() < deadline, "the worker never saw the crisis"
+            time.sleep(0.2)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        post(f"{api}/v1/checkins", first.ingest_token, {"checkins": [
+            {"citizen_id": "e2e-inside", "lat": -6.2, "lon": 106.8, "observed_at": now, "source": "app"},
+            {"citizen_id": "e2e-walker", "lat": -6.2, "lon": 108.0, "observed_at": now, "source": "app"}]})
+        before = warnings_on(first, lambda ws: len(ws) >= 1)
+        assert [(w.citizen_id, w.kind) for w in before] == [("e2e-inside", "entered")]
+        for table, rows in (("crises", 1), ("checkins", 2), ("warnings", 1)):  # PostgreSQL has it all
+            wait_metric(first, "crisiswatch_sink_rows_written_total", f'table="{table}"', rows)
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(timeout=60) == 0
+    finally:
+        if first.process.poll() is None:
+            first.process.kill()
+
+    second = Up(tmp_path / "data")
+    try:
+        assert "restored from PostgreSQL: 1 active crises, 0 citizens, 2 citizen states (1 warned)" in second.banner
+        operator = re.search(r"operator\s+(\S+)$", second.banner, re.M).group(1)  # type: ignore[union-attr]
+        api = f"http://127.0.0.1:{second.ports['ingest API']}"
+        later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+        post(f"{api}/v1/checkins", second.ingest_token,
+             {"citizen_id": "e2e-walker", "lat": -6.2, "lon": 106.8, "observed_at": later, "source": "app"})
+        got = warnings_on(second, lambda ws: len(ws) >= 1)
+        assert [(w.citizen_id, w.kind) for w in got] == [("e2e-walker", "entered")]
+        post(f"{api}/v1/crises", operator, {"crisis_id": "e2e-zone", "op": "cancel"})
+        got = warnings_on(second, lambda ws: len(ws) >= 3)
+        time.sleep(2.0)  # anything extra would arrive now
+        got = warnings_on(second, lambda ws: False, timeout_s=3)
+        assert sorted((w.citizen_id, w.kind) for w in got) == [
+            ("e2e-inside", "all_clear"), ("e2e-walker", "all_clear"), ("e2e-walker", "entered")]
+        assert not {w.warning_id for w in got} & {w.warning_id for w in before}
+        second.process.send_signal(signal.SIGTERM)
+        assert second.process.wait(timeout=60) == 0
+    finally:
+        if second.process.poll() is None:
+            second.process.kill()
+            second.process.wait()
 
 
 def test_a_killed_broker_and_a_killed_database_are_restarted_and_the_stack_serves_again(up: Up, tmp_path: Path) -> None:

@@ -200,7 +200,8 @@ def test_invalid_checkin_goes_to_dlq_and_the_worker_carries_on(pipeline: Pipelin
     assert dict(dead[0].headers)["crisiswatch-dlq-stage"] == b"locate"
     headers = dict(dead[0].headers)
     assert headers["crisiswatch-dlq-topic"] == b"checkins"
-    assert "checkin/1" in headers["crisiswatch-dlq-reason"].decode()
+    assert headers["crisiswatch-dlq-reason"].decode().startswith("InvalidEvent: ")
+    assert headers["crisiswatch-dlq-error-type"] == b"schemas.codec.InvalidEvent"
     assert "citizen_id" in headers["crisiswatch-dlq-reason"].decode()
 
 

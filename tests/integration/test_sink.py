@@ -176,7 +176,8 @@ def test_every_event_type_lands_once_and_bad_input_is_dead_lettered_once(
 
     reasons = {m.value: dict(m.headers)[topics.DLQ_REASON_HEADER].decode() for m in letters}
     assert reasons == {b"not json at all": reasons[b"not json at all"]}
-    assert reasons[b"not json at all"].startswith("$: not JSON")
+    assert reasons[b"not json at all"].startswith("InvalidEvent: $: not JSON")
+    assert dict(letters[0].headers)[topics.DLQ_ERROR_TYPE_HEADER] == b"schemas.codec.InvalidEvent"
     assert sample(registry, "crisiswatch_sink_rows_written_total", table="checkins") == 2
     # a bad check-in is the worker's to dead-letter (it reads the same topic): the sink counts it, once
     assert sample(registry, "crisiswatch_dlq_messages_total", stage="sink", reason="$") == 1
@@ -224,6 +225,26 @@ def test_a_row_postgresql_refuses_is_dead_lettered_and_the_rest_of_the_batch_is_
     assert count(sink_db, "SELECT count(*) FROM citizens WHERE citizen_id = %s", good) == 1
     assert len(letters) == 1 and bad.encode() in letters[0].value
     assert "postgresql refused" in dict(letters[0].headers)[topics.DLQ_REASON_HEADER].decode()
+
+
+def test_a_row_that_cannot_be_written_is_isolated_and_dead_lettered_once_and_the_rest_written(
+        kafka_bootstrap: str, sink_db: str, sink_topics: SinkTopics, publisher: Publisher) -> None:
+    """A name with a lone surrogate is valid JSON but no driver can encode it: writing its row raises
+    (not a PostgreSQL refusal, not an outage). The batch is split until that row is alone."""
+    first, bad, last = uid("cit"), uid("cit"), uid("cit")
+    surrogate = encode(citizen(bad, "@NAME@")).replace(b"@NAME@", b"\\ud800")
+    publisher.publish([outgoing(citizen(first), sink_topics.citizens), Outgoing(sink_topics.citizens, bad.encode(), surrogate),
+                       outgoing(citizen(last), sink_topics.citizens)])
+    registry = CollectorRegistry()
+    with running(make_sink(kafka_bootstrap, sink_db, sink_topics, registry)):
+        letters = dead_letters(kafka_bootstrap, sink_topics.citizens, 1)
+        wait_until(lambda: count(sink_db, "SELECT count(*) FROM citizens") == 2, what="the two good citizens")
+        time.sleep(1.0)
+    assert count(sink_db, "SELECT count(*) FROM citizens WHERE citizen_id IN (%s, %s)", first, last) == 2
+    assert [m.value for m in dead_letters(kafka_bootstrap, sink_topics.citizens, 1)] == [surrogate]  # once
+    headers = dict(letters[0].headers)
+    assert headers[topics.DLQ_REASON_HEADER] and headers[topics.DLQ_ERROR_TYPE_HEADER]
+    assert headers[topics.DLQ_STAGE_HEADER] == b"sink"
 
 
 def test_an_unavailable_database_is_waited_out_not_dead_lettered(

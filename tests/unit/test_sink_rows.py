@@ -108,10 +108,21 @@ def test_prepare_sets_aside_bad_messages_with_the_reason() -> None:
     prepared = prepare([good, not_json, out_of_range, wrong_topic], models)
     assert [r.source.offset for r in prepared.rows] == [0]
     reasons = {r.message.offset: r.reason for r in prepared.rejected}
-    assert reasons[1].startswith("$: not JSON")
-    assert reasons[2].startswith("$.lat:")
+    assert reasons[1].startswith("InvalidEvent: $: not JSON")
+    assert reasons[2].startswith("InvalidEvent: $.lat:")
     assert "expected schema 'checkin/1', got 'citizen/1'" in reasons[3]
     assert [r.label for r in prepared.rejected] == ["$", "$.lat", "$.schema"]
+    assert {r.error_type for r in prepared.rejected} == {"schemas.codec.InvalidEvent"}
+
+
+def test_prepare_sets_aside_whatever_a_message_makes_decoding_raise() -> None:
+    models = SinkTopics().models()
+    deep = message(b'{"schema":"checkin/1","x":' + b"[" * 5000 + b"]" * 5000 + b"}", offset=0)
+    good = message(encode(checkin()), offset=1)
+    prepared = prepare([deep, good], models)
+    assert [r.source.offset for r in prepared.rows] == [1]
+    [rejected] = prepared.rejected
+    assert rejected.reason.startswith("RecursionError: ") and (rejected.label, rejected.error_type) == ("RecursionError",) * 2
 
 
 def test_sink_topics_must_be_distinct() -> None:
