@@ -48,8 +48,8 @@ _NUMBERS: Final = re.compile(r"\d+(?:\.\d+)?")
 class RepeatedLogFilter(logging.Filter):
     """Lets the first of a run of like log lines through, then at most one per ``interval_s``.
 
-    While a broker is away its clients log the same failure many times a second (about 19,000
-    lines in 150 s from one worker), which buries the one line that says what happened. Lines are
+    While a broker is away its clients log the same failures many times a second, which buries the
+    one line that says what happened. Lines are
     alike when logger, level and message template match (numbers in the template ignored: some
     libraries format backoff times into it); the one that passes after a quiet spell carries the
     count of those left out, in the ``suppressed`` field and at the end of its message. Only

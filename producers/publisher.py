@@ -71,9 +71,9 @@ class Publisher:
     default) tells a broker that is away from one that is slow: it gives up once the producer has
     had no acknowledgement at all, for any caller, for ``timeout_s`` — a broker that is gone or hung
     acknowledges nothing — while a busy broker that keeps acknowledging is waited for, up to
-    ``MAX_WAIT_FACTOR`` times as long. (On 2 cores running the whole embedded stack, eight clients
-    posting 1,000-check-in batches at once saw single publishes over 2 s; a fixed 2 s deadline
-    answered some of them 503.) The first connection, a metadata fetch and a full buffer are
+    ``MAX_WAIT_FACTOR`` times as long: many clients posting 1,000-check-in batches at once to the
+    embedded stack on a small machine can make one publish take longer than 2 s, and a fixed
+    deadline answered those 503. The first connection, a metadata fetch and a full buffer are
     bounded by ``timeout_s`` too.
 
     A failure that is not about the records themselves discards the producer (what it still holds

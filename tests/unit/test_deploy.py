@@ -443,12 +443,14 @@ def test_k8s_pods_are_hardened_and_sized() -> None:
 
 
 @pytest.mark.parametrize("component", LONG_RUNNING)
-def test_k8s_probes_hit_health_on_the_process_port(component: str) -> None:
+def test_k8s_probes_hit_the_process_port_liveness_not_depending_on_kafka_or_postgresql(component: str) -> None:
+    # /health is 503 while Kafka or PostgreSQL is away: right for readiness, but a liveness probe on it
+    # would restart every pod during an outage. /metrics answers whenever the process serves.
     container = deployment_container(component)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/metrics")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health"
+        assert get["path"] == path, probe
         assert ports[get["port"]] == PORTS[component]
     pod = k8s_by_kind("Deployment")[f"crisiswatch-{component}"]["spec"]["template"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(PORTS[component])
