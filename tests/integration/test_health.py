@@ -244,3 +244,27 @@ def test_a_worker_health_follows_its_broker(broker: Broker, tmp_path: Path) -> N
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
+
+
+def test_the_feed_pollers_health_follows_their_broker(broker: Broker, tmp_path: Path) -> None:
+    config = tmp_path / "feeds.toml"
+    empty = Path(__file__).resolve().parents[1] / "fixtures" / "feeds" / "poller" / "usgs_empty.geojson"
+    config.write_text(f'[[feeds]]\nname = "quiet"\npath = "{empty}"\nformat = "usgs"\ninterval_s = 1\n', "utf-8")
+    port = free_port()
+    env = {**os.environ, **Settings(kafka_bootstrap=broker.bootstrap, data_dir=tmp_path / "data").env()}
+    feeds = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "feeds", "--config", str(config), "--metrics-port",
+                              str(port), "--metrics-host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        wait_for(lambda: up(url), "the feed pollers healthy")
+        broker.kill()
+        wait_for(lambda: down(url, "kafka"), "feeds /health 503 naming kafka", timeout_s=20)
+        broker.start_again()
+        wait_for(lambda: up(url), "feeds /health 200 again", timeout_s=30)
+        feeds.send_signal(signal.SIGTERM)
+        assert feeds.wait(timeout=60) == 0
+    finally:
+        if feeds.poll() is None:
+            feeds.kill()
+            feeds.wait()
