@@ -43,6 +43,7 @@ from typing import IO, Any, Final
 from pipeline.app import changelog_topic
 from pipeline.embedded import (
     EmbeddedBroker,
+    EmbeddedError,
     EmbeddedPostgres,
     apply_migrations,
     die_with_parent,
@@ -159,6 +160,12 @@ class Child:
             self.log_file.close()
             self.log_file = None
         return self.process.returncode
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: our own errors say it all; anything else also needs its type."""
+    text = str(exc) if isinstance(exc, EmbeddedError | RestoreError) else repr(exc)
+    return " ".join(text.split())
 
 
 def _say_on_stderr(line: str) -> None:
@@ -295,9 +302,6 @@ class Stack:
             self.stop()
             raise
 
-    def dead_children(self) -> list[Child]:
-        return [c for c in self.children if not c.alive()]
-
     # -- supervision -------------------------------------------------------------------------------
 
     def supervise(self) -> None:
@@ -342,7 +346,7 @@ class Stack:
             self._ensure_topics()
             restored = self._restore_broker()
         except Exception as exc:  # anything: the broker cannot be kept running
-            raise StackError(f"stopped: {what} and could not be restarted on port {dead.port}: {exc!r}; "
+            raise StackError(f"stopped: {what} and could not be restarted on port {dead.port}: {_reason(exc)}; "
                              f"see {log_path}") from exc
         self._start_again(affected)
         self.say(f"crisiswatch up: the embedded broker is running again on {dead.bootstrap} "
@@ -358,7 +362,7 @@ class Stack:
         try:
             url = pg.restart()
         except Exception as exc:
-            raise StackError(f"stopped: {what} and could not be restarted: {exc!r}; see {log_path}") from exc
+            raise StackError(f"stopped: {what} and could not be restarted: {_reason(exc)}; see {log_path}") from exc
         moved = [c for c in self.children if c.uses_database] if url != before else []
         if moved:
             self.settings = replace(self.settings, database_url=Secret(url))

@@ -357,7 +357,7 @@ _CRISIS_OPTIONAL = (*OPERATOR_DEFAULTS, "crisis_id", "version", "title", "source
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {401: "missing or invalid bearer token", 403: "token not allowed on this endpoint",
                413: "body or batch too large", 422: "invalid input: the field (JSON path) and the reason",
-               503: "Kafka unreachable: nothing was accepted, retry later"}
+               503: "Kafka unreachable: not accepted, retry later (a retry may store a duplicate, which is harmless)"}
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
 
 
