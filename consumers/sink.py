@@ -4,7 +4,7 @@ the tables of deploy/sql, idempotently and at least once.
 The failure policy is :mod:`pipeline.stage`'s, in three paths:
 
 * a message the sink cannot admit — not a valid event of its topic's schema, or anything else its
-  decoding or admission raises (:func:`pipeline.domain.admission.admit`, the worker's own check, so
+  decoding or admission raises (:func:`pipeline.domain.admission.admit_message`, the worker's own check, so
   the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics only the
   sink reads (citizens, acks); on the others the stage that owns the topic dead-letters it (the
   worker: check-ins, crisis events; the router: warnings) and the sink only counts and logs it, so
@@ -43,7 +43,8 @@ from consumers.kafka_io import (
     retry,
 )
 from pipeline import topics
-from pipeline.domain.admission import admit
+from pipeline.domain.admission import admit_message
+from pipeline.domain.validation import DEFAULT_RULES, EventRules
 from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
 from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
@@ -203,14 +204,17 @@ class UnknownTopic(ValueError):
     """A message from a topic the sink was not configured to read."""
 
 
-def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], outages: OutageTypes = ()) -> Prepared:
+def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now: datetime,
+            rules: EventRules = DEFAULT_RULES, outages: OutageTypes = ()) -> Prepared:
     """Admit a polled batch as rows, each message on its own; those that raise (anything but an
-    outage) are set aside with their reasons. Pure."""
+    outage) are set aside with their reasons. Pure. Admission is the stages' own
+    (:func:`pipeline.domain.admission.admit_message`), so a row is what the worker used and never
+    holds a value PostgreSQL cannot store."""
     def row(message: Message) -> SinkRow:
         model = models.get(message.topic)
         if model is None:
             raise UnknownTopic(f"the sink does not read topic {message.topic!r}")
-        spec, values = row_for(admit(message.value, model))
+        spec, values = row_for(admit_message(message.value, model, now, rules))
         return SinkRow(spec, values, message)
 
     admitted = map_isolated(messages, row, outages=outages)
@@ -407,6 +411,7 @@ class PostgresSink:
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, bootstrap=self.bootstrap, client_id="crisiswatch-sink-dlq")
         self.clock = clock
+        self.rules = settings.event_rules()
         self.timeouts = timeouts
         self.backoff = backoff
         self.retention_interval_s = retention_interval_s
@@ -430,7 +435,7 @@ class PostgresSink:
         """Write one polled batch and dead-letter what cannot be written. Returns once both are
         durable; raises :class:`Stopped` if asked to stop during an outage (nothing committed)."""
         outages = _outage_errors()
-        prepared = prepare(messages, self.models, outages)
+        prepared = prepare(messages, self.models, self.clock(), self.rules, outages)
 
         def write() -> tuple[WriteOutcome, list[Rejected]]:
             started = time.perf_counter()

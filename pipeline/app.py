@@ -304,7 +304,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
         _TableView(app, table), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
-        outages=(ProducerSendError,))
+        outages=(ProducerSendError,), rules=settings.event_rules())
     crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
 
     @app.agent(checkins_topic, name="locate")

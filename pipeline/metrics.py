@@ -24,6 +24,7 @@ MetricName = Literal[
     "crisiswatch_citizens_tracked",
     "crisiswatch_api_requests_total",
     "crisiswatch_api_events_published_total",
+    "crisiswatch_api_unexpected_errors_total",
     "crisiswatch_sink_rows_written_total",
     "crisiswatch_sink_batch_seconds",
     "crisiswatch_sink_errors_total",
@@ -87,6 +88,10 @@ class ApiMetrics(DlqMetrics):
                                 registry=registry)
         self.published = Counter(_name("crisiswatch_api_events_published_total"), "Events handed to Kafka", ["topic"],
                                  registry=registry)
+        self.unexpected_errors = Counter(
+            _name("crisiswatch_api_unexpected_errors_total"),
+            "Exceptions nobody foresaw, answered 422 (step=validate: caused by the input) or 503 (step=request)",
+            ["step"], registry=registry)
 
 
 class SinkMetrics(DlqMetrics):

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-from pipeline.domain.admission import admit
+from pipeline.domain.admission import admit_message
 from pipeline.domain.tracking import CitizenState, GeofenceConfig, Outcome, Tracker
+from pipeline.domain.validation import DEFAULT_RULES, EventRules
 from pipeline.metrics import WorkerMetrics
 from pipeline.stage import (
     Failure,
@@ -121,8 +122,9 @@ class MemoryEmitter:
 class GeofenceRuntime:
     def __init__(self, config: GeofenceConfig, states: MutableMapping[str, Any], emitter: Emitter,
                  metrics: WorkerMetrics, clock: Clock, owns: Callable[[str], bool] = lambda _: True,
-                 outages: OutageTypes = ()) -> None:
+                 outages: OutageTypes = (), rules: EventRules = DEFAULT_RULES) -> None:
         self.tracker = Tracker(config)
+        self.rules = rules  # what a message must satisfy to be used (pipeline.domain.validation)
         self.states = states
         self.emitter = emitter
         self.metrics = metrics
@@ -176,7 +178,8 @@ class GeofenceRuntime:
         (the batch is split until it is alone), is dead-lettered; the others are processed."""
         started = time.perf_counter()
         self.metrics.checkins_received.inc(len(messages))
-        decoded = map_isolated(messages, lambda m: (m, admit(m.value, Checkin)), outages=self.outages)
+        now = self.clock()
+        decoded = map_isolated(messages, lambda m: (m, admit_message(m.value, Checkin, now, self.rules)), outages=self.outages)
         letters = [DeadLetter.of(f.item, f.error, LOCATE) for f in decoded.failures]
         outcomes: tuple[Outcome, ...] = ()
         geofenced = 0
@@ -215,7 +218,7 @@ class GeofenceRuntime:
     def admit_crisis(self, message: RawMessage, stage: str = CRISIS) -> Crisis | DeadLetter:
         """A crisis event decoded and rehearsed (:mod:`pipeline.domain.admission`), or its dead letter.
         The verdict depends on the message alone: every worker, and the sink, reach the same one."""
-        admitted = map_isolated([message], lambda m: admit(m.value, Crisis), outages=self.outages)
+        admitted = map_isolated([message], lambda m: admit_message(m.value, Crisis, self.clock(), self.rules), outages=self.outages)
         if admitted.failures:
             return DeadLetter.of(message, admitted.failures[0].error, stage)
         return admitted.results[0]

@@ -6,7 +6,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.domain.validation import EventRules
 
 
 class SettingsError(ValueError):
@@ -66,6 +69,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits)."),
     EnvVar("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES", "524288",
            "Largest payload kept in a dead letter; longer ones are cut (size and SHA-256 kept in headers)."),
+    EnvVar("CRISISWATCH_MAX_FUTURE_SKEW_S", "300", "Check-ins and replies dated more than this many seconds ahead are refused (422, dlq)."),
     EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
     EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
 )
@@ -139,6 +143,7 @@ class Settings:
     rebalance_timeout_s: float = 5.0
     producer_max_batch_bytes: int | None = None
     dlq_max_payload_bytes: int = 524_288
+    max_future_skew_s: float = 300.0
     exercise_mode: bool = False
     log_level: str = "INFO"
 
@@ -191,9 +196,16 @@ class Settings:
                                       if (raw_batch := get("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES").strip()) else None),
             dlq_max_payload_bytes=_int_between("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES",
                                                get("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES"), 1024, DLQ_PAYLOAD_CEILING),
+            max_future_skew_s=_float("CRISISWATCH_MAX_FUTURE_SKEW_S", get("CRISISWATCH_MAX_FUTURE_SKEW_S")),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
         )
+
+    def event_rules(self) -> EventRules:
+        """The domain's limits on incoming events (see :mod:`pipeline.domain.validation`)."""
+        from pipeline.domain.validation import EventRules
+
+        return EventRules(max_future_skew_s=self.max_future_skew_s)
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in kafka-python's spelling (aiokafka takes the same names)."""
@@ -233,6 +245,7 @@ class Settings:
             "CRISISWATCH_REBALANCE_TIMEOUT_S": str(self.rebalance_timeout_s),
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(self.producer_max_batch_bytes or ""),
             "CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES": str(self.dlq_max_payload_bytes),
+            "CRISISWATCH_MAX_FUTURE_SKEW_S": str(self.max_future_skew_s),
             "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
             "CRISISWATCH_LOG_LEVEL": self.log_level,
         }

@@ -5,14 +5,19 @@ Every request goes through three steps, in this order:
 1. **parse** — authenticate the bearer token, read the body within the size limit, decode JSON;
 2. **validate** — pure functions with no I/O (:func:`parse_checkins`, :func:`parse_citizen`,
    :func:`parse_crisis`, :func:`parse_ack`): fill in what clients may leave out, check against the
-   JSON Schema, build typed events. A batch is valid as a whole or refused as a whole;
+   JSON Schema, build typed events, then encode each one and decode the bytes again exactly as the
+   stages reading the topic will (:func:`pipeline.domain.validation.prepare_outgoing`: the same
+   decoder, the same geometry normaliser, the same clock rules), so nothing is answered ``202``
+   that a stage would then dead-letter. A batch is valid as a whole or refused as a whole;
 3. **publish** — hand every event to Kafka and answer ``202`` only after the broker acknowledged
    each of them; an unreachable broker is ``503``, never a ``2xx``: at once while the health probe
    knows Kafka is away, else once ``CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S`` has passed.
 
 Every refusal is a JSON object ``{"error": ..., "reason": ..., "field": ...}``: ``field`` is a JSON
 path into the request body (``$[3].lat``, ``$.checkins[3].lat``, ``$.geometry``) when one field is
-to blame.
+to blame. Nothing is answered ``500``: an unexpected exception while validating the input is that
+input's fault (``422`` with the exception as the reason), anywhere else it is ``503``; both are
+counted in ``crisiswatch_api_unexpected_errors_total`` and logged with their traceback.
 
 Tokens: ``CRISISWATCH_INGEST_TOKEN`` opens check-ins, citizens and acks; ``CRISISWATCH_OPERATOR_TOKEN``
 opens crises and, as the stronger token, the ingest endpoints too. A token that is not configured
@@ -42,14 +47,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from pipeline import topics
+from pipeline.domain.admission import rehearse
 from pipeline.domain.countries import countries_for
 from pipeline.domain.geometry import GeometryError, normalise_geometry
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
 from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
 from pipeline.settings import Secret, Settings
+from pipeline.stage import describe
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
 from schemas import Ack, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj
-from schemas.codec import MAX_MESSAGE_BYTES
+from schemas.codec import MAX_MESSAGE_BYTES, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +94,21 @@ class BatchTooLarge(ValueError):
     """More items in one request than :data:`MAX_BATCH`."""
 
 
-def parse_event(obj: Any, model: type[E], at: str = "$") -> E:
-    """One JSON object to a typed event; ``schema`` may be left out. ``at`` prefixes error paths."""
+def parse_event(obj: Any, model: type[E], at: str = "$", *, now: datetime, rules: EventRules = DEFAULT_RULES) -> E:
+    """One JSON object to a typed event, as the stages reading its topic will see it; ``schema``
+    may be left out. ``at`` prefixes error paths."""
     if not isinstance(obj, Mapping):
         raise InvalidEvent(f"expected a JSON object ({model.SCHEMA})", at)
     filled = {"schema": model.SCHEMA, **obj}
     try:
-        return from_obj(filled, model)
+        event = from_obj(filled, model)
     except InvalidEvent as exc:
         path, reason = _readable(exc, filled)
         raise InvalidEvent(reason, at + path.removeprefix("$")) from None
+    try:
+        return prepare_outgoing(event, now, rules)[0]
+    except InvalidEvent as exc:
+        raise InvalidEvent(exc.reason, at + exc.field.removeprefix("$")) from None
 
 
 def _readable(exc: InvalidEvent, obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -106,12 +119,12 @@ def _readable(exc: InvalidEvent, obj: Mapping[str, Any]) -> tuple[str, str]:
         return f"{exc.field}.{missing[1]}", "required field is missing"
     name = exc.field.removeprefix("$.")
     value = obj.get(name)
-    if name in DATETIME_FIELDS and isinstance(value, str):
+    if name in DATETIME_FIELDS and isinstance(value, str) and "out of range" not in exc.reason:
         return exc.field, f"{value!r} is not an RFC 3339 date-time with a UTC offset (e.g. 2025-03-01T12:00:00Z)"
     return exc.field, exc.reason
 
 
-def parse_checkins(body: Any) -> list[Checkin]:
+def parse_checkins(body: Any, now: datetime, rules: EventRules = DEFAULT_RULES) -> list[Checkin]:
     """One check-in, a JSON array of them, or ``{"checkins": [...]}``; all valid, or an error naming the item."""
     if isinstance(body, list):
         prefix, items = "$", body
@@ -120,29 +133,29 @@ def parse_checkins(body: Any) -> list[Checkin]:
         if not isinstance(items, list):
             raise InvalidEvent("expected an array of check-ins", prefix)
     elif isinstance(body, Mapping):
-        return [parse_event(body, Checkin)]
+        return [parse_event(body, Checkin, now=now, rules=rules)]
     else:
         raise InvalidEvent('expected a check-in object, an array of check-ins, or {"checkins": [...]}')
     if len(items) > MAX_BATCH:
         raise BatchTooLarge(f"{len(items)} check-ins in one request; the limit is {MAX_BATCH}")
     if not items:
         raise InvalidEvent("empty batch", prefix)
-    return [parse_event(item, Checkin, f"{prefix}[{i}]") for i, item in enumerate(items)]
+    return [parse_event(item, Checkin, f"{prefix}[{i}]", now=now, rules=rules) for i, item in enumerate(items)]
 
 
-def parse_citizen(body: Any) -> Citizen:
+def parse_citizen(body: Any, now: datetime, rules: EventRules = DEFAULT_RULES) -> Citizen:
     """A citizen's registration or update (the "Lapor Diri" self-report)."""
-    return parse_event(body, Citizen)
+    return parse_event(body, Citizen, now=now, rules=rules)
 
 
-def parse_ack(body: Any, now: datetime) -> Ack:
+def parse_ack(body: Any, now: datetime, rules: EventRules = DEFAULT_RULES) -> Ack:
     """A citizen's reply; ``received_at`` defaults to now, ``channel`` to ``app``."""
     if not isinstance(body, Mapping):
         raise InvalidEvent("expected a JSON object (ack/1)")
-    return parse_event({"received_at": format_time(now), "channel": "app", **body}, Ack)
+    return parse_event({"received_at": format_time(now), "channel": "app", **body}, Ack, now=now, rules=rules)
 
 
-def parse_crisis(body: Any, now: datetime, new_id: Callable[[], str]) -> Crisis:
+def parse_crisis(body: Any, now: datetime, new_id: Callable[[], str], rules: EventRules = DEFAULT_RULES) -> Crisis:
     """An operator's crisis: defaults filled in, geometry normalised, country codes derived.
 
     ``version`` becomes ``max(given, now in epoch milliseconds)`` so that successive operator
@@ -166,7 +179,7 @@ def parse_crisis(body: Any, now: datetime, new_id: Callable[[], str]) -> Crisis:
     if geometry is None and op == "upsert":
         raise InvalidEvent("declaring a crisis needs a GeoJSON Polygon or MultiPolygon", "$.geometry")
     if geometry is not None:
-        geometry = normalised_geometry(geometry)
+        geometry = normalised_geometry(geometry, rules=rules)
     country_codes = body.get("country_codes")
     if country_codes is None:
         country_codes = list(countries_for(geometry)) if geometry is not None else []
@@ -183,27 +196,28 @@ def parse_crisis(body: Any, now: datetime, new_id: Callable[[], str]) -> Crisis:
         "geometry": geometry,
         "country_codes": country_codes,
     }
-    return parse_event(filled, Crisis)
+    crisis = parse_event(filled, Crisis, now=now, rules=rules)
+    try:
+        rehearse(crisis)  # what every stage does before it uses a crisis: refused here rather than dead-lettered there
+    except Exception as exc:
+        raise InvalidEvent(f"the pipeline cannot use this crisis: {describe(exc)}") from None
+    return crisis
 
 
-def normalised_geometry(raw: Any, at: str = "$.geometry") -> dict[str, Any]:
+def normalised_geometry(raw: Any, at: str = "$.geometry", rules: EventRules = DEFAULT_RULES) -> dict[str, Any]:
     """Any GeoJSON Polygon or MultiPolygon an operator draws, normalised (closed, valid, split at the antimeridian)."""
     try:
-        return normalise_geometry(raw)
+        return normalise_geometry(raw, max_globe_share=rules.max_globe_share, max_vertices=rules.max_vertices)
     except GeometryError as exc:
         raise InvalidEvent(str(exc), at) from None
 
 
 def decode_json(raw: bytes) -> Any:
-    """Request bytes to JSON; NaN and Infinity are not JSON and would slip past range checks."""
-
-    def refuse(constant: str) -> Any:
-        raise ValueError(f"{constant} is not a JSON number")
-
-    try:
-        return json.loads(raw, parse_constant=refuse)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidEvent(f"not JSON: {exc}") from None
+    """Request bytes to JSON through the pipeline's own parser (:func:`schemas.codec.parse_json`):
+    nesting bounded before parsing, NaN and Infinity refused (they would slip past range checks),
+    lone surrogates, NUL and integers PostgreSQL cannot store refused with their JSON path. The
+    body's size was bounded while it was read."""
+    return parse_json(raw, max_bytes=len(raw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +383,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
+    rules = settings.event_rules()
     known = (settings.ingest_token, settings.operator_token)
     ingest_auth = _TokenCheck((settings.ingest_token, settings.operator_token), known,
                               "no token is configured for this endpoint (CRISISWATCH_INGEST_TOKEN); it is disabled")
@@ -393,10 +408,24 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # never a 500: what the input caused is a 422 (see validated), the rest is 503
+            metrics.unexpected_errors.labels("request").inc()
+            log.exception("unexpected error", extra={"path": request.url.path})
+            body = ErrorBody(error="unavailable", reason=f"unexpected {type(exc).__name__}; nothing was accepted, "
+                                                         "retry later").model_dump(exclude_none=True)
+            response = JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         endpoint = request.url.path if request.url.path in paths else "other"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
+
+    def unexpected_input_error(exc: Exception) -> ApiError:
+        """An exception nobody foresaw while reading or checking this input: the input's fault, with a reason."""
+        metrics.unexpected_errors.labels("validate").inc()
+        log.exception("unexpected error while validating a request")
+        detail = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")[:300]
+        return ApiError(422, "invalid", f"the input could not be validated ({detail})")
 
     async def body_json(request: Request) -> Any:
         raw = await read_body(request, settings.max_body_bytes)
@@ -404,6 +433,8 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             return decode_json(raw)
         except InvalidEvent as exc:
             raise ApiError(422, "invalid", exc.reason, exc.field) from None
+        except Exception as exc:
+            raise unexpected_input_error(exc) from None
 
     async def publish(messages: list[Outgoing]) -> None:
         kafka_down = health.down().get(KAFKA) if health is not None else None
@@ -424,6 +455,8 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(422, "invalid", exc.reason, exc.field) from None
         except BatchTooLarge as exc:
             raise ApiError(413, "too_large", str(exc)) from None
+        except Exception as exc:
+            raise unexpected_input_error(exc) from None
         return result if isinstance(result, list) else [result]
 
     @app.get("/health", tags=["operations"], responses={503: {"description": "Kafka is unreachable; the body names it"}})
@@ -443,7 +476,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   '{"checkins": [...]}; "schema" may be omitted'))
     async def post_checkins(request: Request) -> JSONResponse:
         body = await body_json(request)
-        checkins = await validated(lambda: parse_checkins(body))
+        checkins = await validated(lambda: parse_checkins(body, clock(), rules))
         await publish(_messages(checkins, routes.checkins))
         return JSONResponse({"accepted": len(checkins)}, status_code=202)
 
@@ -452,7 +485,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
               openapi_extra=_body(request_schema("citizen/1"), "register or update a citizen (Lapor Diri)"))
     async def post_citizen(request: Request) -> JSONResponse:
         body = await body_json(request)
-        citizens = await validated(lambda: parse_citizen(body))
+        citizens = await validated(lambda: parse_citizen(body, clock(), rules))
         await publish(_messages(citizens, routes.citizens))
         return JSONResponse({"accepted": 1}, status_code=202)
 
@@ -462,7 +495,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   'a citizen\'s reply, "safe" or "need_help"; received_at defaults to now, channel to app'))
     async def post_ack(request: Request) -> JSONResponse:
         body = await body_json(request)
-        acks = await validated(lambda: parse_ack(body, clock()))
+        acks = await validated(lambda: parse_ack(body, clock(), rules))
         await publish(_messages(acks, routes.acks))
         return JSONResponse({"accepted": 1}, status_code=202)
 
@@ -473,7 +506,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   "(a cancel needs only crisis_id and op)"))
     async def post_crisis(request: Request) -> JSONResponse:
         body = await body_json(request)
-        crises = await validated(lambda: parse_crisis(body, clock(), make_crisis_id))
+        crises = await validated(lambda: parse_crisis(body, clock(), make_crisis_id, rules))
         await publish(_messages(crises, routes.crises))
         log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
                                              "version": crises[0].version})

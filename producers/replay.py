@@ -1,7 +1,8 @@
 """``crisiswatch replay FILE``: publish a JSON-lines file of events, each into the topic of its schema.
 
-Every line is checked against its JSON Schema before anything is sent. A line that is not a
-valid event is reported on stderr with its number and the reason, and skipped; the rest are
+Every line is checked as the stages will check it (:mod:`pipeline.domain.validation`: the JSON
+Schema, an area the normaliser refuses, a check-in from the future) before anything is sent. A
+line that is not a valid event is reported on stderr with its number and the reason, and skipped; the rest are
 still published, and the exit code is 2 so a script notices. Blank lines and ``#`` comments are
 ignored; ``-`` reads stdin. What goes to Kafka is the line exactly as written (fields this
 version does not know included), keyed like every other producer keys it.
@@ -16,8 +17,10 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import IO
 
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, admit
 from pipeline.observability import setup_logging
 from pipeline.settings import Settings
 from producers.publisher import TOPIC_OF_SCHEMA, BrokerUnavailable, Outgoing, Publisher, key_of
@@ -51,14 +54,14 @@ class ReplayCounts:
         return f"replay: {verb} {sum(self.per_topic.values())} events ({topics}); {self.invalid} invalid lines skipped"
 
 
-def read_events(lines: Iterable[bytes]) -> Iterator[Outgoing | BadLine]:
+def read_events(lines: Iterable[bytes], rules: EventRules = DEFAULT_RULES) -> Iterator[Outgoing | BadLine]:
     """Each meaningful line as the message to publish, or the reason it cannot be (numbers from 1)."""
     for number, raw in enumerate(lines, start=1):
         stripped = raw.strip()
         if not stripped or stripped.startswith(b"#"):
             continue
         try:
-            event: Event = from_obj(parse_json(stripped))
+            event: Event = admit(from_obj(parse_json(stripped)), datetime.now(UTC), rules)
         except InvalidEvent as exc:
             yield BadLine(number, str(exc))
             continue
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     batch = BATCH if args.rate <= 0 else max(1, min(BATCH, int(args.rate * 0.05)))
     try:
         with source:
-            for item in read_events(source):
+            for item in read_events(source, settings.event_rules()):
                 if isinstance(item, BadLine):
                     counts.invalid += 1
                     print(f"crisiswatch replay: {label}: line {item.number}: {item.reason}", file=sys.stderr)

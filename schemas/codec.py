@@ -4,24 +4,51 @@ Every event on a crisiswatch topic is a JSON object carrying ``"schema": "<name>
 Decoding checks the object against the JSON Schema of that name (draft 2020-12) before a
 typed model is built, so a malformed message is refused at the edge with the field and the
 reason, and never becomes an exception deep inside an agent.
+
+This is the one decoder of the project: the ingest API, the feed parsers' output check, the
+worker's agents, the sink and the router all read events through :func:`decode` (the domain
+adds its own rules on top, in :mod:`pipeline.domain.validation`). Before any JSON Schema is
+consulted it refuses what would hurt a later stage rather than this one:
+
+- more than :data:`MAX_MESSAGE_BYTES`, or containers nested more than :data:`MAX_DEPTH` levels
+  deep, checked *before* parsing (Python's parser and every recursive walk after it would meet
+  ``RecursionError`` at about a thousand levels; no event of ours needs more than six);
+- text that is not UTF-8, and strings or object keys holding a lone surrogate (``"\\ud800"``:
+  not Unicode, so encoding it again fails) or NUL (U+0000: PostgreSQL stores neither in
+  ``text`` nor in ``jsonb``);
+- integers beyond what PostgreSQL's ``bigint`` holds (``|n| < 2^63``) and numbers too large
+  for a double (``1e400`` parses as infinity);
+- date-times without an offset or whose instant is outside 0001-01-02 .. 9999-12-30 UTC (so
+  every accepted time converts to any offset and back).
+
+Patterns in the schemas are ECMA-262 regular expressions, as JSON Schema says: ``$`` matches
+only at the very end and ``\\d`` only ASCII digits. Python's ``re`` would let ``"ID\\n"`` pass
+``^[A-Z]{2}$``, which PostgreSQL's own check then refuses; :func:`ecma_pattern` translates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import cache
 from importlib import resources
-from typing import Any, TypeVar, cast
+from itertools import accumulate
+from typing import Any, Final, TypeVar, cast
 
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, validators
+from jsonschema.exceptions import ValidationError
 
 from schemas.models import MODELS, Checkin, CheckinSource, Event, parse_time
 
 E = TypeVar("E", bound=Event)
 
-MAX_MESSAGE_BYTES = 1_000_000
+MAX_MESSAGE_BYTES: Final = 1_000_000
+MAX_DEPTH: Final = 64
+"""Deepest nesting of arrays and objects accepted; a MultiPolygon position is six levels down."""
+MAX_INTEGER: Final = 2**63 - 1
+"""Largest magnitude of a JSON integer: PostgreSQL's ``bigint``."""
 
 
 class InvalidEvent(ValueError):
@@ -33,15 +60,58 @@ class InvalidEvent(ValueError):
         self.field = field
 
 
+# --- JSON Schema, with ECMA-262 patterns and our date-time ------------------------------------
+
+
 @cache
-def validator(schema_name: str) -> Draft202012Validator:
+def ecma_pattern(pattern: str) -> re.Pattern[str]:
+    """A JSON Schema ``pattern`` compiled with ECMA-262 meaning for what our schemas use: ``$``
+    outside a character class is the end of the text (Python's ``\\Z``), classes are ASCII."""
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+    return re.compile("".join(out), re.ASCII)
+
+
+def _pattern_keyword(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not ecma_pattern(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
+
+
+def _date_time(instance: object) -> bool:
+    """RFC 3339 with an offset, within the range every stage can convert (see :func:`parse_time`)."""
+    if isinstance(instance, str):
+        parse_time(instance)
+    return True
+
+
+_FORMATS = FormatChecker()
+_FORMATS.checks("date-time", raises=ValueError)(_date_time)
+
+
+@cache
+def validator(schema_name: str) -> Any:
     """The compiled validator for ``schema_name`` (``checkin/1``...)."""
     file_name = schema_name.replace("/", "-") + ".schema.json"
     try:
         text = resources.files("schemas").joinpath("json", file_name).read_text("utf-8")
     except FileNotFoundError:
         raise InvalidEvent(f"unknown schema {schema_name!r}", "$.schema") from None
-    return Draft202012Validator(json.loads(text), format_checker=FormatChecker())
+    return _Validator(json.loads(text), format_checker=_FORMATS)
 
 
 def schema_names() -> tuple[str, ...]:
@@ -51,8 +121,13 @@ def schema_names() -> tuple[str, ...]:
 def _json_path(path: Any) -> str:
     out = "$"
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        out += f"[{part}]" if isinstance(part, int) else f".{_printable(str(part))}"
     return out
+
+
+def _printable(text: str) -> str:
+    """A key as it may appear in a path or a log line: lone surrogates and NUL escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def check(obj: Mapping[str, Any], expected: str | None = None) -> str:
@@ -63,29 +138,150 @@ def check(obj: Mapping[str, Any], expected: str | None = None) -> str:
     if not isinstance(name, str):
         raise InvalidEvent("missing or non-string 'schema'", "$.schema")
     if expected is not None and name != expected:
-        raise InvalidEvent(f"expected schema {expected!r}, got {name!r}", "$.schema")
+        raise InvalidEvent(f"expected schema {expected!r}, got {_printable(name)!r}", "$.schema")
     if name not in MODELS:
-        raise InvalidEvent(f"unknown schema {name!r}", "$.schema")
+        raise InvalidEvent(f"unknown schema {_printable(name)!r}", "$.schema")
     errors = sorted(validator(name).iter_errors(obj), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         first = errors[0]
-        raise InvalidEvent(first.message, _json_path(first.absolute_path))
+        reason = first.message if first.cause is None else f"{first.message}: {first.cause}"
+        raise InvalidEvent(reason, _json_path(first.absolute_path))
     return name
+
+
+# --- JSON text: size, depth, then values ------------------------------------------------------
 
 
 def _no_constant(name: str) -> Any:
     raise InvalidEvent(f"{name} is not a JSON number")
 
 
-def parse_json(raw: bytes | str) -> Any:
-    """JSON bytes to an object, with size and encoding errors as :class:`InvalidEvent`.
-    NaN and Infinity, which Python's json module would accept, are refused: JSON has no such numbers."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise InvalidEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+class _Unstorable(Exception):
+    """A number met while parsing that no stage could store; the text is parsed again to name its path."""
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if -MAX_INTEGER <= value <= MAX_INTEGER:
+        return value
+    raise _Unstorable
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # "1e400" is infinity
+    if value - value == 0.0:
+        return value
+    raise _Unstorable
+
+
+# Built once: json.loads with keyword arguments builds a new decoder on every call, which costs more than
+# the checks these hooks make (the number hooks run only for numbers, in C when they pass).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+_LENIENT_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_STRING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
+
+
+def nesting_depth_exceeds(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether arrays and objects in ``text`` nest deeper than ``limit``, without parsing it:
+    string literals are blanked out, then brackets are counted. For a text that is not JSON the
+    answer is an upper bound of what a parser would reach before it failed, which is what matters."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _STRING_TOKEN.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def _text_problem(text: str) -> str | None:
+    bad = _BAD_CHAR.search(text)
+    if bad is None:
+        return None
+    if bad.group() == "\x00":
+        return "NUL (U+0000) is not allowed"
+    return f"lone surrogate U+{ord(bad.group()):04X} is not valid Unicode"
+
+
+def _number_problem(value: Any) -> str | None:
+    kind = type(value)
+    if kind is int and not -MAX_INTEGER <= value <= MAX_INTEGER:
+        return f"integer of {len(str(abs(value)))} digits is out of range (|n| must be below 2^63)"
+    if kind is float and not math.isfinite(value):
+        return "number is out of range (beyond a double)"
+    return None
+
+
+def check_values(obj: Any) -> None:
+    """Refuse lone surrogates and NUL in strings and object keys, integers beyond ``bigint`` and
+    non-finite numbers anywhere in a JSON value, naming the first offending JSON path."""
+    # The path is kept as links to the parent, turned into text only for the error.
+    stack: list[tuple[Any, Any]] = [(obj, None)]
+    while stack:
+        value, trail = stack.pop()
+        if isinstance(value, str):
+            if (problem := _text_problem(value)) is not None:
+                raise InvalidEvent(f"{problem} in text", _trail_path(trail))
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and (problem := _text_problem(key)) is not None:
+                    raise InvalidEvent(f"{problem} in an object key", _trail_path((trail, key)))
+                stack.append((item, (trail, key)))
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                if type(item) is float or type(item) is int:
+                    if (problem := _number_problem(item)) is not None:
+                        raise InvalidEvent(problem, _trail_path((trail, index)))
+                else:
+                    stack.append((item, (trail, index)))
+        elif (problem := _number_problem(value)) is not None:
+            raise InvalidEvent(problem, _trail_path(trail))
+
+
+def _trail_path(trail: Any) -> str:
+    parts: list[Any] = []
+    while trail is not None:
+        trail, part = trail
+        parts.append(part)
+    return _json_path(reversed(parts))
+
+
+def parse_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+    """JSON bytes (UTF-8) to an object, within the bounds of the module docstring, every refusal
+    an :class:`InvalidEvent`. NaN and Infinity, which Python's json module would accept, are
+    refused: JSON has no such numbers."""
+    if len(raw) > max_bytes:
+        raise InvalidEvent(f"message of {len(raw)} bytes exceeds {max_bytes}")
+    if isinstance(raw, str):
+        text = raw
+        suspect = "\\u" in text or _SURROGATE.search(text) is not None
+    else:
+        try:  # json.loads(bytes) would accept UTF-16 and UTF-32 and let encoded surrogates through
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"not JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        text = text.removeprefix("\ufeff")
+        # After strict decoding, a lone surrogate or a NUL can only come from a \u escape.
+        suspect = "\\u" in text
+    if nesting_depth_exceeds(text, max_depth):
+        raise InvalidEvent(f"arrays and objects nested more than {max_depth} levels deep")
     try:
-        return json.loads(raw, parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        try:
+            obj = _DECODER.decode(text)
+        except _Unstorable:
+            obj, suspect = _LENIENT_DECODER.decode(text), True  # the walk below names the number's path
+    except json.JSONDecodeError as exc:
         raise InvalidEvent(f"not JSON: {exc}") from None
+    except RecursionError:  # not reachable after the depth check; kept so it can never escape
+        raise InvalidEvent("arrays and objects nested too deep") from None
+    except InvalidEvent:
+        raise
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise InvalidEvent(f"not JSON: {exc}") from None
+    if suspect:
+        check_values(obj)
+    return obj
 
 
 class _CheckinFastPath:
@@ -97,12 +293,12 @@ class _CheckinFastPath:
     def __init__(self) -> None:
         props = validator("checkin/1").schema["properties"]
         cid = props["citizen_id"]
-        self.id_pattern = re.compile(cid["pattern"])
+        self.id_pattern = ecma_pattern(cid["pattern"])
         self.id_len = (cid["minLength"], cid["maxLength"])
         self.lat = (props["lat"]["minimum"], props["lat"]["maximum"])
         self.lon = (props["lon"]["minimum"], props["lon"]["maximum"])
         self.accuracy = (props["accuracy_m"]["minimum"], props["accuracy_m"]["maximum"])
-        self.time_pattern = re.compile(props["observed_at"]["pattern"])
+        self.time_pattern = ecma_pattern(props["observed_at"]["pattern"])
         self.sources = frozenset(props["source"]["enum"])
 
     @staticmethod
@@ -138,7 +334,7 @@ def from_obj(obj: Mapping[str, Any], expected: type[E] | None = None) -> E:
     name = check(obj, expected.SCHEMA if expected is not None else None)
     try:
         return cast(E, MODELS[name].from_dict(obj))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise InvalidEvent(str(exc)) from None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Protocol, TypeAlias
 
 CheckinSource: TypeAlias = Literal["app", "sms", "manual", "import", "simulator"]
@@ -25,11 +25,19 @@ GeoJSON: TypeAlias = Mapping[str, Any]
 SEVERITY_RANK: dict[str, int] = {"unknown": 0, "minor": 1, "moderate": 2, "severe": 3, "extreme": 4}
 
 
+# The instants an event may name: a day inside Python's range at either end, so that any accepted
+# time converts to UTC (and to any other offset) without overflowing, in every stage that reads it.
+EARLIEST_TIME = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_TIME = datetime(9999, 12, 30, tzinfo=UTC)
+
+
 def parse_time(value: str) -> datetime:
-    """RFC 3339 text to an aware datetime; naive input is refused."""
+    """RFC 3339 text to an aware datetime; naive input and instants out of range are refused."""
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
         raise ValueError(f"datetime without offset: {value!r}")
+    if not EARLIEST_TIME <= parsed <= LATEST_TIME:
+        raise ValueError(f"date-time out of range: {value!r} (0001-01-02 to 9999-12-30 UTC)")
     return parsed
 
 

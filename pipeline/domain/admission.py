@@ -8,21 +8,24 @@ something — a geometry shapely refuses to index, a title no warning can be enc
 worker would find out on its own, some (those with a citizen inside) and not others; and a crisis
 accepted into the table would break every later check-in geofenced against it.
 
-So every stage admits a crisis by :func:`rehearse`: the same code the worker runs on it — index it,
-sweep a probe citizen inside it, move that citizen in by a check-in, build every kind of warning
-it can cause and encode it, end it — on a scratch tracker. The verdict depends on the crisis alone
-(not on where this worker's citizens are, nor on the clock), so every stage reaches the same one:
-the crisis agent dead-letters a refused crisis, once; readers and the sink skip it. Whatever
+So every stage admits a crisis by decoding it through the one validation
+(:mod:`pipeline.domain.validation`), then by :func:`rehearse`: the same code the worker runs on it
+— index it, sweep a probe citizen inside it, move that citizen in by a check-in, build every kind
+of warning it can cause and encode it, end it — on a scratch tracker. The verdict depends on the
+crisis alone (not on where this worker's citizens are, nor on the clock), so every stage reaches
+the same one: the crisis agent dead-letters a refused crisis, once; readers and the sink skip it. Whatever
 raises in the rehearsal refuses the crisis, foreseen or not; ``pipeline.stage`` turns the
 exception into the dead letter's reason.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TypeVar
 
 from pipeline.domain.tracking import CitizenState, GeofenceConfig, Tracker, make_warning
-from schemas import Checkin, Crisis, InvalidEvent, decode, encode
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, decode_event
+from schemas import Checkin, Crisis, InvalidEvent, encode
 from schemas.models import Event, WarningKind
 
 E = TypeVar("E", bound=Event)
@@ -31,11 +34,13 @@ PROBE_CITIZEN = "rehearsal-probe"
 KINDS: tuple[WarningKind, ...] = ("inside", "entered", "near", "exited", "all_clear")
 
 
-def admit(raw: bytes | None, model: type[E]) -> E:
-    """Bytes from a topic to an event a stage can use; raises (anything) if it cannot be used."""
+def admit_message(raw: bytes | None, model: type[E], now: datetime, rules: EventRules = DEFAULT_RULES) -> E:
+    """Bytes from a topic to an event a stage can use: the one validation
+    (:func:`pipeline.domain.validation.decode_event`), then for a crisis its rehearsal; raises
+    (anything) if it cannot be used."""
     if raw is None:
         raise InvalidEvent("empty message")
-    event = decode(raw, model)
+    event = decode_event(raw, model, now, rules)
     if isinstance(event, Crisis):
         rehearse(event)
     return event

@@ -278,7 +278,7 @@ def _snap_to_seam(xy: np.ndarray) -> np.ndarray:
 
 def _has_wide_edge(geom: BaseGeometry) -> bool:
     """Whether an edge spans 180° of longitude or more (a band around a pole, read back as a jump)."""
-    for ring in shapely.get_rings(geom):
+    for ring in shapely.get_rings(shapely.get_parts(geom)):  # get_rings sees nothing in a MultiPolygon
         x = shapely.get_coordinates(ring)[:, 0]
         if len(x) > 1 and float(np.abs(np.diff(x)).max()) >= 180.0:
             return True

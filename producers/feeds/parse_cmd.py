@@ -1,7 +1,9 @@
 """``crisiswatch parse [--format F] [--exercise] FILE...``: print the crisis/1 events feed documents yield.
 
 The pure parsers of :mod:`pipeline.domain.feeds`, no broker: one JSON line per event on stdout,
-each checked against ``schemas/json/crisis-1.schema.json`` before it is printed. On stderr, one
+each passed through the very check the stages apply when they read ``crisis-events``
+(:func:`pipeline.domain.validation.prepare_outgoing`: the decoder and the geometry normaliser)
+before it is printed, so what is printed is what the pipeline would use. On stderr, one
 line per item the parser rejected (``FILE: rejected ITEM: REASON``) and per news item held for
 review (``FILE: review ...``); with ``--notes`` also the parser's notes (geometry repairs, swapped
 coordinates, areas left unmapped). Exit 0 when every file parsed (even if some items were rejected),
@@ -18,9 +20,10 @@ from typing import Any, BinaryIO, TextIO
 
 from pipeline.domain.feeds.base import FORMATS, FeedError, ParseContext, ParseResult, parse_document
 from pipeline.domain.feeds.detect import detect_format
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
 from pipeline.settings import Settings
 from producers.feeds.geocoding import make_geocoder
-from schemas import InvalidEvent, check, encode, parse_time
+from schemas import InvalidEvent, parse_time
 
 DEFAULT_MIN_CONFIDENCE = ParseContext(now=datetime.min.replace(tzinfo=UTC)).min_confidence
 
@@ -82,15 +85,16 @@ def parse_file(path: Path, fmt: str, ctx: ParseContext) -> ParseResult:
         raise FeedError(f"no parser for format {chosen!r} is installed") from None
 
 
-def emit(path: Path, result: ParseResult, args: argparse.Namespace, out: BinaryIO, err: TextIO) -> None:
+def emit(path: Path, result: ParseResult, args: argparse.Namespace, out: BinaryIO, err: TextIO,
+         now: datetime | None = None, rules: EventRules = DEFAULT_RULES) -> None:
     printed = [*result.events, *(result.review if args.include_review else ())]
     for event in printed:
         try:
-            check(event.to_dict(), "crisis/1")
+            _, raw = prepare_outgoing(event, now or datetime.now(UTC), rules)
         except InvalidEvent as exc:
             print(f"{path}: rejected {event.crisis_id}: produced an invalid crisis/1 event ({exc})", file=err)
             continue
-        out.write(encode(event) + b"\n")
+        out.write(raw + b"\n")
     for rejection in result.rejected:
         print(f"{path}: rejected {rejection.item_ref}: {rejection.reason}", file=err)
     if not args.include_review:
@@ -128,6 +132,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: internal parser error: {type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
             failed += 1
             continue
-        emit(path, result, args, out, sys.stderr)
+        emit(path, result, args, out, sys.stderr, ctx.now, settings.event_rules())
         out.flush()
     return 2 if failed else 0

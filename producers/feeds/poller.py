@@ -7,7 +7,9 @@ feed (a GDACS item and a USGS item may join the same incident).
 Three kinds of failure, three paths:
 
 - a document or an item that cannot be used → ``dlq`` with a reason header (once per distinct
-  document or item, not on every poll);
+  document or item, not on every poll). That includes an event a parser or the merge built that
+  the stages would refuse: every event is encoded and decoded again by the stages' own check
+  (:func:`pipeline.domain.validation.prepare_outgoing`) before it is published;
 - the feed cannot be fetched (timeout, network, HTTP error, too large) → metrics, a log line
   and exponential backoff with jitter;
 - Kafka does not acknowledge → nothing is marked as published (state and validators stay as
@@ -32,14 +34,15 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pipeline import topics
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, parse_document
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection, parse_document
 from pipeline.domain.feeds.merge import MergeRule, merge
+from pipeline.domain.validation import prepare_outgoing
 from pipeline.metrics import FeedMetrics
 from pipeline.settings import Settings
 from producers.feeds.config import FeedConfig, PollerConfig
 from producers.feeds.state import FeedState, PollerState, StateError, StateStore
 from producers.publisher import BrokerUnavailable, Outgoing, dead_letter, outgoing
-from schemas import Crisis
+from schemas import Crisis, InvalidEvent
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,11 @@ def backoff_delay(failures: int, interval_s: float, jitter: float, base_s: float
     return ceiling * (0.5 + jitter / 2.0)
 
 
+def _unicode(text: str) -> str:
+    """Text from a feed as it can be encoded: a lone surrogate (an XML character reference can make one) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -178,6 +186,7 @@ class FeedPoller:
         self.clock = clock
         self.jitter = jitter
         self.rule = rule
+        self.rules = settings.event_rules()
         self.user_agent = user_agent
         # Only news items need place names looked up; build the configured geocoder only then.
         # ValueError/TypeError here name a bad [geocoder] section.
@@ -257,38 +266,58 @@ class FeedPoller:
     def _publish_parsed(self, feed: FeedConfig, body: bytes, validators: FeedState, parsed: ParseResult,
                         now: datetime) -> PollResult:
         state = self._state
-        messages: list[Outgoing] = []
+        invalid: list[Rejection] = []
 
-        new_rejections: list[str] = []
-        for rejection in parsed.rejected:
-            mark = _sha256(f"{rejection.item_ref}\n{rejection.reason}".encode())[:24]
-            if mark in validators.rejections or mark in new_rejections:
-                continue
-            new_rejections.append(mark)
-            payload = json.dumps({"feed": feed.name, "location": feed.location, "item_ref": rejection.item_ref,
-                                  "reason": rejection.reason}, ensure_ascii=False).encode("utf-8")
-            messages.append(self._to_dlq(payload, rejection.reason, feed))
+        def admitted(event: Crisis) -> Crisis | None:
+            """The event as the stages will read it, or None (and a rejection) if they would refuse it."""
+            try:
+                return prepare_outgoing(self._with_language(event, feed), now, self.rules)[0]
+            except InvalidEvent as exc:
+                reason = f"the parser produced an invalid crisis/1 event ({exc})"
+            except Exception as exc:  # an item's problem nobody foresaw stays that item's problem
+                log.exception("checking a parsed event failed", extra={"feed": feed.name})
+                reason = f"checking the parsed event failed: {type(exc).__name__}: {exc}"
+            invalid.append(Rejection(event.source_ref or event.crisis_id, reason))
+            return None
 
+        events: list[Outgoing] = []
         review_seen: dict[str, int] = {}
-        for event in map(lambda e: self._with_language(e, feed), parsed.review):
+        for event in filter(None, map(admitted, parsed.review)):
             if max(state.review.get(event.crisis_id, 0), review_seen.get(event.crisis_id, 0)) >= event.version:
                 continue
             review_seen[event.crisis_id] = event.version
-            messages.append(outgoing(event, self.topics.review))
+            events.append(outgoing(event, self.topics.review))
 
         registry = state.registry
         published = unchanged = 0
-        for event in map(lambda e: self._with_language(e, feed), parsed.events):
+        for event in filter(None, map(admitted, parsed.events)):
             outcome = merge(registry, event, self.rule, now)
+            combined = None if outcome.publish is None else admitted(outcome.publish)
+            if outcome.publish is not None and combined is None:
+                continue  # the incident stays as it was; the reason is dead-lettered below
             registry = outcome.registry
-            if outcome.publish is None:
+            if combined is None:
                 unchanged += 1
                 continue
             published += 1
-            messages.append(outgoing(outcome.publish, self.topics.crisis))
-            log.info("crisis event", extra={"feed": feed.name, "crisis_id": outcome.publish.crisis_id,
-                                            "version": outcome.publish.version, "op": outcome.publish.op,
+            events.append(outgoing(combined, self.topics.crisis))
+            log.info("crisis event", extra={"feed": feed.name, "crisis_id": combined.crisis_id,
+                                            "version": combined.version, "op": combined.op,
                                             "source_ref": event.source_ref})
+
+        messages: list[Outgoing] = []
+        new_rejections: list[str] = []
+        rejections = (*parsed.rejected, *invalid)
+        for rejection in rejections:
+            item_ref, reason = _unicode(rejection.item_ref), _unicode(rejection.reason)
+            mark = _sha256(f"{item_ref}\n{reason}".encode())[:24]
+            if mark in validators.rejections or mark in new_rejections:
+                continue
+            new_rejections.append(mark)
+            payload = json.dumps({"feed": feed.name, "location": feed.location, "item_ref": item_ref,
+                                  "reason": reason}, ensure_ascii=False).encode("utf-8")
+            messages.append(self._to_dlq(payload, reason, feed))
+        messages += events
         for note in parsed.notes:
             log.info("feed note", extra={"feed": feed.name, "note": note[:500]})
 
@@ -305,14 +334,14 @@ class FeedPoller:
         items.labels(feed.name, "published").inc(published)
         items.labels(feed.name, "unchanged").inc(unchanged)
         items.labels(feed.name, "review").inc(len(review_seen))
-        items.labels(feed.name, "rejected").inc(len(parsed.rejected))
+        items.labels(feed.name, "rejected").inc(len(rejections))
         items.labels(feed.name, "noted").inc(len(parsed.notes))
         self.metrics.dlq.labels(DLQ_STAGE, "item").inc(len(new_rejections))
         try:
             self._commit(new_state)
         except StateError as exc:
             return PollResult(feed.name, ok=False, error_kind="state", error=str(exc), published=published)
-        return PollResult(feed.name, ok=True, published=published, review=len(review_seen), rejected=len(parsed.rejected),
+        return PollResult(feed.name, ok=True, published=published, review=len(review_seen), rejected=len(rejections),
                           unchanged=unchanged, notes=parsed.notes)
 
     def _dead_letter_document(self, feed: FeedConfig, body: bytes, validators: FeedState, reason: str) -> PollResult:

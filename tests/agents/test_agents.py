@@ -72,5 +72,5 @@ async def test_crisis_agent_dead_letters_a_crisis_it_cannot_apply(worker: tuple[
         await agent.put(encode(make_crisis("point", ring)), key=b"point")
         await agent.put(b'{"schema":"crisis/1","x":' + b"[" * 5000 + b"]" * 5000 + b"}", key=b"deep")
     assert [(d.raw.key, d.stage, d.error_type) for d in emitter.dead] == [
-        (b"point", "crisis", "ValueError"), (b"deep", "crisis", "RecursionError")]
+        (b"point", "crisis", "schemas.codec.InvalidEvent"), (b"deep", "crisis", "schemas.codec.InvalidEvent")]
     assert isinstance(runtime.admit_crisis(emitter.dead[0].raw, "crisis-reader"), DeadLetter)

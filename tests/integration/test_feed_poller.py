@@ -214,6 +214,35 @@ def test_polls_publish_each_crisis_once_across_304s_restarts_and_updates(
     assert "higher ground" in new[0].instruction  # still led by the agency's alert
 
 
+def test_an_item_the_stages_would_refuse_is_dead_lettered_with_its_reason_and_the_rest_published(
+        kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer, tmp_path: Path) -> None:
+    # JSON escapes let a feed write what no stage could store or encode again: a lone surrogate, a NUL.
+    doc = json.loads(usgs_document())
+    doc["features"][0]["properties"]["title"] = "M 7.5 - Noto \ud800 Peninsula"
+    body = json.dumps(doc, ensure_ascii=True).encode()
+    feed_server.put("/usgs.geojson", body, '"usgs-1"')
+    config = feeds_config(feed_server, ("usgs", "/usgs.geojson", "usgs"))
+    metrics = CollectorRegistry()
+    poller = make_poller(config, kafka_bootstrap, tmp_path, feed_topics, metrics)
+
+    [result] = poller.poll_once()
+    assert result.ok and (result.published, result.rejected) == (1, 1)
+    assert [e.geometry is not None and shape(e.geometry).covers(COQUIMBO) for e in crises(kafka_bootstrap, feed_topics.crisis)] \
+        == [True]
+    [letter] = read_all(kafka_bootstrap, feed_topics.dlq)
+    reason = dict(letter.headers)[topics.DLQ_REASON_HEADER].decode()
+    assert reason.startswith("the parser produced an invalid crisis/1 event ($.title: lone surrogate U+D800")
+    assert json.loads(letter.value)["item_ref"] == doc["features"][0]["id"]
+    assert metrics.get_sample_value("crisiswatch_feed_items_total", {"feed": "usgs", "outcome": "rejected"}) == 1
+
+    # the same item in a new document, read by a restarted poller: dead-lettered once, not on every poll
+    feed_server.put("/usgs.geojson", body + b" ", '"usgs-2"')
+    restarted = make_poller(config, kafka_bootstrap, tmp_path, feed_topics)
+    assert all(r.ok for r in restarted.poll_once())
+    assert len(read_all(kafka_bootstrap, feed_topics.dlq)) == 1
+    assert len(read_all(kafka_bootstrap, feed_topics.crisis)) == 1
+
+
 def test_events_kafka_did_not_acknowledge_are_published_on_a_later_poll(
         kafka_bootstrap: str, feed_topics: FeedTopics, feed_server: FeedServer, tmp_path: Path) -> None:
     feed_server.put("/usgs.geojson", usgs_document(), '"usgs-1"')

@@ -216,15 +216,22 @@ def test_a_replay_adds_no_rows_and_the_latest_registration_wins(
 
 def test_a_row_postgresql_refuses_is_dead_lettered_and_the_rest_of_the_batch_is_written(
         kafka_bootstrap: str, sink_db: str, sink_topics: SinkTopics, publisher: Publisher) -> None:
-    good, bad = uid("cit"), uid("cit")
+    # The decoder refuses what PostgreSQL cannot store (a NUL in a name); a refusal nobody foresaw is played
+    # here by a constraint this test's own database adds.
+    with psycopg.connect(sink_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE citizens ADD CONSTRAINT no_test_names CHECK (name <> 'Refused By Postgres')")
+    good, nul, refused = uid("cit"), uid("cit"), uid("cit")
     publisher.publish([outgoing(citizen(good), sink_topics.citizens),
-                       outgoing(citizen(bad, "Nul\u0000Byte"), sink_topics.citizens)])
+                       outgoing(citizen(nul, "Nul\u0000Byte"), sink_topics.citizens),
+                       outgoing(citizen(refused, "Refused By Postgres"), sink_topics.citizens)])
     with running(make_sink(kafka_bootstrap, sink_db, sink_topics, CollectorRegistry())):
-        letters = dead_letters(kafka_bootstrap, sink_topics.citizens, 1)
+        letters = dead_letters(kafka_bootstrap, sink_topics.citizens, 2)
         wait_until(lambda: count(sink_db, "SELECT count(*) FROM citizens") == 1, what="the good citizen")
     assert count(sink_db, "SELECT count(*) FROM citizens WHERE citizen_id = %s", good) == 1
-    assert len(letters) == 1 and bad.encode() in letters[0].value
-    assert "postgresql refused" in dict(letters[0].headers)[topics.DLQ_REASON_HEADER].decode()
+    reasons = {next(who for who in (nul, refused) if who.encode() in m.value): dict(m.headers)[topics.DLQ_REASON_HEADER].decode()
+               for m in letters}
+    assert reasons[nul] == "$.name: NUL (U+0000) is not allowed in text"
+    assert reasons[refused].startswith("postgresql refused the row for citizens") and "no_test_names" in reasons[refused]
 
 
 def test_a_row_that_cannot_be_written_is_isolated_and_dead_lettered_once_and_the_rest_written(

@@ -17,7 +17,11 @@ VALID = {"schema": "checkin/1", "citizen_id": "c-1", "lat": -6.2, "lon": 106.8, 
 
 values = st.one_of(st.none(), st.booleans(), st.integers(-1000, 100_000), st.floats(allow_nan=False),
                    st.text(max_size=40), st.sampled_from(["app", "sms", "2026-01-01T12:00:00Z", "2026-13-01T12:00:00Z",
-                                                          "2026-01-01 12:00:00", "x" * 129, "-bad", "ok:id/1"]),
+                                                          "2026-01-01 12:00:00", "x" * 129, "-bad", "ok:id/1", "c-1\n",
+                                                          "2026-01-01T12:00:00Z\n", "9999-12-31T23:59:59-01:00",
+                                                          "0001-01-01T00:00:00+01:00", "9999-12-30T00:00:00Z", "٢٠٢٦",
+                                                          "app\n"]),
+                   st.sampled_from([2**63, -(2**63), 10**30, 90, 90.0, -180]),
                    st.lists(st.integers(), max_size=2))
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from pipeline.cli import main
+from pipeline.domain.validation import decode_event
 from pipeline.embedded import create_topics, free_port
 from pipeline.settings import Secret, Settings
 from pipeline.testing import records_for
 from producers.api import MAX_BATCH, ApiTopics, create_app
-from producers.publisher import Publisher
+from producers.publisher import Outgoing, Publisher
 from schemas import Ack, Checkin, Citizen, Crisis, decode
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -465,3 +466,103 @@ def test_api_verb_without_kafka_exits_2_with_one_line(monkeypatch: pytest.Monkey
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "CRISISWATCH_KAFKA_BOOTSTRAP" in err and "crisiswatch up" in err
+
+
+# --- nothing a stage would refuse is answered 202, nothing is answered 500 -----------------------------------
+
+SQUARE = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.3], [106.9, -6.1], [106.7, -6.1], [106.7, -6.3]]]}
+BOW_TIE = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.1], [106.9, -6.3], [106.7, -6.1], [106.7, -6.3]]]}
+FOUR_IDENTICAL = {"type": "Polygon", "coordinates": [[[106.8, -6.2], [106.8, -6.2], [106.8, -6.2], [106.8, -6.2]]]}
+WHOLE_GLOBE = {"type": "Polygon", "coordinates": [[[-180, -89], [0, -89], [180, -89], [180, 89], [0, 89], [-180, 89],
+                                                   [-180, -89]]]}
+LATER = (NOW + timedelta(hours=1)).isoformat()
+
+
+def escaped(obj: Any) -> bytes:
+    """JSON as an attacker writes it: any string escapes, lone surrogates included."""
+    return json.dumps(obj, ensure_ascii=True).encode()
+
+
+def deep(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(("path", "body", "field", "reason"), [
+    ("/v1/checkins", b'{"citizen_id": "x", "extra": ' + deep(1000) + b"}", "$", "nested more than 64 levels deep"),
+    ("/v1/checkins", deep(980), "$", "nested more than 64 levels deep"),
+    ("/v1/crises", b'{"geometry": ' + deep(5000) + b"}", "$", "nested more than 64 levels deep"),
+    ("/v1/crises", escaped({"title": "Banjir \ud800", "geometry": SQUARE}), "$.title", "lone surrogate U+D800"),
+    ("/v1/acks", escaped({"citizen_id": "x", "crisis_id": "k", "status": "safe", "\udc80": 1}), "$.\\udc80",
+     "lone surrogate U+DC80 is not valid Unicode in an object key"),
+    ("/v1/checkins", b'"\xed\xa0\x80"', "$", "not UTF-8"),
+    ("/v1/citizens", escaped(citizen("x", name="Siti\u0000Rahma")), "$.name", "NUL (U+0000) is not allowed"),
+    ("/v1/crises", escaped({"version": 10**30, "geometry": SQUARE}), "$.version", "below 2^63"),
+    ("/v1/crises", escaped({"version": 2**63, "geometry": SQUARE}), "$.version", "below 2^63"),
+    ("/v1/checkins", escaped(checkin("x")).replace(b'"lat": -6.2', b'"lat": 1e400'), "$.lat", "beyond a double"),
+    ("/v1/checkins", escaped(checkin("x")).replace(b'"lat": -6.2', b'"lat": ' + b"1" * 5000), "$", "not JSON"),
+    ("/v1/checkins", escaped(checkin("x", observed_at="9999-12-31T00:00:00Z")), "$.observed_at", "out of range"),
+    ("/v1/checkins", escaped(checkin("x", observed_at=LATER)), "$.observed_at", "observed 3600 s in the future"),
+    ("/v1/checkins", escaped({"checkins": [checkin("x"), checkin("y", observed_at=LATER)]}), "$.checkins[1].observed_at",
+     "in the future"),
+    ("/v1/acks", escaped({"citizen_id": "x", "crisis_id": "k", "status": "safe", "received_at": LATER}), "$.received_at",
+     "received 3600 s in the future"),
+    ("/v1/crises", escaped({"geometry": WHOLE_GLOBE}), "$.geometry", "area covers 100.0% of the globe"),
+    ("/v1/crises", escaped({"geometry": FOUR_IDENTICAL}), "$.geometry", "empty geometry"),
+], ids=["deep-checkin", "deep-980", "deep-crisis", "surrogate-title", "surrogate-key", "encoded-surrogate", "nul-name",
+        "version-1e30", "version-2^63", "infinite-lat", "5000-digits", "checkin-9999", "checkin-ahead",
+        "batch-item-ahead", "ack-ahead", "whole-globe", "four-identical-points"])
+def test_the_issues_bad_input_is_422_with_field_and_reason(client: TestClient, path: str, body: bytes, field: str,
+                                                           reason: str) -> None:
+    headers = {**(OPERATOR if path == "/v1/crises" else INGEST), "Content-Type": "application/json"}
+    response = client.post(path, content=body, headers=headers)
+
+    assert response.status_code == 422, response.text
+    assert (response.json()["error"], response.json()["field"]) == ("invalid", field)
+    assert reason in response.json()["reason"]
+
+
+def test_a_bow_tie_is_published_as_every_stage_will_read_it(client: TestClient, kafka_bootstrap: str,
+                                                            api_topics: ApiTopics) -> None:
+    response = client.post("/v1/crises", json={"title": "Banjir \U0001f30a", "geometry": BOW_TIE}, headers=OPERATOR)
+
+    assert response.status_code == 202
+    crisis = response.json()
+    assert crisis["geometry"]["type"] == "MultiPolygon" and len(crisis["geometry"]["coordinates"]) == 2
+    [record] = records_for(kafka_bootstrap, api_topics.crises, {crisis["crisis_id"]}, 1)
+    assert decode_event(record.value, Crisis, NOW) == Crisis.from_dict(crisis)
+
+
+def test_a_checkin_a_little_ahead_of_the_clock_is_accepted(client: TestClient) -> None:
+    ahead = (NOW + timedelta(seconds=299)).isoformat()
+    assert client.post("/v1/checkins", json=checkin(new_id(), observed_at=ahead), headers=INGEST).status_code == 202
+
+
+class _BrokenPublisher:
+    """A publisher failing in a way nobody foresaw (not a BrokerUnavailable)."""
+
+    def publish(self, messages: Iterable[Outgoing]) -> int:
+        raise RuntimeError("something nobody foresaw")
+
+
+def test_an_unexpected_error_is_422_while_validating_and_503_elsewhere_and_counted(
+        settings: Settings, publisher: Publisher, api_topics: ApiTopics) -> None:
+    def broken_ids() -> str:
+        raise KeyError("no ids left")
+
+    client = TestClient(create_app(settings, publisher, CollectorRegistry(), fixed_clock, api_topics=api_topics,
+                                   new_crisis_id=broken_ids))
+    validating = client.post("/v1/crises", json={"geometry": SQUARE}, headers=OPERATOR)
+    assert validating.status_code == 422
+    assert validating.json()["reason"] == "the input could not be validated (KeyError: 'no ids left')"
+    assert 'crisiswatch_api_unexpected_errors_total{step="validate"} 1.0' in client.get("/metrics").text
+
+    broken = TestClient(create_app(settings, _BrokenPublisher(), CollectorRegistry(), fixed_clock,  # type: ignore[arg-type]
+                                   api_topics=api_topics))
+    publishing = broken.post("/v1/checkins", json=checkin(new_id()), headers=INGEST)
+    assert publishing.status_code == 503
+    assert publishing.json() == {"error": "unavailable",
+                                 "reason": "unexpected RuntimeError; nothing was accepted, retry later"}
+    assert publishing.headers["Retry-After"]
+    metrics = broken.get("/metrics").text
+    assert 'crisiswatch_api_unexpected_errors_total{step="request"} 1.0' in metrics
+    assert 'crisiswatch_api_requests_total{endpoint="/v1/checkins",status="503"} 1.0' in metrics

@@ -56,6 +56,23 @@ def test_item_rejections_are_one_line_each_and_do_not_fail_the_file() -> None:
         "sent 'yesterday afternoon' is not a date-time with an offset"]
 
 
+def test_an_event_the_stages_would_refuse_is_not_printed_but_reported(tmp_path: Path) -> None:
+    week = FIXTURES / "usgs" / "week.geojson"  # origin times around 2023-11-14
+    doc = json.loads(week.read_text())
+    doc["features"][0]["properties"]["title"] = "Quake \u0000 near the coast"
+    path = tmp_path / "usgs.geojson"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    everything = crisiswatch_parse("--at", "2023-11-15T00:00:00Z", week)
+
+    done = crisiswatch_parse("--at", "2023-11-15T00:00:00Z", path)
+
+    assert done.returncode == 0
+    printed = {e["crisis_id"] for e in events_of(done.stdout)}
+    assert printed == {e["crisis_id"] for e in events_of(everything.stdout)} - {"usgs:us7000abcd"} and printed
+    assert f"{path}: rejected usgs:us7000abcd: produced an invalid crisis/1 event ($.title: NUL (U+0000) is not allowed " \
+           "in text)" in done.stderr.splitlines()
+
+
 def test_exercise_flag_and_environment_keep_exercise_alerts() -> None:
     path = FIXTURES / "cap" / "cap12_exercise_polygon.xml"
     dropped = crisiswatch_parse(path)
