@@ -484,6 +484,7 @@ class PostgresSink:
         cutoff = retention_cutoff(self.clock(), self.settings.checkin_retention_days)
         deleted = retry(lambda: self.store.purge_checkins(cutoff), outage=_outage_errors(), stop=stop,
                         what="purge check-in history", backoff=self.backoff, on_outage=self._outage)
+        self.healthy = True  # the outage waited out here may be the only one: no batch may come to say so
         self._next_purge = time.monotonic() + self.retention_interval_s
         if deleted:
             log.info("check-in history purged", extra={"deleted": deleted, "before": cutoff.isoformat()})

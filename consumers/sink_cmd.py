@@ -1,5 +1,9 @@
 """``crisiswatch sink``: the PostgreSQL sink and the per-country warning router in one process,
-with /metrics and /health. SIGTERM or Ctrl-C finishes the batch in hand, commits, and exits."""
+with /metrics and /health. SIGTERM or Ctrl-C finishes the batch in hand, commits, and exits.
+
+``/health`` is 503 while a part has stopped, while a part is waiting out an outage, or while the
+health probe cannot reach Kafka or PostgreSQL (the consumers' own polls do not notice a broker
+that went away); the body names what is down."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.router import WarningRouter
 from consumers.sink import PostgresSink
+from pipeline.health import probe_for
 from pipeline.metrics import SinkMetrics
 from pipeline.observability import serve_metrics, setup_logging
 from pipeline.settings import Settings
@@ -63,9 +68,15 @@ def run_sink(settings: Settings, stop_event: threading.Event, *, registry: Colle
         return all(t.is_alive() for t in threads) and all(ok() for _, _, ok in parts)
 
     server = None
+    probe = None
     if serve_http:
+        probe = probe_for(settings, kafka=True, postgresql=True, registry=registry).start()
         port = settings.sink_metrics_port if metrics_port is None else metrics_port
-        server = serve_metrics(registry, settings.api_host, port, healthy)
+        try:
+            server = serve_metrics(registry, settings.api_host, port, healthy, probe=probe)
+        except OSError:
+            probe.stop()
+            raise
         log.info("sink metrics at http://%s:%d/metrics", settings.api_host, port)
     for thread in threads:
         thread.start()
@@ -79,6 +90,8 @@ def run_sink(settings: Settings, stop_event: threading.Event, *, registry: Colle
         if server is not None:
             server.shutdown()
             server.server_close()
+        if probe is not None:
+            probe.stop()
     return 1 if failed else 0
 
 

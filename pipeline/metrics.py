@@ -34,6 +34,7 @@ MetricName = Literal[
     "crisiswatch_feed_items_total",
     "crisiswatch_feed_errors_total",
     "crisiswatch_feed_fetch_seconds",
+    "crisiswatch_dependency_up",
 ]
 METRIC_NAMES: Final = frozenset(MetricName.__args__)  # type: ignore[attr-defined]
 
@@ -118,3 +119,11 @@ class FeedMetrics(DlqMetrics):
         self.errors = Counter(_name("crisiswatch_feed_errors_total"), "Failed polls", ["feed", "kind"], registry=registry)
         self.fetch_seconds = Histogram("crisiswatch_feed_fetch_seconds", "Time to fetch and parse one feed", ["feed"],
                                        buckets=LATENCY_BUCKETS, registry=registry)
+
+
+class DependencyMetrics:
+    """What every long-running process reports of its broker and database (pipeline/health.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge("crisiswatch_dependency_up", "1 while the dependency answers this process's health probe, else 0",
+                        ["dependency"], registry=registry)

@@ -1,18 +1,25 @@
-"""Structured logs and the /metrics + /health HTTP endpoint for processes that are not Faust workers."""
+"""Structured logs, rate-limited repeats, and the /metrics + /health HTTP endpoint for processes that
+are not Faust workers."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from pipeline.health import HealthProbe
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -29,9 +36,71 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+@dataclass(slots=True)
+class _Window:
+    opened: float
+    suppressed: int = 0
+
+
+_NUMBERS: Final = re.compile(r"\d+(?:\.\d+)?")
+
+
+class RepeatedLogFilter(logging.Filter):
+    """Lets the first of a run of like log lines through, then at most one per ``interval_s``.
+
+    While a broker is away its clients log the same failures many times a second, which buries the
+    one line that says what happened. Lines are
+    alike when logger, level and message template match (numbers in the template ignored: some
+    libraries format backoff times into it); the one that passes after a quiet spell carries the
+    count of those left out, in the ``suppressed`` field and at the end of its message. Only
+    WARNING and above are limited: INFO lines are rare and each says something different.
+
+    Installed on a handler, it sees every logger's records, the libraries' (aiokafka, kafka,
+    faust, mode) included. Memory is bounded: past ``max_keys`` templates the oldest windows are
+    forgotten, with their counts.
+    """
+
+    def __init__(self, interval_s: float = 10.0, *, min_level: int = logging.WARNING,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 1024) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.min_level = min_level
+        self.clock = clock
+        self.max_keys = max_keys
+        self._windows: dict[tuple[str, int, str], _Window] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.min_level:
+            return True
+        key = (record.name, record.levelno, _NUMBERS.sub("#", str(record.msg)))
+        now = self.clock()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and now - window.opened < self.interval_s:
+                window.suppressed += 1
+                return False
+            self._windows.pop(key, None)  # re-inserted last: the dict stays in order of opening
+            self._windows[key] = _Window(now)
+            if len(self._windows) > self.max_keys:
+                del self._windows[next(iter(self._windows))]
+        if window is not None and window.suppressed:
+            record.suppressed = window.suppressed
+            record.msg = f"{record.msg} [{window.suppressed} more like this in the last {now - window.opened:.0f}s not logged]"
+        return True
+
+
+def limit_repeats(logger: logging.Logger, interval_s: float = 10.0) -> None:
+    """Put a :class:`RepeatedLogFilter` on each of ``logger``'s handlers that has none yet."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, RepeatedLogFilter) for f in handler.filters):
+            handler.addFilter(RepeatedLogFilter(interval_s))
+
+
 def setup_logging(level: str = "INFO", process: str = "crisiswatch") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter())
+    handler.addFilter(RepeatedLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -40,9 +109,12 @@ def setup_logging(level: str = "INFO", process: str = "crisiswatch") -> None:
     logging.LoggerAdapter(logging.getLogger(process), {}).debug("logging configured")
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int,
-                  health: Callable[[], bool] = lambda: True) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` (Prometheus text) and ``/health`` (200 or 503) on a daemon thread."""
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, health: Callable[[], bool] = lambda: True,
+                  probe: HealthProbe | None = None) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` (Prometheus text) and ``/health`` (200 or 503) on a daemon thread.
+
+    ``/health`` is 200 when ``health()`` holds and, with a ``probe``, every dependency answers; the
+    JSON body then names each dependency's state (:meth:`HealthProbe.report`)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -50,8 +122,12 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int,
                 body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif self.path.split("?")[0] == "/health":
                 ok = health()
-                body, status, ctype = (b'{"status":"ok"}' if ok else b'{"status":"unhealthy"}'), (200 if ok else 503), \
-                    "application/json"
+                if probe is not None:
+                    status, report = probe.report(ok)
+                    body, ctype = json.dumps(report).encode(), "application/json"
+                else:
+                    body, status, ctype = (b'{"status":"ok"}' if ok else b'{"status":"unhealthy"}'), \
+                        (200 if ok else 503), "application/json"
             else:
                 body, status, ctype = b"not found", 404, "text/plain"
             self.send_response(status)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +52,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_KAFKA_SASL_USERNAME", "", "SASL user name."),
     EnvVar("CRISISWATCH_KAFKA_SASL_PASSWORD", "", "SASL password (secret; never logged)."),
     EnvVar("CRISISWATCH_KAFKA_SSL_CAFILE", "", "CA bundle for TLS to the brokers."),
+    EnvVar("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S", "2", "Longest wait for Kafka to acknowledge a publish; the API answers 503 after it."),
     EnvVar("CRISISWATCH_API_HOST", "127.0.0.1", "Ingest API listen address."),
     EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port."),
-    EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated and printed."),
-    EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated and printed."),
+    EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated, kept in the data dir."),
+    EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated, kept in the data dir."),
     EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
     EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
     EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
@@ -127,6 +127,7 @@ class Settings:
     kafka_sasl_username: str = ""
     kafka_sasl_password: Secret = Secret("")
     kafka_ssl_cafile: str = ""
+    kafka_publish_timeout_s: float = 2.0
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     ingest_token: Secret = Secret("")
@@ -177,6 +178,7 @@ class Settings:
             kafka_sasl_username=get("CRISISWATCH_KAFKA_SASL_USERNAME"),
             kafka_sasl_password=Secret(get("CRISISWATCH_KAFKA_SASL_PASSWORD")),
             kafka_ssl_cafile=get("CRISISWATCH_KAFKA_SSL_CAFILE"),
+            kafka_publish_timeout_s=_float("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S", get("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S"), 0.1),
             api_host=get("CRISISWATCH_API_HOST"),
             api_port=_int("CRISISWATCH_API_PORT", get("CRISISWATCH_API_PORT")),
             ingest_token=Secret(get("CRISISWATCH_INGEST_TOKEN")),
@@ -197,14 +199,6 @@ class Settings:
             max_future_skew_s=_float("CRISISWATCH_MAX_FUTURE_SKEW_S", get("CRISISWATCH_MAX_FUTURE_SKEW_S")),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
             log_level=level,
-        )
-
-    def with_generated_tokens(self) -> Settings:
-        """Embedded profile: fill in any missing API token with a fresh random one."""
-        return replace(
-            self,
-            ingest_token=self.ingest_token or Secret(secrets.token_urlsafe(24)),
-            operator_token=self.operator_token or Secret(secrets.token_urlsafe(24)),
         )
 
     def event_rules(self) -> EventRules:
@@ -235,6 +229,7 @@ class Settings:
             "CRISISWATCH_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
             "CRISISWATCH_KAFKA_SASL_PASSWORD": self.kafka_sasl_password.get(),
             "CRISISWATCH_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S": str(self.kafka_publish_timeout_s),
             "CRISISWATCH_API_HOST": self.api_host,
             "CRISISWATCH_API_PORT": str(self.api_port),
             "CRISISWATCH_INGEST_TOKEN": self.ingest_token.get(),

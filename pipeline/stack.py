@@ -4,6 +4,22 @@ processes (worker, sink + router, ingest API, optionally feed pollers) as superv
 Used by ``crisiswatch up`` and ``crisiswatch demo``. Children get the settings through their
 environment (``Settings.env()``), log to ``<data dir>/logs/<name>.log``, and are stopped with
 SIGTERM (then SIGKILL after a grace period) when the stack stops, before the servers.
+
+Supervision (:meth:`Stack.supervise`, called by ``up`` twice a second): every part that dies is
+started again, with one line saying so, and the stack stops with one line naming the part and its
+log when a restart fails or a part dies :class:`RestartLimit` times within its window, so the
+stack is never silently half-running and never hangs.
+
+- The embedded broker keeps everything in memory: it is started again on the same port (so the
+  clients reconnect by themselves), its topics are created, :meth:`Stack._restore_broker` refills
+  it from PostgreSQL, and the worker and the sink are restarted: their consumer groups' offsets and
+  the worker's state changelog went with the old broker. The ingest API and the feed pollers only
+  produce; their producers reconnect.
+- Embedded PostgreSQL is started again on the same data directory; the clients reconnect (the sink
+  waits out the outage and retries). Should its address change, the children using it restart.
+- A child that dies is started again and awaited until its ``/health`` is 200.
+
+The generated API tokens are kept in the data directory (:mod:`pipeline.tokens`).
 """
 
 from __future__ import annotations
@@ -18,13 +34,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from pipeline.app import changelog_topic
 from pipeline.embedded import (
     EmbeddedBroker,
+    EmbeddedError,
     EmbeddedPostgres,
     apply_migrations,
     die_with_parent,
@@ -32,7 +51,8 @@ from pipeline.embedded import (
     free_port,
 )
 from pipeline.restore import RestoreError, RestoreReport, restore_if_needed
-from pipeline.settings import Settings
+from pipeline.settings import Secret, Settings
+from pipeline.tokens import TokenFileError, with_kept_tokens
 
 # The embedded broker (Tansu, memory storage) answers ListOffsets(latest) with the base offset of a
 # partition's last record batch + 1, not the true end, when that batch holds several records. Faust's
@@ -41,9 +61,41 @@ from pipeline.settings import Settings
 # test_embedded_broker.py shows both behaviours).
 EMBEDDED_PRODUCER_MAX_BATCH_BYTES = 1
 
+START_TIMEOUT_S: Final = 60.0
+
 
 class StackError(RuntimeError):
-    """A part of the stack could not start; the message says which and where its log is."""
+    """A part of the stack could not be started or kept running; the message (one line) says which
+    and where its log is."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartLimit:
+    """A part that dies ``times`` times within ``window_s`` seconds is not started again."""
+
+    times: int = 3
+    window_s: float = 60.0
+
+
+class RestartBudget:
+    """Counts each part's deaths over a sliding window (:class:`RestartLimit`), on an injected clock."""
+
+    def __init__(self, limit: RestartLimit = RestartLimit(), clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._deaths: dict[str, list[float]] = defaultdict(list)
+
+    def died(self, part: str) -> bool:
+        """Record a death of ``part``; whether it may be started again."""
+        now = self.clock()
+        recent = [t for t in self._deaths[part] if now - t < self.limit.window_s]
+        recent.append(now)
+        self._deaths[part] = recent
+        return len(recent) < self.limit.times
+
+    def deaths(self, part: str) -> int:
+        now = self.clock()
+        return sum(1 for t in self._deaths[part] if now - t < self.limit.window_s)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -62,6 +114,8 @@ class Child:
     argv: list[str]
     health_url: str | None
     log_path: Path
+    restart_with_broker: bool = False  # reads Kafka in a consumer group: its place is lost with an in-memory broker
+    uses_database: bool = False
     process: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = None
 
@@ -74,6 +128,10 @@ class Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
     def healthy(self) -> bool:
         if self.health_url is None:
             return self.alive()
@@ -82,6 +140,11 @@ class Child:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting; :meth:`stop` waits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         if self.process is None:
@@ -95,7 +158,18 @@ class Child:
                 self.process.wait()
         if self.log_file is not None:
             self.log_file.close()
+            self.log_file = None
         return self.process.returncode
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: our own errors say it all; anything else also needs its type."""
+    text = str(exc) if isinstance(exc, EmbeddedError | RestoreError) else repr(exc)
+    return " ".join(text.split())
+
+
+def _say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -105,69 +179,119 @@ class Stack:
     broker: EmbeddedBroker | None = None
     postgres: EmbeddedPostgres | None = None
     children: list[Child] = field(default_factory=list)
-    generated_tokens: bool = False
+    tokens_file: Path | None = None  # where the generated tokens are kept; None when both are configured
     restored: RestoreReport | None = None  # what was republished from PostgreSQL into a broker that lacked it
+    restart_limit: RestartLimit = RestartLimit()
+    say: Callable[[str], None] = _say_on_stderr  # one line per restart
+    clock: Callable[[], float] = time.monotonic
+    budget: RestartBudget = field(init=False)
+    _configured_tokens: tuple[bool, bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.budget = RestartBudget(self.restart_limit, self.clock)
+        self._configured_tokens = (bool(self.settings.ingest_token), bool(self.settings.operator_token))
 
     @property
     def logs(self) -> Path:
         return self.settings.data_dir / "logs"
 
+    @property
+    def broker_log(self) -> Path:
+        return self.logs / "broker.log"
+
     def _port(self, wanted: int) -> int:
         return wanted if port_free(self.settings.api_host, wanted) else free_port()
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.settings.env()}
+
+    def _ensure_topics(self) -> None:
+        s = self.settings
+        ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=[changelog_topic()])
 
     def start_servers(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         s = self.settings
         if s.embedded_kafka:
-            self.broker = EmbeddedBroker.start(log_path=self.logs / "broker.log")
+            self.broker = EmbeddedBroker.start(log_path=self.broker_log)
             s = replace(s, kafka_bootstrap=self.broker.bootstrap,
                         producer_max_batch_bytes=s.producer_max_batch_bytes or EMBEDDED_PRODUCER_MAX_BATCH_BYTES)
         ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=[changelog_topic()])
         if s.embedded_database:
-            from pipeline.settings import Secret
-
             self.postgres = EmbeddedPostgres.start(s.data_dir)
             s = replace(s, database_url=Secret(self.postgres.url))
         apply_migrations(s.database_url.get())
-        try:  # a broker that lost everything (the embedded one keeps nothing) gets it back from PostgreSQL
-            self.restored = restore_if_needed(s)
-        except RestoreError as exc:
-            raise StackError(f"recovery from PostgreSQL failed: {exc}") from exc
-        if not (s.ingest_token and s.operator_token):
-            s = s.with_generated_tokens()
-            self.generated_tokens = True
+        try:
+            s, self.tokens_file = with_kept_tokens(s)
+        except TokenFileError as exc:
+            raise StackError(str(exc)) from None
         self.settings = replace(s, api_port=self._port(s.api_port), worker_web_port=self._port(s.worker_web_port),
                                 sink_metrics_port=self._port(s.sink_metrics_port))
+        try:
+            self.restored = self._restore_broker()
+        except RestoreError as exc:
+            raise StackError(f"recovery from PostgreSQL failed: {exc}") from exc
 
-    def start_processes(self, timeout_s: float = 60.0) -> None:
+    def _restore_broker(self) -> RestoreReport | None:
+        """PostgreSQL, the system of record, refills a broker that lacks the active crises, the
+        citizens and the citizens' last known states (the embedded broker starts empty, also after its
+        restart); called once the topics exist and before any worker runs. What was republished, or
+        None when the broker held the data already or there was nothing to restore."""
+        return restore_if_needed(self.settings)
+
+    def _make_children(self) -> list[Child]:
         s = self.settings
         host = s.api_host
-        self.children = [
-            Child("worker", ["worker"], f"http://{host}:{s.worker_web_port}/health", self.logs / "worker.log"),
-            Child("sink", ["sink"], f"http://{host}:{s.sink_metrics_port}/health", self.logs / "sink.log"),
+        children = [
+            Child("worker", ["worker"], f"http://{host}:{s.worker_web_port}/health", self.logs / "worker.log",
+                  restart_with_broker=True),
+            Child("sink", ["sink"], f"http://{host}:{s.sink_metrics_port}/health", self.logs / "sink.log",
+                  restart_with_broker=True, uses_database=True),
             Child("api", ["api"], f"http://{host}:{s.api_port}/health", self.logs / "api.log"),
         ]
         if self.feeds_config is not None:
             feeds_port = self._port(9103)
-            self.children.append(Child("feeds", ["feeds", "--config", str(self.feeds_config), "--metrics-port",
-                                              str(feeds_port)], f"http://{host}:{feeds_port}/health",
-                                       self.logs / "feeds.log"))
-        env = {**os.environ, **s.env()}
+            children.append(Child("feeds", ["feeds", "--config", str(self.feeds_config), "--metrics-port",
+                                           str(feeds_port)], f"http://{host}:{feeds_port}/health",
+                                  self.logs / "feeds.log"))
+        return children
+
+    def start_processes(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        self.children = self._make_children()
+        env = self._env()
         for child in self.children:
             child.start(env)
-        deadline = time.monotonic() + timeout_s
-        pending = list(self.children)
+        self._await_healthy(self.children, timeout_s, restart_dead=False)
+
+    def _await_healthy(self, children: Sequence[Child], timeout_s: float, *, restart_dead: bool) -> None:
+        """Wait until every one of ``children`` answers ``/health`` with 200. One that dies meanwhile
+        ends the wait with a :class:`StackError` or, with ``restart_dead``, is restarted within the
+        restart budget. A server dying meanwhile ends the wait early: :meth:`supervise` sees to it."""
+        deadline = self.clock() + timeout_s
+        pending = list(children)
         while pending:
             for child in list(pending):
                 if not child.alive():
-                    raise StackError(f"{child.name} exited with code {child.process.returncode if child.process else '?'};"
-                                     f" see {child.log_path}")
-                if child.healthy():
+                    if not restart_dead:
+                        raise StackError(f"{child.name} exited with code {child.exit_code}; see {child.log_path}")
+                    self._count_death(child.name, f"{child.name} exited with code {child.exit_code}", child.log_path)
+                    self.say(f"crisiswatch up: {child.name} exited with code {child.exit_code} while starting; "
+                             f"starting it again (see {child.log_path})")
+                    child.stop()
+                    child.start(self._env())
+                elif child.healthy():
                     pending.remove(child)
-            if time.monotonic() > deadline:
-                names = ", ".join(c.name for c in pending)
-                raise StackError(f"not healthy after {timeout_s:.0f}s: {names}; see {self.logs}")
+            if not pending:
+                return
+            if (server := self._dead_server()) is not None:
+                if not restart_dead:
+                    log_path = self.broker_log if server == "broker" else self.postgres.log_path if self.postgres else self.logs
+                    raise StackError(f"the embedded {server} exited while the stack was starting; see {log_path}")
+                return
+            if self.clock() > deadline:
+                names = ", ".join(f"{c.name} (see {c.log_path})" for c in pending)
+                raise StackError(f"not healthy {timeout_s:.0f}s after a start: {names}")
             time.sleep(0.2)
 
     def start(self) -> None:
@@ -178,8 +302,88 @@ class Stack:
             self.stop()
             raise
 
-    def dead_children(self) -> list[Child]:
-        return [c for c in self.children if not c.alive()]
+    # -- supervision -------------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Look at every part once and start again what died. Raises :class:`StackError` (one line,
+        naming the part and its log) when a part cannot be kept running."""
+        while (dead := self._dead_server()) is not None:
+            if dead == "broker":
+                self._recover_broker()
+            else:
+                self._recover_postgres()
+        for child in self.children:
+            if not child.alive():
+                self._recover_child(child)
+
+    def _dead_server(self) -> str | None:
+        if self.broker is not None and not self.broker.alive():
+            return "broker"
+        if self.postgres is not None and not self.postgres.alive():
+            return "postgresql"
+        return None
+
+    def _count_death(self, part: str, what: str, log_path: Path) -> None:
+        if not self.budget.died(part):
+            limit = self.restart_limit
+            raise StackError(f"stopped: {what}, {limit.times} times within {limit.window_s:.0f}s; see {log_path}")
+
+    def _recover_broker(self) -> None:
+        assert self.broker is not None
+        dead, log_path = self.broker, self.broker_log
+        what = f"the embedded broker exited with code {dead.process.returncode}"
+        self._count_death("broker", what, log_path)
+        started = self.clock()
+        affected = [c for c in self.children if c.restart_with_broker]
+        self.say(f"crisiswatch up: {what}; restarting it on {dead.bootstrap} with its topics, then "
+                 f"{' and '.join(c.name for c in affected) or 'nothing else'} (see {log_path})")
+        for child in affected:
+            child.terminate()
+        for child in affected:
+            child.stop(grace_s=5.0)  # their consumer groups and the worker's changelog are gone anyway
+        try:
+            self.broker = EmbeddedBroker.start(port=dead.port, log_path=log_path)
+            self._ensure_topics()
+            restored = self._restore_broker()
+        except Exception as exc:  # anything: the broker cannot be kept running
+            raise StackError(f"stopped: {what} and could not be restarted on port {dead.port}: {_reason(exc)}; "
+                             f"see {log_path}") from exc
+        self._start_again(affected)
+        self.say(f"crisiswatch up: the embedded broker is running again on {dead.bootstrap} "
+                 f"({self.clock() - started:.0f}s); {restored.line() if restored else 'nothing to restore from PostgreSQL'}")
+
+    def _recover_postgres(self) -> None:
+        assert self.postgres is not None
+        pg, log_path = self.postgres, self.postgres.log_path
+        what = "embedded PostgreSQL exited"
+        self._count_death("postgresql", what, log_path)
+        started, before = self.clock(), pg.url
+        self.say(f"crisiswatch up: {what}; restarting it on {self.settings.data_dir / 'postgres'} (see {log_path})")
+        try:
+            url = pg.restart()
+        except Exception as exc:
+            raise StackError(f"stopped: {what} and could not be restarted: {_reason(exc)}; see {log_path}") from exc
+        moved = [c for c in self.children if c.uses_database] if url != before else []
+        if moved:
+            self.settings = replace(self.settings, database_url=Secret(url))
+            for child in moved:
+                child.stop()
+            self._start_again(moved)
+        self.say(f"crisiswatch up: embedded PostgreSQL is running again ({self.clock() - started:.0f}s"
+                 + (f"; restarted {' and '.join(c.name for c in moved)} for its new address)" if moved else ")"))
+
+    def _recover_child(self, child: Child) -> None:
+        what = f"{child.name} exited with code {child.exit_code}"
+        self._count_death(child.name, what, child.log_path)
+        self.say(f"crisiswatch up: {what}; restarting it (see {child.log_path})")
+        child.stop()
+        self._start_again([child])
+
+    def _start_again(self, children: Sequence[Child]) -> None:
+        env = self._env()
+        for child in children:
+            child.start(env)
+        self._await_healthy(children, START_TIMEOUT_S, restart_dead=True)
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -207,9 +411,11 @@ class Stack:
         lines += [f"  logs         {self.logs}/"]
         if self.restored is not None:
             lines += ["", f"  {self.restored.line()}"]
-        if self.generated_tokens:
-            lines += ["", "  tokens (generated for this run):",
-                      f"    ingest     {s.ingest_token.get()}", f"    operator   {s.operator_token.get()}"]
+        if self.tokens_file is not None:
+            ingest_set, operator_set = self._configured_tokens
+            lines += ["", f"  tokens (kept in {self.tokens_file}, reused by the next `crisiswatch up`):",
+                      f"    ingest     {'(from CRISISWATCH_INGEST_TOKEN)' if ingest_set else s.ingest_token.get()}",
+                      f"    operator   {'(from CRISISWATCH_OPERATOR_TOKEN)' if operator_set else s.operator_token.get()}"]
         lines += ["", "  try:  crisiswatch tail   |   curl -H 'Authorization: Bearer <ingest token>' "
                   f"-d '{_example_checkin()}' http://{host}:{s.api_port}/v1/checkins", "", "Ctrl-C stops everything."]
         return "\n".join(lines)

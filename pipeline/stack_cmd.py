@@ -1,7 +1,9 @@
 """``crisiswatch up``: the whole stack, embedded by default, until Ctrl-C or SIGTERM.
 
 With ``CRISISWATCH_KAFKA_BOOTSTRAP`` and ``CRISISWATCH_DATABASE_URL`` set it uses those and
-starts no embedded server. Exit 0 on a clean stop, 1 if a process of the stack died.
+starts no embedded server. Every part that dies is started again, with a line on stderr
+(:meth:`~pipeline.stack.Stack.supervise`). Exit 0 on a clean stop, 1 when a part could not be
+started or kept running (one line on stderr names it and its log).
 """
 
 from __future__ import annotations
@@ -40,11 +42,7 @@ def run(args: argparse.Namespace) -> int:
         stack.start()
         print(stack.banner(), flush=True)
         while True:
-            dead = stack.dead_children()
-            if dead:
-                names = ", ".join(f"{c.name} (see {c.log_path})" for c in dead)
-                print(f"crisiswatch up: stopped: {names} exited", file=sys.stderr)
-                return 1
+            stack.supervise()
             time.sleep(0.5)
     except StackError as exc:
         print(f"crisiswatch up: {exc}", file=sys.stderr)

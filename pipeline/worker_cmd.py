@@ -32,32 +32,46 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_worker(settings: Settings, loglevel: str = "info", app_id: str | None = None) -> int:
+    from prometheus_client import CollectorRegistry
+
     from pipeline.app import APP_ID, changelog_topic, create_app
     from pipeline.embedded import create_topics
+    from pipeline.health import probe_for
 
     app_id = app_id or APP_ID
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     create_topics(settings.kafka_bootstrap, [changelog_topic(app_id)], settings.partitions,
                   settings.kafka_client_options())
-    app, _ = create_app(settings, app_id=app_id)
+    registry = CollectorRegistry()
+    probe = probe_for(settings, kafka=True, registry=registry)
+    app, _ = create_app(settings, app_id=app_id, registry=registry, health=probe)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    service_worker(app, loglevel).execute_from_commandline()
+    probe.start()
+    try:
+        service_worker(app, loglevel).execute_from_commandline()
+    finally:
+        probe.stop()
     return 0
 
 
 def service_worker(app: Any, loglevel: str) -> Any:
-    """A Faust worker set up as a service: without the terminal spinner. At WARNING and above Faust
-    installs the spinner's handler and sets the root logger to DEBUG, so every library's debug
-    record is built and then dropped, on the hot path of a busy worker."""
+    """A Faust worker set up as a service: without the terminal spinner, and with repeated log lines
+    rate-limited (:class:`~pipeline.observability.RepeatedLogFilter`: aiokafka logs every failed
+    reconnect while the broker is away). At WARNING and above Faust installs the spinner's handler
+    and sets the root logger to DEBUG, so every library's debug record is built and then dropped, on
+    the hot path of a busy worker."""
     from faust.worker import Worker
+
+    from pipeline.observability import limit_repeats
 
     class ServiceWorker(Worker):
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             logger.setLevel(level)
+            limit_repeats(logger)
 
     return ServiceWorker(app, loglevel=loglevel, quiet=True)

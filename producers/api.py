@@ -10,7 +10,8 @@ Every request goes through three steps, in this order:
    decoder, the same geometry normaliser, the same clock rules), so nothing is answered ``202``
    that a stage would then dead-letter. A batch is valid as a whole or refused as a whole;
 3. **publish** — hand every event to Kafka and answer ``202`` only after the broker acknowledged
-   each of them; an unreachable broker is ``503``, never a ``2xx``.
+   each of them; an unreachable broker is ``503``, never a ``2xx``: at once while the health probe
+   knows Kafka is away, else once ``CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S`` has passed.
 
 Every refusal is a JSON object ``{"error": ..., "reason": ..., "field": ...}``: ``field`` is a JSON
 path into the request body (``$[3].lat``, ``$.checkins[3].lat``, ``$.geometry``) when one field is
@@ -50,6 +51,7 @@ from pipeline.domain.admission import rehearse
 from pipeline.domain.countries import countries_for
 from pipeline.domain.geometry import GeometryError, normalise_geometry
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
+from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
 from pipeline.settings import Secret, Settings
 from pipeline.stage import describe
@@ -369,13 +371,15 @@ _CRISIS_OPTIONAL = (*OPERATOR_DEFAULTS, "crisis_id", "version", "title", "source
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {401: "missing or invalid bearer token", 403: "token not allowed on this endpoint",
                413: "body or batch too large", 422: "invalid input: the field (JSON path) and the reason",
-               503: "Kafka unreachable: nothing was accepted, retry later"}
+               503: "Kafka unreachable: not accepted, retry later (a retry may store a duplicate, which is harmless)"}
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
 
 
 def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
-               *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None) -> FastAPI:
-    """The ingest API. Nothing global: settings, publisher, metrics registry and clock come in."""
+               *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None,
+               health: HealthProbe | None = None) -> FastAPI:
+    """The ingest API. Nothing global: settings, publisher, metrics registry, clock and the health
+    probe (``/health``; without one, ``/health`` only says the process serves) come in."""
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
@@ -433,6 +437,9 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise unexpected_input_error(exc) from None
 
     async def publish(messages: list[Outgoing]) -> None:
+        kafka_down = health.down().get(KAFKA) if health is not None else None
+        if kafka_down is not None:  # known to be away: answer now rather than after the publish timeout
+            raise ApiError(503, "broker_unavailable", f"Kafka is unreachable: {kafka_down}", headers={"Retry-After": "5"})
         try:
             await run_in_threadpool(publisher.publish, messages)
         except BrokerUnavailable as exc:
@@ -452,9 +459,12 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise unexpected_input_error(exc) from None
         return result if isinstance(result, list) else [result]
 
-    @app.get("/health", tags=["operations"])
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", tags=["operations"], responses={503: {"description": "Kafka is unreachable; the body names it"}})
+    async def health_page() -> JSONResponse:
+        if health is None:
+            return JSONResponse({"status": "ok"})
+        status, body = health.report()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus_metrics() -> Response:

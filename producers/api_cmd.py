@@ -9,7 +9,8 @@ Running it from another process or thread (``crisiswatch up`` does one of these)
   ``server.stop(); thread.join()``. ``server.started`` turns true once the socket listens.
 
 Either way the server listens on ``settings.api_host:settings.api_port``, serves ``/metrics`` and
-``/health`` itself, and closes the Kafka producer it created when it stops.
+``/health`` itself (503, naming Kafka, while its health probe cannot reach the broker), and closes
+the Kafka producer it created and stops the probe when it stops.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from types import FrameType
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from pipeline.health import HealthProbe, probe_for
 from pipeline.observability import setup_logging
 from pipeline.settings import Settings
 from producers.api import create_app
@@ -46,12 +48,14 @@ class ApiServer:
     """The ingest API on a uvicorn server; owns the Publisher it creates (a given one stays the caller's)."""
 
     def __init__(self, settings: Settings, *, publisher: Publisher | None = None,
-                 registry: CollectorRegistry | None = None, clock: Callable[[], datetime] = utc_now) -> None:
+                 registry: CollectorRegistry | None = None, clock: Callable[[], datetime] = utc_now,
+                 probe: HealthProbe | None = None) -> None:
         self.settings = settings
         self._owns_publisher = publisher is None
         self.publisher = publisher or Publisher(settings, client_id="crisiswatch-api")
         self.registry = registry or CollectorRegistry()
-        app = create_app(settings, self.publisher, self.registry, clock)
+        self.probe = probe or probe_for(replace(settings, kafka_bootstrap=self.publisher.bootstrap), registry=self.registry)
+        app = create_app(settings, self.publisher, self.registry, clock, health=self.probe)
         config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
                                 server_header=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self.server = uvicorn.Server(config)
@@ -65,9 +69,11 @@ class ApiServer:
         _warn_about_tokens(self.settings)
         log.info("ingest API starting", extra={"host": self.settings.api_host, "port": self.settings.api_port,
                                                "kafka": self.publisher.bootstrap})
+        self.probe.start()
         try:
             self.server.run()
         finally:
+            self.probe.stop()
             if self._owns_publisher:
                 self.publisher.close()
             log.info("ingest API stopped")

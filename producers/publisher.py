@@ -7,7 +7,10 @@ reached raises :class:`BrokerUnavailable` — HTTP callers turn that into 503.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,54 +65,151 @@ def dead_letter(raw: bytes | None, reason: str, source_topic: str, stage: str, k
 
 
 class Publisher:
-    """A kafka-python producer with acks=all; one per process, closed on shutdown."""
+    """A kafka-python producer with acks=all; one per process, closed on shutdown.
 
-    def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float = 10.0,
+    How long :meth:`publish` waits (``timeout_s``: ``CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S``, 2 s by
+    default) tells a broker that is away from one that is slow: it gives up once the producer has
+    had no acknowledgement at all, for any caller, for ``timeout_s`` — a broker that is gone or hung
+    acknowledges nothing — while a busy broker that keeps acknowledging is waited for, up to
+    ``MAX_WAIT_FACTOR`` times as long: many clients posting 1,000-check-in batches at once to the
+    embedded stack on a small machine can make one publish take longer than 2 s, and a fixed
+    deadline answered those 503. The first connection, a metadata fetch and a full buffer are
+    bounded by ``timeout_s`` too.
+
+    A failure that is not about the records themselves discards the producer (what it still holds
+    is dropped) and the next call makes a new one: kafka-python's producer can be left for good in
+    a fatal state by a broker that lost its memory (InitProducerId fails after the embedded broker's
+    restart), and a fresh producer is also the quickest way back to a broker that returned. A
+    client's retry after a 503 may still make a duplicate (a record can have reached Kafka just
+    before the answer), which at-least-once delivery and the idempotent sinks allow.
+    """
+
+    MAX_WAIT_FACTOR = 5
+    # kafka-python backs off reconnecting to a lost broker for up to 30 s; a broker back on its port
+    # should be used again within a second.
+    RECONNECT_BACKOFF_MAX_MS = 1000
+
+    def __init__(self, settings: Settings, bootstrap: str | None = None, timeout_s: float | None = None,
                  client_id: str = "crisiswatch-producer", max_batch_bytes: int | None = None) -> None:
         self.bootstrap = bootstrap or settings.kafka_bootstrap
-        self.timeout_s = timeout_s
+        self.timeout_s = settings.kafka_publish_timeout_s if timeout_s is None else timeout_s
+        self.max_wait_s = self.timeout_s * self.MAX_WAIT_FACTOR
         # 1 on the embedded broker for topics a Faust table recovers from (see pipeline.stack's
         # EMBEDDED_PRODUCER_MAX_BATCH_BYTES): one record per batch keeps the end offset it reports exact.
         self._batch = {"batch_size": max_batch_bytes} if max_batch_bytes else {}
         self._options = settings.kafka_client_options()
         self._client_id = client_id
         self._producer: Any = None
+        self._last_ack = 0.0  # monotonic time of the producer's latest acknowledgement, for any caller
+        self._lock = threading.Lock()
+        self._connect_failed_at = float("-inf")
+        self._connect_error: Exception | None = None
 
-    def _get(self) -> Any:
-        if self._producer is None:
-            from kafka import KafkaProducer
-            from kafka.errors import KafkaError
+    def _get(self, started: float) -> Any:
+        """The producer, made if there is none. Callers arriving while another one connects wait for
+        that attempt (within ``timeout_s``) and share its failure rather than each trying in turn."""
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise BrokerUnavailable(f"still connecting to Kafka at {self.bootstrap}")
+        try:
+            if self._producer is None and self._connect_failed_at >= started:
+                raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {self._connect_error}")
+            return self._producer or self._new_producer()
+        finally:
+            self._lock.release()
 
-            timeout_ms = int(self.timeout_s * 1000)
-            # kafka-python 3 waits bootstrap_timeout_ms (30 s by default) for an unreachable broker.
-            bootstrap = {"bootstrap_timeout_ms": timeout_ms} if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG else {}
-            try:
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=5,
-                    max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
-                    retries=3, max_in_flight_requests_per_connection=1, **bootstrap, **self._batch, **self._options)
-            except KafkaError as exc:
-                raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
-        return self._producer
-
-    def publish(self, messages: Iterable[Outgoing]) -> int:
-        """Send and wait for every acknowledgement; return how many were written."""
+    def _new_producer(self) -> Any:
+        from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        producer = self._get()
+        timeout_ms = max(1, int(self.timeout_s * 1000))
+        max_wait_ms = max(1, int(self.max_wait_s * 1000))
+        linger_ms = 5
+        # kafka-python 3 waits bootstrap_timeout_ms (30 s by default) for an unreachable broker.
+        bounded = {name: value for name, value in (("bootstrap_timeout_ms", timeout_ms),
+                                                   ("delivery_timeout_ms", max_wait_ms + linger_ms))
+                   if name in KafkaProducer.DEFAULT_CONFIG}
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.bootstrap, client_id=self._client_id, acks="all", linger_ms=linger_ms,
+                max_block_ms=timeout_ms, request_timeout_ms=max_wait_ms,
+                reconnect_backoff_max_ms=self.RECONNECT_BACKOFF_MAX_MS,
+                retries=3, max_in_flight_requests_per_connection=1, **bounded, **self._batch, **self._options)
+        except KafkaError as exc:
+            self._connect_failed_at, self._connect_error = time.monotonic(), exc
+            raise BrokerUnavailable(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
+        return self._producer
+
+    def _acknowledged(self, _metadata: Any) -> None:
+        self._last_ack = time.monotonic()
+
+    def _await(self, future: Any, started: float) -> None:
+        """Wait for one acknowledgement while the producer makes progress (see the class)."""
+        from kafka.errors import KafkaTimeoutError
+
+        cap = started + self.max_wait_s
+        while True:
+            quiet_since = max(started, self._last_ack)
+            try:
+                future.get(timeout=max(0.0, min(cap, quiet_since + self.timeout_s) - time.monotonic()))
+                return
+            except KafkaTimeoutError:
+                if future.is_done:  # the producer gave up on the record itself
+                    raise
+                now = time.monotonic()
+                if now >= cap:
+                    raise KafkaTimeoutError(f"not acknowledged within {self.max_wait_s:g}s") from None
+                if now - max(started, self._last_ack) >= self.timeout_s:
+                    raise KafkaTimeoutError(f"no acknowledgement from Kafka for {self.timeout_s:g}s") from None
+
+    def publish(self, messages: Iterable[Outgoing]) -> int:
+        """Send and wait for every acknowledgement (see the class for how long); return how many were written."""
+        from kafka.errors import KafkaError
+
+        started = time.monotonic()
+        producer = self._get(started)
         try:
             futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers), partition=m.partition)
                        for m in messages]
             for future in futures:
-                future.get(timeout=self.timeout_s)
+                future.add_callback(self._acknowledged)
+            for future in futures:
+                self._await(future, started)
         except (KafkaError, TimeoutError) as exc:
+            if not _about_the_records(exc):
+                self._discard(producer)
             raise BrokerUnavailable(f"Kafka did not acknowledge: {exc}") from exc
         return len(futures)
+
+    def _discard(self, producer: Any) -> None:
+        """Drop ``producer`` (unless another caller already did) and what it still holds."""
+        with self._lock:
+            if self._producer is not producer:
+                return
+            self._producer = None
+        log.warning("Kafka producer discarded after a failure; the next publish connects afresh",
+                    extra={"client_id": self._client_id})
+
+        def close() -> None:  # kafka-python's close first waits for what is pending: until delivered or expired
+            with contextlib.suppress(Exception):
+                producer.close(timeout=self.max_wait_s + 1)
+
+        threading.Thread(target=close, name=f"{self._client_id}-discard", daemon=True).start()
 
     def publish_events(self, events: Sequence[Event]) -> int:
         return self.publish(outgoing(e) for e in events)
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close(timeout=self.timeout_s)
-            self._producer = None
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.close(timeout=self.timeout_s)
+
+
+def _about_the_records(exc: BaseException) -> bool:
+    """Whether Kafka refused these records themselves (too large, invalid, not allowed), which says
+    nothing about the producer or the broker."""
+    from kafka import errors
+
+    names = ("MessageSizeTooLargeError", "RecordListTooLargeError", "InvalidRecordError", "CorruptRecordError",
+             "InvalidTopicError", "TopicAuthorizationFailedError")
+    return isinstance(exc, tuple(getattr(errors, n) for n in names if hasattr(errors, n)))

@@ -4,6 +4,7 @@ Runs until SIGTERM/SIGINT (each feed on its own interval, /metrics and /health s
 with ``--once`` polls every feed once and exits: 0 when every feed was polled, 2 otherwise
 with one line per failed feed on stderr. State (validators, incidents, what was published)
 lives in ``$CRISISWATCH_DATA_DIR/feeds-state.json``; run one poller per state file.
+``/health`` is 503 while a feed's thread has stopped or the health probe cannot reach Kafka.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
+from pipeline.health import probe_for
 from pipeline.metrics import FeedMetrics
 from pipeline.observability import serve_metrics, setup_logging
 from pipeline.settings import Settings, SettingsError
@@ -62,8 +64,15 @@ def run(args: argparse.Namespace) -> int:
         publisher.close()
         return 2
     port = args.metrics_port if args.metrics_port is not None or args.once else DEFAULT_METRICS_PORT
-    server = serve_metrics(registry, args.metrics_host, port, health=poller.healthy if not args.once else lambda: True) \
-        if port is not None else None
+    probe = None if args.once else probe_for(settings, kafka=True, registry=registry).start()
+    try:
+        server = serve_metrics(registry, args.metrics_host, port, health=poller.healthy if not args.once else lambda: True,
+                               probe=probe) if port is not None else None
+    except OSError:
+        if probe is not None:
+            probe.stop()
+        publisher.close()
+        raise
     try:
         if args.once:
             lines = failures(poller.poll_once())
@@ -85,3 +94,5 @@ def run(args: argparse.Namespace) -> int:
         publisher.close()
         if server is not None:
             server.shutdown()
+        if probe is not None:
+            probe.stop()

@@ -1,7 +1,8 @@
 """``crisiswatch up`` as a user runs it: the banner tells where things are and the tokens; the API
 takes a check-in; SIGTERM stops everything, children included; killing ``up`` outright takes the
 broker and the processes down with it (PostgreSQL, a server with its data directory, is picked up
-again by the next ``up``)."""
+again by the next ``up``, and so are the tokens). A killed broker, database or child is started
+again with a line saying so; a child that keeps dying stops ``up`` with one line naming it."""
 
 from __future__ import annotations
 
@@ -10,16 +11,21 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from consumers.kafka_io import read_topic
+from pipeline.embedded import free_port
 from pipeline.observability import read_metric
 from schemas import Warning, decode
 
@@ -36,6 +42,9 @@ class Up:
     def __init__(self, data_dir: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CRISISWATCH_")}
         env["CRISISWATCH_DATA_DIR"] = str(data_dir)
+        # ports of its own: other stacks on this machine may come and go on the default ones
+        env.update({"CRISISWATCH_API_PORT": str(free_port()), "CRISISWATCH_WORKER_WEB_PORT": str(free_port()),
+                    "CRISISWATCH_SINK_METRICS_PORT": str(free_port())})
         self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "up"], env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
         self.banner = ""
@@ -50,9 +59,61 @@ class Up:
                       re.findall(r"^\s+(ingest API|worker|sink)\s+http://127\.0\.0\.1:(\d+)", self.banner, re.M)}
         self.kafka_port = int(re.search(r"kafka\s+127\.0\.0\.1:(\d+)", self.banner).group(1))  # type: ignore[union-attr]
         self.ingest_token = re.search(r"ingest\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
+        self.operator_token = re.search(r"operator\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
+        self.later: list[str] = []  # what up prints after the banner
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.later.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, timeout_s: float = 120) -> str:
+        """The first line printed after the banner that matches ``pattern``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [line for line in list(self.later) if re.search(pattern, line)]
+            if found:
+                return found[0]
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} in {timeout_s:.0f}s; up printed: {self.later}")
+
+    def child(self, marker: str) -> psutil.Process:
+        """A process up started, found by a word of its command line."""
+        found = [p for p in psutil.Process(self.process.pid).children() if marker in " ".join(p.cmdline())]
+        assert len(found) == 1, [p.cmdline() for p in psutil.Process(self.process.pid).children()]
+        return found[0]
 
     def all_ports(self) -> list[int]:
         return [*self.ports.values(), self.kafka_port]
+
+    def health(self, name: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/health", timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    def all_healthy(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (statuses := {name: self.health(name) for name in self.ports}) != dict.fromkeys(self.ports, 200):
+            assert time.monotonic() < deadline, f"not all healthy: {statuses}; up printed: {self.later}"
+            time.sleep(0.5)
+
+    def post_checkin(self) -> int:
+        body = json.dumps({"citizen_id": "e2e-1", "lat": -6.2, "lon": 106.8, "observed_at": "2026-01-01T00:00:00Z",
+                           "source": "app"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ports['ingest API']}/v1/checkins", data=body,
+                                         method="POST", headers={"Authorization": f"Bearer {self.ingest_token}",
+                                                                 "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
 
 
 @pytest.fixture
@@ -73,13 +134,7 @@ def wait_closed(ports: list[int], timeout_s: float = 30) -> list[int]:
 
 def test_up_serves_the_api_and_stops_cleanly_on_sigterm(up: Up) -> None:
     assert set(up.ports) == {"ingest API", "worker", "sink"}
-    body = json.dumps({"citizen_id": "e2e-1", "lat": -6.2, "lon": 106.8, "observed_at": "2026-01-01T00:00:00Z",
-                       "source": "app"}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{up.ports['ingest API']}/v1/checkins", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {up.ingest_token}",
-                                              "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=15) as response:
-        assert response.status == 202
+    assert up.post_checkin() == 202
     for name in ("worker", "sink"):
         with urllib.request.urlopen(f"http://127.0.0.1:{up.ports[name]}/health", timeout=5) as response:
             assert response.status == 200
@@ -89,11 +144,16 @@ def test_up_serves_the_api_and_stops_cleanly_on_sigterm(up: Up) -> None:
 
 
 def test_killing_up_outright_takes_its_children_down(up: Up, tmp_path: Path) -> None:
+    tokens = tmp_path / "data" / "tokens.json"
+    assert f"tokens (kept in {tokens}" in up.banner
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
     up.process.kill()
     up.process.wait()
     assert wait_closed(up.all_ports()) == []
     again = Up(tmp_path / "data")  # the same data directory: PostgreSQL still running there is reused
     try:
+        assert (again.ingest_token, again.operator_token) == (up.ingest_token, up.operator_token)
+        assert again.post_checkin() == 202  # the kept token opens the API
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(timeout=60) == 0
     finally:
@@ -179,3 +239,45 @@ def test_up_again_on_the_same_data_dir_restores_what_the_lost_broker_held(tmp_pa
         if second.process.poll() is None:
             second.process.kill()
             second.process.wait()
+
+
+def test_a_killed_broker_and_a_killed_database_are_restarted_and_the_stack_serves_again(up: Up, tmp_path: Path) -> None:
+    up.all_healthy()
+    up.child("--listener-url").kill()
+    assert str(up.kafka_port) in up.wait_line(r"the embedded broker exited with code -9; restarting it")
+    up.wait_line(r"the embedded broker is running again")
+    up.all_healthy()
+    assert up.post_checkin() == 202
+
+    postmaster = int((tmp_path / "data" / "postgres" / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
+    up.wait_line(r"embedded PostgreSQL exited; restarting it")
+    up.wait_line(r"embedded PostgreSQL is running again")
+    up.all_healthy()
+    assert up.post_checkin() == 202
+    assert up.process.poll() is None
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.process.wait(timeout=60) == 0
+
+
+def test_a_child_that_keeps_dying_stops_up_with_one_line_naming_it(up: Up, tmp_path: Path) -> None:
+    up.all_healthy()
+    up.child("pipeline.cli sink").kill()
+    up.wait_line(r"^crisiswatch up: sink exited with code -9; restarting it")
+    up.all_healthy()
+    up.child("pipeline.cli sink").kill()
+    deadline = time.monotonic() + 60
+    while up.health("sink") != 200 or len([p for p in psutil.Process(up.process.pid).children()
+                                           if "pipeline.cli sink" in " ".join(p.cmdline())]) != 1:
+        assert time.monotonic() < deadline, up.later
+        time.sleep(0.3)
+    up.child("pipeline.cli sink").kill()  # the third death within 60 s
+
+    assert up.process.wait(timeout=90) == 1
+    up._reader.join(10)
+    log = tmp_path / "data" / "logs" / "sink.log"
+    assert up.later[-1] == f"crisiswatch up: stopped: sink exited with code -9, 3 times within 60s; see {log}"
+    assert all(line.startswith("crisiswatch up: sink exited with code -9; restarting it") for line in up.later[:-1]), \
+        up.later
+    assert wait_closed(up.all_ports()) == []

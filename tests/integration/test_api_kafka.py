@@ -66,7 +66,7 @@ def test_api_process_publishes_and_stops_cleanly_on_sigterm(api_process: Any, ka
     assert accepted.status_code == 202 and accepted.json() == {"accepted": 50}
     assert declared.status_code == 202 and declared.json()["country_codes"] == ["JP"]
     assert refused.status_code == 401
-    assert health.json() == {"status": "ok"}
+    assert health.json() == {"status": "ok", "dependencies": {"kafka": "up"}}
     assert 'crisiswatch_api_events_published_total{topic="checkins"} 50.0' in metrics
 
     ids = {c["citizen_id"] for c in batch}

@@ -180,7 +180,7 @@ def verb_parser(verb: str) -> argparse.ArgumentParser:
 def metric_types() -> dict[str, str]:
     """Every series name a crisiswatch process exposes, mapped to its metric type."""
     out: dict[str, str] = {}
-    for cls in (metrics.WorkerMetrics, metrics.ApiMetrics, metrics.SinkMetrics, metrics.FeedMetrics):
+    for cls in (metrics.WorkerMetrics, metrics.ApiMetrics, metrics.SinkMetrics, metrics.FeedMetrics, metrics.DependencyMetrics):
         registry = CollectorRegistry()
         cls(registry)
         for family in registry.collect():
@@ -443,12 +443,14 @@ def test_k8s_pods_are_hardened_and_sized() -> None:
 
 
 @pytest.mark.parametrize("component", LONG_RUNNING)
-def test_k8s_probes_hit_health_on_the_process_port(component: str) -> None:
+def test_k8s_probes_hit_the_process_port_liveness_not_depending_on_kafka_or_postgresql(component: str) -> None:
+    # /health is 503 while Kafka or PostgreSQL is away: right for readiness, but a liveness probe on it
+    # would restart every pod during an outage. /metrics answers whenever the process serves.
     container = deployment_container(component)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/metrics")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health"
+        assert get["path"] == path, probe
         assert ports[get["port"]] == PORTS[component]
     pod = k8s_by_kind("Deployment")[f"crisiswatch-{component}"]["spec"]["template"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(PORTS[component])
