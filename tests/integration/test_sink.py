@@ -231,7 +231,7 @@ def test_a_row_postgresql_refuses_is_dead_lettered_and_the_rest_of_the_batch_is_
     reasons = {next(who for who in (nul, refused) if who.encode() in m.value): dict(m.headers)[topics.DLQ_REASON_HEADER].decode()
                for m in letters}
     assert reasons[nul] == "InvalidEvent: $.name: NUL (U+0000) is not allowed in text"
-    assert reasons[refused].startswith("postgresql refused the row for citizens") and "no_test_names" in reasons[refused]
+    assert reasons[refused].startswith("CheckViolation: postgresql refused the row for citizens") and "no_test_names" in reasons[refused]
 
 
 def test_a_row_that_cannot_be_written_is_isolated_and_dead_lettered_once_and_the_rest_written(
