@@ -184,6 +184,16 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, every
 Position = tuple[str, int]  # topic, partition
 
 
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """A message written as it is, whatever it holds (``value`` None is a tombstone)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    kind: str = ""
+
+
 class Feed:
     """The scenario's producer: acks=all, in order per partition, messages up to 8 MB (the poison
     flood writes oversized ones), and it remembers the offset every message got. The embedded broker
@@ -208,10 +218,14 @@ class Feed:
             self._pending.append(future)
             self.sent += 1
 
-    def events(self, events: Iterable[Event]) -> None:
+    def events(self, events: Iterable[Event | Raw]) -> None:
+        """Events to their topics (keyed like every producer keys them); :class:`Raw` messages as they are."""
         for event in events:
-            message = outgoing(event)
-            self.send(message.topic, message.key, message.value)
+            if isinstance(event, Raw):
+                self.send(event.topic, event.key, event.value)
+            else:
+                message = outgoing(event)
+                self.send(message.topic, message.key, message.value)
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until Kafka acknowledged everything sent so far."""
@@ -244,10 +258,17 @@ def committed(bootstrap: str, group: str) -> dict[Position, int]:
         admin.close()
 
 
-def wait_consumed(bootstrap: str, group: str, ends: dict[Position, int], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+def no_check() -> None:
+    pass
+
+
+def wait_consumed(bootstrap: str, group: str, ends: dict[Position, int], timeout_s: float = SETTLE_TIMEOUT_S,
+                  guard: Callable[[], None] = no_check) -> None:
     """Until ``group`` has committed past every offset in ``ends``: everything sent there is processed
-    (the worker and the sink commit only what is finished)."""
+    (the worker and the sink commit only what is finished). ``guard`` raises to stop waiting early
+    (a process that had to stay up died)."""
     def done() -> bool:
+        guard()
         have = committed(bootstrap, group)
         return all(have.get(p, -1) >= end for p, end in ends.items())
 
@@ -426,7 +447,7 @@ class Stream(threading.Thread):
     """Publishes batches spread evenly over ``duration_s`` while the scenario breaks things; the
     main thread waits for :meth:`reached` to time its faults within the stream."""
 
-    def __init__(self, feed: Feed, batches: Sequence[Sequence[Event]], duration_s: float, chunk: int = 50) -> None:
+    def __init__(self, feed: Feed, batches: Sequence[Sequence[Event | Raw]], duration_s: float, chunk: int = 50) -> None:
         super().__init__(name="chaos-stream", daemon=True)
         self.feed = feed
         self.events = [e for batch in batches for e in batch]
@@ -556,14 +577,18 @@ def active_crises(urls: Iterable[str]) -> list[int]:
 
 
 def publish_crises(feed: Feed, crises: Sequence[Crisis], health_urls: Sequence[str], change: int,
-                   timeout_s: float = 60.0) -> None:
+                   timeout_s: float = 60.0, guard: Callable[[], None] = no_check) -> None:
     """Publish crisis events and wait until every worker's crisis table changed by ``change``: check-ins
     sent afterwards are geofenced against them (and their sweeps were applied first)."""
     before = active_crises(health_urls)
     feed.events(crises)
     feed.flush()
-    wait_until(lambda: [a - b for a, b in zip(active_crises(health_urls), before, strict=True)] == [change] * len(before),
-               timeout_s, f"every worker to hold {change:+d} crises")
+
+    def changed() -> bool:
+        guard()
+        return [a - b for a, b in zip(active_crises(health_urls), before, strict=True)] == [change] * len(before)
+
+    wait_until(changed, timeout_s, f"every worker to hold {change:+d} crises")
 
 
 def extra_worker(stack: Stack, label: str) -> Child:
@@ -695,16 +720,22 @@ def running_up(data_dir: Path, env: dict[str, str]) -> Iterator[Up]:
 
 def api_post(base: str, path: str, body: Any, token: str = INGEST_TOKEN, timeout_s: float = 30.0) -> tuple[int, Any]:
     """POST JSON; returns (status, decoded body). Connection failures raise OSError."""
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+    status, raw = api_post_raw(base, path, json.dumps(body).encode(), token, timeout_s)
+    try:
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def api_post_raw(base: str, path: str, data: bytes, token: str = INGEST_TOKEN, timeout_s: float = 30.0) -> tuple[int, bytes]:
+    """POST bytes as JSON, whatever they hold; returns (status, body)."""
+    request = urllib.request.Request(base + path, data=data, method="POST",
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # loopback URL we built
-            return response.status, json.loads(response.read() or b"null")
+            return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        with contextlib.suppress(ValueError):
-            return exc.code, json.loads(raw or b"null")
-        return exc.code, raw.decode("utf-8", "replace")
+        return exc.code, bytes(exc.read())
 
 
 def scaled(base: int, scale: int) -> int:
@@ -736,8 +767,9 @@ class Scenario:
     """
 
     def __init__(self, name: str, bootstrap: str, database_url: str, workload: Workload,
-                 health_urls: Callable[[], list[str]]) -> None:
+                 health_urls: Callable[[], list[str]], guard: Callable[[], None] = no_check) -> None:
         self.name = name
+        self.guard = guard
         self.bootstrap = bootstrap
         self.database_url = database_url
         self.workload = workload
@@ -746,23 +778,33 @@ class Scenario:
 
     def settle(self) -> None:
         self.feed.flush()
-        wait_consumed(self.bootstrap, WORKER_GROUP, self.feed.ends_of(topics.CHECKINS))
+        wait_consumed(self.bootstrap, WORKER_GROUP, self.feed.ends_of(topics.CHECKINS), guard=self.guard)
 
-    def prepare(self) -> None:
+    def prepare(self, zones: Sequence[Zone] | None = None) -> None:
+        """Registrations and first check-ins, then a crisis over each of ``zones`` (default: all)."""
         w = self.workload
+        declared = w.zones if zones is None else zones
         self.feed.events(w.citizens())
         self.feed.events(w.initial_checkins())
         self.settle()
-        publish_crises(self.feed, [w.declare(zone) for zone in w.zones], self.health_urls(), len(w.zones))
+        publish_crises(self.feed, [w.declare(zone) for zone in declared], self.health_urls(), len(declared),
+                       guard=self.guard)
 
-    def stream(self, rounds: int, duration_s: float) -> Stream:
-        stream = Stream(self.feed, [self.workload.moves() for _ in range(rounds)], duration_s)
+    def stream(self, rounds: int, duration_s: float, mixed_in: Sequence[Raw] = (), seed: int = 0) -> Stream:
+        """Rounds of moves published over ``duration_s``; ``mixed_in`` messages are interleaved at
+        random (seeded) places, which keeps every citizen's own check-ins in order."""
+        items: list[Event | Raw] = [c for _ in range(rounds) for c in self.workload.moves()]
+        rng = random.Random(seed)
+        for raw in mixed_in:
+            items.insert(rng.randrange(len(items) + 1), raw)
+        stream = Stream(self.feed, [items], duration_s)
         stream.start()
         return stream
 
     def cancel(self, zones: Sequence[Zone]) -> None:
         self.settle()
-        publish_crises(self.feed, [self.workload.cancel(zone) for zone in zones], self.health_urls(), -len(zones))
+        publish_crises(self.feed, [self.workload.cancel(zone) for zone in zones], self.health_urls(), -len(zones),
+                       guard=self.guard)
 
     def tally(self, kafka: bool = True) -> Tally:
         """Count; with ``kafka`` also check that the topic holds the same warnings as PostgreSQL."""

@@ -5,11 +5,11 @@ the worker killed outright twice, workers joining and leaving while check-ins fl
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +26,6 @@ from tests.chaos.harness import (
     geofence_config,
     health,
     kill_and_restart,
-    make_data_dir,
     postgres_handle,
     report,
     scaled,
@@ -41,13 +40,9 @@ pytestmark = pytest.mark.chaos
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    data_dir = make_data_dir("faults")
-    try:
-        with running_stack(chaos_settings(data_dir)) as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+def stack(module_dir: Path) -> Iterator[Stack]:
+    with running_stack(chaos_settings(module_dir)) as running:
+        yield running
 
 
 def scenario(name: str, prefix: str, stack: Stack, zones: list[Zone], per_zone: int, seed: int,
