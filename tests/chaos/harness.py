@@ -63,6 +63,7 @@ from schemas import Citizen, Crisis, Event, Warning, decode
 
 WORKER_GROUP = APP_ID  # Faust's consumer group is the app id
 SINK_GROUP = "crisiswatch-sink"
+ROUTER_GROUP = "crisiswatch-router"
 ROUND_S = 150.0  # observed time between two rounds of moves: more than the default dwell (120 s), so exits happen
 SETTLE_TIMEOUT_S = 180.0  # generous: the machine is shared; a deadline, never a timing target
 

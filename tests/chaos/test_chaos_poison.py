@@ -33,6 +33,7 @@ from pipeline.testing import make_checkin, make_crisis
 from schemas import Ack, Channel, Checkin, Citizen, Crisis, Warning, decode, format_time
 from tests.chaos.harness import (
     OPERATOR_TOKEN,
+    ROUTER_GROUP,
     SINK_GROUP,
     WORKER_GROUP,
     Raw,
@@ -60,7 +61,6 @@ from tests.chaos.harness import (
 
 pytestmark = pytest.mark.chaos
 
-ROUTER_GROUP = "crisiswatch-router"
 OCEAN = (-40.0, -140.0)  # lat, lon: where a poison crisis points, so that one wrongly taken warns nobody
 
 
