@@ -40,7 +40,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -430,6 +430,15 @@ class Workload:
         self.expected += self.mirror.checkins(batch)
         return batch
 
+    def stay(self) -> list[Any]:
+        """One round in which every traveller reports again from where they are: anyone who was leaving
+        an area has now been outside past the dwell time and gets their "exited"; nobody is left halfway."""
+        self.rounds_played += 1
+        at = self.now()
+        batch = [c for cid in self.citizen_ids for c in self.model.move_into(cid, *self.model.position(cid, at), at)]
+        self.expected += self.mirror.checkins(batch)
+        return batch
+
     def walk_into(self, zone: Zone, citizen_ids: Sequence[str]) -> list[Any]:
         self.rounds_played += 1
         at = self.now()
@@ -519,6 +528,18 @@ def geofence_config(settings: Settings) -> GeofenceConfig:
 
 def child(stack: Stack, name: str) -> Child:
     return next(c for c in stack.children if c.name == name)
+
+
+def last_errors(log: Path, count: int = 2) -> list[str]:
+    """The last ERROR/CRITICAL lines of a process's log, cut short: why it died, for an assertion message."""
+    lines = log.read_text("utf-8", "replace").splitlines() if log.exists() else []
+    return [line[:300] for line in lines if "ERROR" in line or "CRITICAL" in line or "Error:" in line][-count:]
+
+
+def dead_children(stack: Stack) -> dict[str, str]:
+    """Children that exited, with their exit code and the last errors of their logs."""
+    return {c.name: f"exit {c.process.returncode}: {last_errors(c.log_path)}" for c in stack.children
+            if c.process is not None and c.process.poll() is not None}
 
 
 def child_pids(stack: Stack) -> dict[str, int]:
@@ -696,8 +717,10 @@ class Up:
     def broker(self) -> Any:
         return next(p for p in self.descendants() if "--storage-engine" in " ".join(p.cmdline()))
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 120.0) -> int:
-        assert self.process is not None
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 120.0) -> int | None:
+        """Stop it with ``sig``; its exit code (None if it was never started)."""
+        if self.process is None:
+            return None
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
@@ -706,17 +729,6 @@ class Up:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"up did not stop within {timeout_s:.0f}s: {''.join(self.output)[-2000:]}") from None
-
-
-@contextlib.contextmanager
-def running_up(data_dir: Path, env: dict[str, str]) -> Iterator[Up]:
-    up = Up(data_dir, env)
-    try:
-        yield up.start()
-    finally:
-        if up.process is not None and up.process.poll() is None:
-            with contextlib.suppress(Exception):
-                up.stop(timeout_s=60)
 
 
 def api_post(base: str, path: str, body: Any, token: str = INGEST_TOKEN, timeout_s: float = 30.0) -> tuple[int, Any]:
@@ -776,6 +788,17 @@ class Scenario:
         self.workload = workload
         self.health_urls = health_urls
         self.feed = Feed(bootstrap)
+        self.sent_before = 0  # by feeds to brokers that are gone
+
+    def reconnect(self, bootstrap: str, database_url: str) -> None:
+        """Go on against a restarted stack (a new broker)."""
+        self.sent_before += self.feed.sent
+        self.feed.close()
+        self.bootstrap, self.database_url, self.feed = bootstrap, database_url, Feed(bootstrap)
+
+    @property
+    def sent(self) -> int:
+        return self.sent_before + self.feed.sent
 
     def settle(self) -> None:
         self.feed.flush()
@@ -810,7 +833,7 @@ class Scenario:
     def tally(self, kafka: bool = True) -> Tally:
         """Count; with ``kafka`` also check that the topic holds the same warnings as PostgreSQL."""
         rows = wait_for_warnings(self.database_url, self.workload.prefix, self.workload.expected)
-        result = tally_warnings(self.name, self.feed.sent, self.workload.expected, rows)
+        result = tally_warnings(self.name, self.sent, self.workload.expected, rows)
         if kafka:
             on_topic = warnings_on_topic(self.bootstrap, self.workload.prefix)
             in_db = {r.warning_id for r in rows}

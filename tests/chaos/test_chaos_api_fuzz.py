@@ -32,7 +32,7 @@ from pipeline.stack import Stack, running_stack
 from pipeline.testing import square
 from producers.api import parse_ack, parse_checkins, parse_citizen
 from schemas import Crisis, format_time
-from tests.chaos.harness import OPERATOR_TOKEN, Tally, api_post_raw, assert_exact, chaos_settings, exit_codes, report, scaled
+from tests.chaos.harness import OPERATOR_TOKEN, Tally, api_post_raw, assert_exact, chaos_settings, dead_children, report, scaled
 
 pytestmark = pytest.mark.chaos
 
@@ -148,10 +148,10 @@ def test_api_fuzzing_gives_no_5xx_and_loses_nothing_accepted(stack: Stack, scale
         if not 400 <= status < 500:
             hostile.append(f"{status} for {data[:80]!r} on {path}")
 
-    died = {name: code for name, code in exit_codes(stack).items() if code is not None}
+    died = dead_children(stack)
     assert not died, f"processes exited during the fuzzing: {died}; see {stack.logs}"
     database_url = settings.database_url.get()
-    deadline, missing = time.monotonic() + 60.0, missing_from(database_url, ledger.accepted)
+    deadline, missing = time.monotonic() + 30.0, missing_from(database_url, ledger.accepted)
     while any(missing.values()) and time.monotonic() < deadline:
         time.sleep(1.0)
         missing = missing_from(database_url, ledger.accepted)

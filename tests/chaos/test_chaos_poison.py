@@ -47,6 +47,7 @@ from tests.chaos.harness import (
     chaos_settings,
     child_pids,
     combine,
+    dead_children,
     exit_codes,
     geofence_config,
     publish_crises,
@@ -196,7 +197,7 @@ def test_poison_flood(stack: Stack, scale: int, count_lines: list[str]) -> None:
     before = child_pids(stack)
 
     def nobody_died() -> None:
-        died = {name: code for name, code in exit_codes(stack).items() if code is not None}
+        died = dead_children(stack)
         assert not died, f"processes exited: {died}; see {stack.logs}"
 
     zones = [Zone.of_city("Nairobi", "KE"), Zone.of_city("Cairo", "EG"), Zone.of_city("Lagos", "NG")]
@@ -233,7 +234,7 @@ def test_poison_flood(stack: Stack, scale: int, count_lines: list[str]) -> None:
             topics.CHECKINS, topics.CRISIS_EVENTS, topics.CITIZENS, topics.ACKS, topics.WARNINGS), guard=nobody_died)
         wait_consumed(settings.kafka_bootstrap, ROUTER_GROUP, s.feed.ends_of(topics.WARNINGS), guard=nobody_died)
         warnings = s.tally()
-        letters = tally_dead_letters(poison, read_all(settings.kafka_bootstrap, topics.DLQ), s.feed.sent)
+        letters = tally_dead_letters(poison, read_all(settings.kafka_bootstrap, topics.DLQ), s.sent)
     finally:
         s.close()
     tally = combine("poison_flood", warnings, letters)
