@@ -17,6 +17,13 @@ import pytest
 from pipeline.embedded import EmbeddedBroker, EmbeddedPostgres, apply_migrations, create_topics, ensure_topics
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/chaos/conftest.py: pytest reads options only from the conftest files it loads
+    # at start-up, and `pytest --scale 10` with no path would not load that one in time.
+    parser.addoption("--scale", type=int, default=1, metavar="N",
+                     help="multiply the sizes of the chaos tests (tests/chaos) by N; the default 1 is what CI runs")
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
