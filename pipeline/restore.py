@@ -218,7 +218,11 @@ def _without_invalid_newest(crises: Sequence[Crisis], invalid_newest: dict[str, 
 
 
 def plan_from_postgres(settings: Settings, now: datetime,
-                       future_tolerance: timedelta = FUTURE_TOLERANCE) -> tuple[RecoveryPlan, Recorded]:
+                       future_tolerance: timedelta | None = None) -> tuple[RecoveryPlan, Recorded]:
+    """What to republish, as of ``now``. Locations dated further ahead than the stages accept
+    (``CRISISWATCH_MAX_FUTURE_SKEW_S``) are not restored: they would shadow every true one."""
+    if future_tolerance is None:
+        future_tolerance = timedelta(seconds=settings.max_future_skew_s)
     recorded = read_recorded(settings.database_url.get(), now, future_tolerance)
     plan = plan_recovery(recorded.crises, recorded.citizens, recorded.locations, recorded.warnings, now,
                          future_tolerance)
@@ -348,7 +352,7 @@ def _republish(settings: Settings, plan: RecoveryPlan, recorded: Recorded, targe
 
 
 def restore(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTargets | None = None,
-            future_tolerance: timedelta = FUTURE_TOLERANCE) -> RestoreReport:
+            future_tolerance: timedelta | None = None) -> RestoreReport:
     """Republish from PostgreSQL unconditionally (after data loss). Refuses while workers run."""
     targets = targets or RestoreTargets()
     _ensure_topics(settings, targets)
@@ -365,7 +369,7 @@ def broker_holds_data(settings: Settings, targets: RestoreTargets) -> bool:
 
 
 def restore_if_needed(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTargets | None = None,
-                      future_tolerance: timedelta = FUTURE_TOLERANCE) -> RestoreReport | None:
+                      future_tolerance: timedelta | None = None) -> RestoreReport | None:
     """Restore only on a broker that lacks the data (crisis log and changelog empty) while PostgreSQL
     holds something to restore; None otherwise. Call it before any worker starts."""
     targets = targets or RestoreTargets()

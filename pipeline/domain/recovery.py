@@ -32,17 +32,20 @@ How a presence is read back from the warnings about one crisis:
 - ``seq``: one past the highest already used, so the next warning about the crisis, the
   all-clear included, gets an id never sent before;
 - ``leaving_since`` (the dwell clock of a citizen seemingly walking out) is not recorded
-  anywhere; it restarts. The worker's reconcile sweep sends ``exited`` at once to a citizen
-  whose last location is out of the area, as after any recovery of its table.
+  anywhere: for a citizen told ``in`` whose last location lies outside the area, the clock starts
+  again at that location's time. The citizen is then told ``exited`` once the dwell rule holds
+  again (at the earliest one dwell after their last check-in), never twice, and the reconcile
+  sweep after the recovery leaves them to that rule as it does for a worker that never stopped.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from pipeline.domain.geofence import CrisisIndex
 from pipeline.domain.ids import warning_id
 from pipeline.domain.tracking import CitizenState, Presence, Status
 from schemas import Checkin, Citizen, Crisis, Warning
@@ -201,5 +204,21 @@ def plan_recovery(crises: Iterable[Crisis], citizens: Iterable[Citizen], locatio
     states = rebuild_states(locations, warnings, bands, now, future_tolerance)
     held = {crisis_id for s in states for crisis_id in s.presence}
     events, active, ended = crisis_events(history, held, now)
+    states = restart_dwell_clocks(states, [e for e in events if e.op == "upsert"])
     return RecoveryPlan(tuple(events), tuple(active), tuple(ended),
                         tuple(sorted(citizens, key=lambda c: c.citizen_id)), tuple(states))
+
+
+def restart_dwell_clocks(states: Sequence[CitizenState], areas: Iterable[Crisis]) -> list[CitizenState]:
+    """Start the dwell clock, at the last location's time, of every citizen told ``in`` whose last
+    location lies outside that crisis's area (the last upsert republished for it)."""
+    index = CrisisIndex(areas)
+    out: list[CitizenState] = []
+    for state in states:
+        for crisis_id, presence in list(state.presence.items()):
+            item = index.by_id.get(crisis_id)
+            if (item is not None and presence.status == "in" and presence.leaving_since is None
+                    and item.distance_km(state.lat, state.lon) > 0.0):
+                state = state.with_presence(crisis_id, replace(presence, leaving_since=state.observed_at))
+        out.append(state)
+    return out

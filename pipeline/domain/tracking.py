@@ -327,7 +327,11 @@ class Tracker:
             if presence.status != "in":
                 kind, new = "inside", replace(presence, status="in", leaving_since=None)
         elif presence.status == "in":
-            if distance > self._margin_km(state):  # the area moved away from the citizen: no dwell
+            # The area moved away from a citizen who stood still: "exited" at once, no dwell. A citizen
+            # already walking out (a check-in beyond the margin started the dwell clock) is left to the
+            # dwell rule: a sweep that merely re-reads the crisis (the reconcile after a restart or a
+            # rebalance) must not cut their dwell short, or they would be told twice as they leave.
+            if distance > self._margin_km(state) and presence.leaving_since is None:
                 kind, new = "exited", replace(presence, status="near" if distance <= crisis.buffer_km else "out",
                                               leaving_since=None)
         elif distance <= crisis.buffer_km:

@@ -50,20 +50,17 @@ import psycopg
 
 from consumers.kafka_io import Message, poll_messages
 from pipeline import topics
-from pipeline.app import APP_ID
 from pipeline.domain.timeline import Timeline
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.domain.travellers import City, TravellerModel
 from pipeline.embedded import free_port
+from pipeline.lag import WORKER_GROUP, Position, committed_offsets
 from pipeline.settings import Settings
 from pipeline.stack import Child, Stack
 from pipeline.testing import make_crisis, square
 from producers.publisher import outgoing
 from schemas import Citizen, Crisis, Event, Warning, decode
 
-WORKER_GROUP = APP_ID  # Faust's consumer group is the app id
-SINK_GROUP = "crisiswatch-sink"
-ROUTER_GROUP = "crisiswatch-router"
 ROUND_S = 150.0  # observed time between two rounds of moves: more than the default dwell (120 s), so exits happen
 SETTLE_TIMEOUT_S = 180.0  # generous: the machine is shared; a deadline, never a timing target
 
@@ -182,7 +179,6 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, every
 
 # --- Kafka ------------------------------------------------------------------------------------
 
-Position = tuple[str, int]  # topic, partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,14 +245,7 @@ class Feed:
 
 def committed(bootstrap: str, group: str) -> dict[Position, int]:
     """The offsets ``group`` committed, per topic and partition."""
-    from kafka.admin import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crisiswatch-chaos-admin", request_timeout_ms=10_000)
-    try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-        return {(tp.topic, tp.partition): int(meta.offset) for tp, meta in offsets.items() if meta.offset is not None}
-    finally:
-        admin.close()
+    return committed_offsets(bootstrap, group)
 
 
 def no_check() -> None:
@@ -709,7 +698,7 @@ class Up:
         return str(info.get_uri())
 
     def descendants(self) -> list[Any]:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         assert self.process is not None
         return list(psutil.Process(self.process.pid).children(recursive=True))

@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline import topics
 from pipeline.domain.travellers import TravellerModel
+from pipeline.lag import ROUTER_GROUP, SINK_GROUP, STACK_GROUPS, WORKER_GROUP, group_lags
 from pipeline.observability import read_metric
 from pipeline.stack import Stack, running_stack
 from pipeline.testing import square
@@ -32,22 +33,14 @@ from producers.publisher import Publisher
 from producers.simulator import DEFAULT_DESTINATIONS, paced_batches
 from tests.chaos.harness import (
     OPERATOR_TOKEN,
-    ROUTER_GROUP,
-    SINK_GROUP,
-    WORKER_GROUP,
     api_post,
     chaos_settings,
     child_pids,
-    committed,
     exit_codes,
     make_data_dir,
 )
 
-GROUP_TOPICS = {
-    WORKER_GROUP: (topics.CHECKINS,),
-    SINK_GROUP: (topics.CHECKINS, topics.CITIZENS, topics.CRISIS_EVENTS, topics.WARNINGS, topics.ACKS),
-    ROUTER_GROUP: (topics.WARNINGS,),
-}
+GROUP_TOPICS = {**STACK_GROUPS, WORKER_GROUP: (topics.CHECKINS,)}  # the worker's lag on check-ins alone
 MB = 1024 * 1024
 
 
@@ -61,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def rss_mb(pid: int, with_children: bool = False) -> float:
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     try:
         process = psutil.Process(pid)
@@ -78,25 +71,9 @@ def postgres_pid(stack: Stack) -> int:
     return int((Path(stack.postgres.server.pgdata) / "postmaster.pid").read_text().splitlines()[0])
 
 
-def end_offsets(bootstrap: str, names: set[str]) -> dict[tuple[str, int], int]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(t, p) for t in sorted(names) for p in sorted(consumer.partitions_for_topic(t) or ())]
-        return {(tp.topic, tp.partition): int(o) for tp, o in consumer.end_offsets(tps).items()}
-    finally:
-        consumer.close()
-
-
 def lags(bootstrap: str) -> dict[str, int]:
     """Messages not yet committed, per group (the embedded broker may list an end offset slightly short)."""
-    ends = end_offsets(bootstrap, {t for names in GROUP_TOPICS.values() for t in names})
-    out = {}
-    for group, names in GROUP_TOPICS.items():
-        done = committed(bootstrap, group)
-        out[group] = sum(max(0, end - done.get(tp, 0)) for tp, end in ends.items() if tp[0] in names)
-    return out
+    return group_lags(bootstrap, GROUP_TOPICS)
 
 
 @dataclass

@@ -63,9 +63,9 @@ class Ledger:
             return
         body = json.loads(request_body or b"null")
         if path == "/v1/checkins":
-            self.accepted["checkins"] |= {(c.citizen_id, c.observed_at, c.source) for c in parse_checkins(body)}
+            self.accepted["checkins"] |= {(c.citizen_id, c.observed_at, c.source) for c in parse_checkins(body, datetime.now(UTC))}
         elif path == "/v1/citizens":
-            self.accepted["citizens"].add((parse_citizen(body).citizen_id,))
+            self.accepted["citizens"].add((parse_citizen(body, datetime.now(UTC)).citizen_id,))
         elif path == "/v1/acks":
             ack = parse_ack(body, datetime.now(UTC))
             self.accepted["acks"].add((ack.citizen_id, ack.crisis_id, ack.status, ack.channel))

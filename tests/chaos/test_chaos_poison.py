@@ -28,14 +28,12 @@ import pytest
 
 from pipeline import topics
 from pipeline.domain.geometry import normalise_geometry
+from pipeline.lag import ROUTER_GROUP, SINK_GROUP, WORKER_GROUP
 from pipeline.stack import Stack, running_stack
 from pipeline.testing import make_checkin, make_crisis
 from schemas import Ack, Channel, Checkin, Citizen, Crisis, Warning, decode, format_time
 from tests.chaos.harness import (
     OPERATOR_TOKEN,
-    ROUTER_GROUP,
-    SINK_GROUP,
-    WORKER_GROUP,
     Raw,
     Scenario,
     Tally,

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import topics
+from pipeline.lag import SINK_GROUP
 from pipeline.settings import Settings
 from schemas import Checkin
 from tests.chaos.harness import (
-    SINK_GROUP,
     Scenario,
     Tally,
     Up,
