@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from schemas import Checkin, Crisis
@@ -82,3 +88,44 @@ def assert_normalised_area(geojson: Mapping[str, Any]) -> None:
     assert area.is_valid, shapely.is_valid_reason(area)
     assert area.area > 0
 
+
+
+class VerbProcess:
+    """A ``crisiswatch <verb>`` child process for tests: started, waited on until its ``/health`` on
+    ``port`` answers 200, stopped by signal to its whole process group. Its output goes to ``log``,
+    which failures quote."""
+
+    def __init__(self, verb: str, env: Mapping[str, str], log: Path, port: int, host: str = "127.0.0.1") -> None:
+        self.verb, self.env, self.log = verb, dict(env), log
+        self.health = f"http://{host}:{port}/health"
+        self.metrics = f"http://{host}:{port}/metrics"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb], env=self.env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.verb} not healthy after {timeout_s:.0f}s: {self.tail()}")
+            time.sleep(0.3)
+
+    def healthy(self) -> bool:
+        """Whether ``/health`` answers 200; raises if the process has exited."""
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise AssertionError(f"{self.verb} exited with {code}: {self.tail()}")
+        try:
+            with urllib.request.urlopen(self.health, timeout=2) as response:  # noqa: S310 - a loopback URL built here
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=timeout_s)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -28,7 +26,7 @@ from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
-from pipeline.testing import make_checkin, make_crisis, square
+from pipeline.testing import VerbProcess, make_checkin, make_crisis, square
 from producers.publisher import Publisher
 from schemas import Checkin, Crisis, Warning, decode
 
@@ -37,31 +35,7 @@ pytestmark = pytest.mark.integration
 DWELL_S = 1.0
 
 
-class Proc:
-    def __init__(self, verb: str, env: dict[str, str], log: Path, health: str) -> None:
-        self.verb, self.env, self.log, self.health = verb, env, log, health
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb], env=self.env, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"{self.verb} died: {self.log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(self.health, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{self.verb} not healthy: {self.log.read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            self.process.wait(timeout=30)
 
 
 class Pipeline:
@@ -74,8 +48,8 @@ class Pipeline:
             "CRISISWATCH_BATCH_WAIT_S": "0.02",
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
         env = {**os.environ, **self.settings.env()}
-        self.worker = Proc("worker", env, data_dir / "worker.log", f"http://127.0.0.1:{worker_port}/health")
-        self.sink = Proc("sink", env, data_dir / "sink.log", f"http://127.0.0.1:{sink_port}/health")
+        self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
+        self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)
         self.publisher = Publisher(self.settings)
         self.config = GeofenceConfig(self.settings.hysteresis_m, DWELL_S)
 
@@ -134,8 +108,8 @@ def pipeline(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         broker.stop()
 
 
-def metrics_url(proc: Proc) -> str:
-    return proc.health.replace("/health", "/metrics")
+def metrics_url(proc: VerbProcess) -> str:
+    return proc.metrics
 
 
 def kinds(warnings: list[Warning]) -> Counter[tuple[str, str, int]]:
@@ -249,7 +223,7 @@ def test_worker_restart_mid_stream_loses_and_duplicates_nothing(pipeline: Pipeli
 
 
 
-def health(proc: Proc) -> dict:  # type: ignore[type-arg]
+def health(proc: VerbProcess) -> dict:  # type: ignore[type-arg]
     with urllib.request.urlopen(proc.health, timeout=5) as response:
         return dict(json.loads(response.read()))
 
@@ -260,9 +234,9 @@ def test_two_workers_share_the_citizens_and_a_leaving_worker_hands_them_over(
     partitions it owns, so each warning is sent once. Then it leaves, and the first worker takes its
     partitions over with the citizens' recovered states: their exits are warned, once."""
     port = free_port()
-    second = Proc("worker", {**pipeline.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
+    second = VerbProcess("worker", {**pipeline.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
                              "CRISISWATCH_DATA_DIR": str(tmp_path)},
-                  tmp_path / "worker-2.log", f"http://127.0.0.1:{port}/health")
+                  tmp_path / "worker-2.log", port)
     second.start()
     try:
         deadline = time.monotonic() + 60

@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -34,7 +31,7 @@ from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
-from pipeline.testing import make_checkin, make_crisis, square
+from pipeline.testing import VerbProcess, make_checkin, make_crisis, square
 from producers.publisher import Publisher
 from schemas import Warning, decode, encode
 
@@ -44,32 +41,7 @@ DEEP = 5000
 OVER_1_MB = 1_100_000
 
 
-class Proc:
-    def __init__(self, verb: str, env: dict[str, str], log: Path, port: int) -> None:
-        self.verb, self.env, self.log = verb, env, log
-        self.health = f"http://127.0.0.1:{port}/health"
-        self.metrics = f"http://127.0.0.1:{port}/metrics"
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb], env=self.env, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self.healthy, 90, f"{self.verb} healthy")
-
-    def healthy(self) -> bool:
-        assert self.process is not None and self.process.poll() is None, \
-            f"{self.verb} exited {self.process and self.process.returncode}: {self.log.read_text(errors='replace')[-3000:]}"
-        try:
-            with urllib.request.urlopen(self.health, timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -88,8 +60,8 @@ class Stack:
             "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
         env = {**os.environ, **self.settings.env()}
-        self.worker = Proc("worker", env, data_dir / "worker.log", worker_port)
-        self.sink = Proc("sink", env, data_dir / "sink.log", sink_port)
+        self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
+        self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)
         self.publisher = Publisher(self.settings)
         from kafka import KafkaProducer
 
@@ -242,11 +214,11 @@ def test_with_two_workers_a_refused_crisis_is_dead_lettered_once_and_both_go_on(
     """Every worker's crisis reader sees every crisis event; only the crisis agent (one member of the
     group per event) dead-letters, and the readers reach its verdict by the same admission."""
     port = free_port()
-    second = Proc("worker", {**stack.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
+    second = VerbProcess("worker", {**stack.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
                              "CRISISWATCH_DATA_DIR": str(tmp_path)}, tmp_path / "worker-2.log", port)
     second.start()
     try:
-        def partitions(proc: Proc) -> set[int]:
+        def partitions(proc: VerbProcess) -> set[int]:
             with urllib.request.urlopen(proc.health, timeout=5) as response:
                 return set(json.loads(response.read())["checkin_partitions"])
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from pipeline.restore import (
 )
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
-from pipeline.testing import make_checkin, make_crisis, records_for, square
+from pipeline.testing import VerbProcess, make_checkin, make_crisis, records_for, square
 from producers.publisher import Publisher
 from schemas import Channel, Citizen, Crisis, Warning, decode
 
@@ -63,31 +62,7 @@ def own_database(database_url: str) -> str:
     return new_database(database_url)
 
 
-class Proc:
-    def __init__(self, verb: str, env: dict[str, str], log: Path, health: str) -> None:
-        self.verb, self.env, self.log, self.health = verb, env, log, health
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb], env=self.env, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"{self.verb} died: {self.log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(self.health, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"{self.verb} not healthy: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 class Stage:
@@ -104,8 +79,8 @@ class Stage:
             "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
         self.env = {**os.environ, **self.settings.env()}
-        self.worker = Proc("worker", self.env, data_dir / "worker.log", f"http://127.0.0.1:{worker_port}/health")
-        self.sink = Proc("sink", self.env, data_dir / "sink.log", f"http://127.0.0.1:{sink_port}/health")
+        self.worker = VerbProcess("worker", self.env, data_dir / "worker.log", worker_port)
+        self.sink = VerbProcess("sink", self.env, data_dir / "sink.log", sink_port)
         self.publisher = Publisher(self.settings)
 
     def close(self) -> None:
