@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -147,7 +148,7 @@ class EmbassyDirectory:
                 raise EmbassyDirectoryError(f"embassy directory {source}, mission {number}: country {embassy.country} "
                                             f"is already covered by {by_country[embassy.country].name!r}")
             by_country[embassy.country] = embassy
-        return cls(by_country)
+        return cls(MappingProxyType(by_country))
 
     def for_country(self, country: str | None) -> Embassy | None:
         """The mission responsible for a country (ISO alpha-2, any case), if the directory has one."""
@@ -219,6 +220,7 @@ def _environment(html: bool) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=False,
+        auto_reload=False,  # the templates are package data: no stat per render
     )
 
 
@@ -307,6 +309,7 @@ def _one_line(text: str) -> str:
 # --- SMS -----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _gsm_septets(char: str) -> int | None:
     """Septets a character takes in the GSM 7-bit alphabet (2 for the extension table), None outside it."""
     try:
@@ -376,13 +379,11 @@ def _cut_head(head: str, tail: str, max_segments: int) -> str | None:
 
 def _truncate(text: str, suffix: str, max_segments: int) -> str | None:
     """The longest start of ``text`` (cut at a word where possible, with an ellipsis) that fits before ``suffix``."""
-    low, high, best = 1, len(text), 0
-    while low <= high:  # the segment count grows with the length of the start kept
-        mid = (low + high) // 2
-        if sms_segments(_ellipsised(text[:mid], suffix)) <= max_segments:
-            best, low = mid, mid + 1
-        else:
-            high = mid - 1
+    # The segment count grows with the length kept, except where the cut drops the first character
+    # outside GSM-7 and the body turns GSM-7 again: search the UCS-2 lengths first, then the GSM-7 ones.
+    first_ucs2 = next((i for i, c in enumerate(text) if _gsm_septets(c) is None), len(text))
+    best = _longest_fitting(text, suffix, max_segments, first_ucs2 + 1, len(text)) \
+        or _longest_fitting(text, suffix, max_segments, 1, first_ucs2)
     if best == 0:
         return None
     start = text[:best]
@@ -390,6 +391,17 @@ def _truncate(text: str, suffix: str, max_segments: int) -> str | None:
     if word_end >= best * 2 // 3:  # cut at a word unless that throws away a third
         start = start[:word_end]
     return _ellipsised(start, suffix)
+
+
+def _longest_fitting(text: str, suffix: str, max_segments: int, low: int, high: int) -> int:
+    best = 0
+    while low <= high:
+        mid = (low + high) // 2
+        if sms_segments(_ellipsised(text[:mid], suffix)) <= max_segments:
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
 
 
 def _ellipsised(start: str, suffix: str) -> str:
