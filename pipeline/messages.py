@@ -355,8 +355,8 @@ def _fit_sms(*, head: str, replies: str, contact: str, max_segments: int) -> str
     full = f"{head} {tail_with_contact}".strip()
     if sms_segments(full) <= max_segments:
         return full
-    for tail in (tail_with_contact, replies):
-        cut = _cut_head(head, tail, max_segments)
+    for tail, min_head in ((tail_with_contact, _MIN_HEAD_CHARS), (replies, _MIN_HEAD_CHARS), (replies, 1)):
+        cut = _cut_head(head, tail, max_segments, min_head)
         if cut is not None:
             return cut
     # Not even the keywords and link fit: keep as much of them as fits.
@@ -367,14 +367,16 @@ def _fit_sms(*, head: str, replies: str, contact: str, max_segments: int) -> str
 _MIN_HEAD_CHARS = 40
 
 
-def _cut_head(head: str, tail: str, max_segments: int) -> str | None:
-    if len(head) > _MIN_HEAD_CHARS:
-        cut = _truncate(head, " " + tail, max_segments)
-        if cut is not None and len(cut) - len(tail) - 1 >= _MIN_HEAD_CHARS:
-            return cut
-    elif sms_segments(f"{head} {tail}") <= max_segments:
-        return f"{head} {tail}"
-    return None
+def _cut_head(head: str, tail: str, max_segments: int, min_head: int) -> str | None:
+    """``head tail`` with the head cut to fit, if at least ``min_head`` characters of it (or all of it) stay."""
+    whole = f"{head} {tail}".strip()
+    if sms_segments(whole) <= max_segments:
+        return whole
+    cut = _truncate(head, " " + tail, max_segments)
+    if cut is None:
+        return None
+    kept = cut[: len(cut) - len(tail) - 1].rstrip(".\u2026")
+    return cut if len(kept) >= min(min_head, len(head)) else None
 
 
 def _truncate(text: str, suffix: str, max_segments: int) -> str | None:

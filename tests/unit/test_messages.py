@@ -250,6 +250,20 @@ def test_when_room_is_short_the_mission_gives_way_before_the_link() -> None:
     assert MISSION.phone not in m.sms
 
 
+def test_a_link_too_long_for_the_limit_still_yields_a_body_within_it() -> None:
+    huge_link = "https://crisis.example.org/reply/" + "x" * 400
+    m = render(warning(), citizen("en"), embassy=MISSION, reply_url=huge_link, sms_max_segments=1)
+    assert m.sms_segments == 1 and m.sms.startswith("Reply SAFE or HELP: https://crisis.example.org/reply/xxx")
+
+
+def test_the_explanation_keeps_what_fits_when_the_mission_has_gone() -> None:
+    link = "https://crisis.example.org/reply/" + "x" * 60
+    m = render(warning(title="T" * 60, instruction="I" * 300), citizen("en"), embassy=MISSION, reply_url=link,
+               sms_max_segments=1)
+    assert m.sms.startswith("You are inside the area") and m.sms.endswith(f"Reply SAFE or HELP: {link}")
+    assert m.sms_segments == 1
+
+
 def test_sms_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="sms_max_segments"):
         render(warning(), citizen("en"), embassy=None, reply_url=None, sms_max_segments=0)
