@@ -71,6 +71,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Largest payload kept in a dead letter; longer ones are cut (size and SHA-256 kept in headers)."),
     EnvVar("CRISISWATCH_MAX_FUTURE_SKEW_S", "300", "Check-ins and replies dated more than this many seconds ahead are refused (422, dlq)."),
     EnvVar("CRISISWATCH_EXERCISE_MODE", "false", "When true, non-Actual alerts (Exercise/Test) reach citizens too."),
+    EnvVar("CRISISWATCH_EMBASSY_DIRECTORY", "",
+           "TOML file of the missions citizens are told to contact, per country. Empty: the shipped sample (fake numbers)."),
     EnvVar("CRISISWATCH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
 )
 
@@ -145,6 +147,7 @@ class Settings:
     dlq_max_payload_bytes: int = 524_288
     max_future_skew_s: float = 300.0
     exercise_mode: bool = False
+    embassy_directory: Path | None = None
     log_level: str = "INFO"
 
     @property
@@ -198,6 +201,7 @@ class Settings:
                                                get("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES"), 1024, DLQ_PAYLOAD_CEILING),
             max_future_skew_s=_float("CRISISWATCH_MAX_FUTURE_SKEW_S", get("CRISISWATCH_MAX_FUTURE_SKEW_S")),
             exercise_mode=_bool("CRISISWATCH_EXERCISE_MODE", get("CRISISWATCH_EXERCISE_MODE")),
+            embassy_directory=Path(raw_embassies) if (raw_embassies := get("CRISISWATCH_EMBASSY_DIRECTORY").strip()) else None,
             log_level=level,
         )
 
@@ -247,5 +251,6 @@ class Settings:
             "CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES": str(self.dlq_max_payload_bytes),
             "CRISISWATCH_MAX_FUTURE_SKEW_S": str(self.max_future_skew_s),
             "CRISISWATCH_EXERCISE_MODE": "true" if self.exercise_mode else "false",
+            "CRISISWATCH_EMBASSY_DIRECTORY": "" if self.embassy_directory is None else str(self.embassy_directory),
             "CRISISWATCH_LOG_LEVEL": self.log_level,
         }
