@@ -57,6 +57,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port."),
     EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated, kept in the data dir."),
     EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated, kept in the data dir."),
+    EnvVar("CRISISWATCH_CAP_SENDER", "crisiswatch@localhost",
+           "The sender of the CAP 1.2 alerts the API publishes (/v1/crises/{id}.cap, /v1/cap.atom), e.g. the ministry's address."),
     EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
     EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
     EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
@@ -135,6 +137,7 @@ class Settings:
     ingest_token: Secret = Secret("")
     operator_token: Secret = Secret("")
     max_body_bytes: int = 2_000_000
+    cap_sender: str = "crisiswatch@localhost"
     worker_web_port: int = 6066
     sink_metrics_port: int = 9102
     checkin_retention_days: int = 30
@@ -186,6 +189,7 @@ class Settings:
             api_port=_int("CRISISWATCH_API_PORT", get("CRISISWATCH_API_PORT")),
             ingest_token=Secret(get("CRISISWATCH_INGEST_TOKEN")),
             operator_token=Secret(get("CRISISWATCH_OPERATOR_TOKEN")),
+            cap_sender=get("CRISISWATCH_CAP_SENDER").strip() or "crisiswatch@localhost",
             max_body_bytes=_int("CRISISWATCH_MAX_BODY_BYTES", get("CRISISWATCH_MAX_BODY_BYTES"), 1024),
             worker_web_port=_int("CRISISWATCH_WORKER_WEB_PORT", get("CRISISWATCH_WORKER_WEB_PORT")),
             sink_metrics_port=_int("CRISISWATCH_SINK_METRICS_PORT", get("CRISISWATCH_SINK_METRICS_PORT")),
@@ -239,6 +243,7 @@ class Settings:
             "CRISISWATCH_INGEST_TOKEN": self.ingest_token.get(),
             "CRISISWATCH_OPERATOR_TOKEN": self.operator_token.get(),
             "CRISISWATCH_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "CRISISWATCH_CAP_SENDER": self.cap_sender,
             "CRISISWATCH_WORKER_WEB_PORT": str(self.worker_web_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(self.sink_metrics_port),
             "CRISISWATCH_CHECKIN_RETENTION_DAYS": str(self.checkin_retention_days),

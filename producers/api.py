@@ -48,6 +48,7 @@ from pydantic import BaseModel
 
 from pipeline import topics
 from pipeline.domain.admission import rehearse
+from pipeline.domain.cap_out import ATOM_MEDIA_TYPE, CAP_MEDIA_TYPE, atom_feed, cap_alert
 from pipeline.domain.countries import countries_for
 from pipeline.domain.geometry import GeometryError, normalise_geometry
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
@@ -55,6 +56,7 @@ from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
 from pipeline.settings import Secret, Settings
 from pipeline.stage import describe
+from producers.crisis_store import CrisisStore, StoreUnavailable
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
 from schemas import Ack, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj
 from schemas.codec import MAX_MESSAGE_BYTES, parse_json
@@ -377,9 +379,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
                *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None,
-               health: HealthProbe | None = None) -> FastAPI:
+               health: HealthProbe | None = None, crisis_store: CrisisStore | None = None) -> FastAPI:
     """The ingest API. Nothing global: settings, publisher, metrics registry, clock and the health
-    probe (``/health``; without one, ``/health`` only says the process serves) come in."""
+    probe (``/health``; without one, ``/health`` only says the process serves) come in, and the
+    crisis store the public CAP feed reads (without one, the CAP endpoints answer 503)."""
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
@@ -511,6 +514,38 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
                                              "version": crises[0].version})
         return JSONResponse(crises[0].to_dict(), status_code=202)
+
+    # CAP out: public alerting, read by other agencies and aggregators, so no token (like every CAP feed).
+
+    async def stored(read: Callable[[CrisisStore], Any]) -> Any:
+        if crisis_store is None:
+            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL)",
+                           headers={"Retry-After": "30"})
+        store = crisis_store
+        try:
+            return await run_in_threadpool(read, store)
+        except StoreUnavailable as exc:
+            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+
+    @app.get("/v1/crises/{crisis_id:path}.cap", tags=["CAP"], response_class=Response,
+             responses={200: {"content": {CAP_MEDIA_TYPE: {}}, "description": "the crisis's latest version as a CAP 1.2 alert"},
+                        404: {"model": ErrorBody, "description": "no such crisis"},
+                        503: {"model": ErrorBody, "description": "PostgreSQL unreachable"}})
+    async def crisis_cap(crisis_id: str) -> Response:
+        versions = await stored(lambda store: store.versions(crisis_id))
+        if not versions:
+            raise ApiError(404, "not_found", f"no crisis {crisis_id!r}")
+        document = await run_in_threadpool(cap_alert, versions, settings.cap_sender)
+        return Response(document, media_type=CAP_MEDIA_TYPE)
+
+    @app.get("/v1/cap.atom", tags=["CAP"], response_class=Response,
+             responses={200: {"content": {ATOM_MEDIA_TYPE: {}}, "description": "Atom feed of the active crises' CAP alerts"},
+                        503: {"model": ErrorBody, "description": "PostgreSQL unreachable"}})
+    async def cap_feed(request: Request) -> Response:
+        now = clock()
+        active = await stored(lambda store: store.active(now))
+        document = atom_feed(active, sender=settings.cap_sender, base_url=str(request.base_url), now=now)
+        return Response(document, media_type=ATOM_MEDIA_TYPE)
 
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app

@@ -33,6 +33,7 @@ from pipeline.health import HealthProbe, probe_for
 from pipeline.observability import setup_logging
 from pipeline.settings import Settings
 from producers.api import create_app
+from producers.crisis_store import PostgresCrisisStore
 from producers.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class ApiServer:
         self.publisher = publisher or Publisher(settings, client_id="crisiswatch-api")
         self.registry = registry or CollectorRegistry()
         self.probe = probe or probe_for(replace(settings, kafka_bootstrap=self.publisher.bootstrap), registry=self.registry)
-        app = create_app(settings, self.publisher, self.registry, clock, health=self.probe)
+        # The public CAP feed reads the crises the sink stored; the connection opens on the first CAP request.
+        self.crisis_store = PostgresCrisisStore(settings.database_url.get()) if settings.database_url else None
+        app = create_app(settings, self.publisher, self.registry, clock, health=self.probe, crisis_store=self.crisis_store)
         config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
                                 server_header=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self.server = uvicorn.Server(config)
@@ -76,6 +79,8 @@ class ApiServer:
             self.probe.stop()
             if self._owns_publisher:
                 self.publisher.close()
+            if self.crisis_store is not None:
+                self.crisis_store.close()
             log.info("ingest API stopped")
 
     def start_in_thread(self) -> threading.Thread:
