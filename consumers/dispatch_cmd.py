@@ -16,7 +16,8 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
-from consumers.dispatch import Dispatcher
+from consumers.dispatch import GROUP_ID, Dispatcher
+from pipeline import topics
 from pipeline.health import probe_for
 from pipeline.metrics import DispatchMetrics
 from pipeline.observability import serve_metrics, setup_logging
@@ -28,13 +29,16 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="port of /metrics and /health [env CRISISWATCH_DISPATCH_METRICS_PORT]")
+    parser.add_argument("--topic", default=topics.WARNINGS, help="topic of warning/1 events to deliver [default: warnings]")
+    parser.add_argument("--group", default=GROUP_ID, help=f"consumer group [default: {GROUP_ID}]")
 
 
 def run_dispatcher(settings: Settings, stop_event: threading.Event, *, registry: CollectorRegistry | None = None,
-                   serve_http: bool = True, metrics_port: int | None = None) -> int:
+                   serve_http: bool = True, metrics_port: int | None = None, topic: str = topics.WARNINGS,
+                   group_id: str = GROUP_ID) -> int:
     """Run the dispatcher until ``stop_event`` is set; return 0, or 1 if it failed."""
     registry = registry if registry is not None else CollectorRegistry()
-    dispatcher = Dispatcher(settings, DispatchMetrics(registry))
+    dispatcher = Dispatcher(settings, DispatchMetrics(registry), source_topic=topic, group_id=group_id)
     failed: list[BaseException] = []
 
     def target() -> None:
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        return run_dispatcher(settings, stop, metrics_port=args.metrics_port)
+        return run_dispatcher(settings, stop, metrics_port=args.metrics_port, topic=args.topic, group_id=args.group)
     except OSError as exc:  # the metrics port is taken
         print(f"crisiswatch dispatch: {exc}", file=sys.stderr)
         return 2
