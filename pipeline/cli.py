@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "worker": ("pipeline.worker_cmd", "run one Faust worker (locate and crisis agents); run several to scale"),
     "api": ("producers.api_cmd", "run the ingest API (check-ins, citizens, crises, acks)"),
     "sink": ("consumers.sink_cmd", "run the PostgreSQL sink and the per-country warning router"),
+    "dispatch": ("consumers.dispatch_cmd", "deliver warnings to citizens (webhook, email, SMS/push), once per channel"),
     "simulate": ("producers.simulator", "publish check-ins of simulated travellers around real cities"),
     "replay": ("producers.replay", "publish a JSON-lines file of events into the right topics"),
     "tail": ("consumers.tail", "print warnings as they arrive, filtered by crisis, country or kind"),

@@ -35,6 +35,11 @@ MetricName = Literal[
     "crisiswatch_feed_errors_total",
     "crisiswatch_feed_fetch_seconds",
     "crisiswatch_dependency_up",
+    "crisiswatch_dispatch_attempts_total",
+    "crisiswatch_dispatch_warnings_total",
+    "crisiswatch_dispatch_seconds",
+    "crisiswatch_dispatch_rate_limited_seconds_total",
+    "crisiswatch_dispatch_outages_total",
 ]
 METRIC_NAMES: Final = frozenset(MetricName.__args__)  # type: ignore[attr-defined]
 
@@ -107,6 +112,26 @@ class SinkMetrics(DlqMetrics):
                                ["topic", "reason"], registry=registry)
         self.routed = Counter(_name("crisiswatch_router_messages_total"), "Warnings routed to per-country topics",
                               ["topic"], registry=registry)
+
+
+class DispatchMetrics(DlqMetrics):
+    """The dispatcher: every attempt by channel and outcome (``delivered``, ``transient``, ``permanent``,
+    ``unavailable``), every warning by outcome (``delivered``, ``gave_up``, ``skipped``, ``no_citizen``,
+    ``no_channel``), time per attempt, time spent waiting for a rate limit, and outages waited out."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.attempts = Counter(_name("crisiswatch_dispatch_attempts_total"), "Delivery attempts by channel and outcome",
+                                ["channel", "outcome"], registry=registry)
+        self.warnings = Counter(_name("crisiswatch_dispatch_warnings_total"), "Warnings handled by outcome", ["outcome"],
+                                registry=registry)
+        self.seconds = Histogram("crisiswatch_dispatch_seconds", "Time of one delivery attempt", ["channel"],
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.rate_limited = Counter(_name("crisiswatch_dispatch_rate_limited_seconds_total"),
+                                    "Seconds spent waiting for a channel's rate limit", ["channel"], registry=registry)
+        self.outages = Counter(_name("crisiswatch_dispatch_outages_total"),
+                               "Outages waited out (Kafka, PostgreSQL, a channel's relay), retried with backoff",
+                               ["dependency"], registry=registry)
 
 
 class FeedMetrics(DlqMetrics):

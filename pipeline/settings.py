@@ -62,6 +62,24 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
     EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
     EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
+    EnvVar("CRISISWATCH_DISPATCH_METRICS_PORT", "9104", "Dispatcher's /metrics and /health port."),
+    EnvVar("CRISISWATCH_WEBHOOK_SECRET", "",
+           "Key of the HMAC-SHA256 signature on webhook deliveries (secret; never logged). Empty: unsigned."),
+    EnvVar("CRISISWATCH_WEBHOOK_TIMEOUT_S", "10", "Longest wait for a webhook receiver's answer; a timeout is retried."),
+    EnvVar("CRISISWATCH_SMTP_URL", "",
+           "Mail relay: smtp://user:pass@host:port?starttls=true or smtps://... (secret). Empty: no email channel."),
+    EnvVar("CRISISWATCH_MAIL_FROM", "crisiswatch@localhost", "Sender address of warning emails."),
+    EnvVar("CRISISWATCH_APPRISE_SMS_URL", "",
+           "Apprise URL for SMS with {address} for the number, e.g. twilio://SID:TOKEN@+1555/{address} (secret)."),
+    EnvVar("CRISISWATCH_APPRISE_PUSH_URL", "", "Apprise URL for push with {address} for the device token or user (secret)."),
+    EnvVar("CRISISWATCH_DISPATCH_MAX_ATTEMPTS", "5",
+           "Attempts per channel before the dispatcher falls back to the citizen's next channel."),
+    EnvVar("CRISISWATCH_DISPATCH_RETRY_INITIAL_S", "1", "Wait after a channel's first failed attempt; doubles per attempt, with jitter."),
+    EnvVar("CRISISWATCH_DISPATCH_RETRY_MAX_S", "60", "Longest wait between two attempts on one channel."),
+    EnvVar("CRISISWATCH_RATE_LIMIT_WEBHOOK_PER_S", "0", "Webhook sends per second per dispatcher (0: no limit)."),
+    EnvVar("CRISISWATCH_RATE_LIMIT_EMAIL_PER_S", "20", "Emails per second per dispatcher (0: no limit); above it the dispatcher waits."),
+    EnvVar("CRISISWATCH_RATE_LIMIT_SMS_PER_S", "10", "SMS per second per dispatcher (0: no limit); above it the dispatcher waits."),
+    EnvVar("CRISISWATCH_RATE_LIMIT_PUSH_PER_S", "100", "Push notifications per second per dispatcher (0: no limit)."),
     EnvVar("CRISISWATCH_CHECKIN_RETENTION_DAYS", "30", "Days of check-in history kept in PostgreSQL."),
     EnvVar("CRISISWATCH_DWELL_SECONDS", "120", "How long a citizen must stay outside before 'exited' is sent (anti-flap)."),
     EnvVar("CRISISWATCH_HYSTERESIS_M", "50", "Minimum distance beyond the edge before a citizen counts as outside."),
@@ -120,6 +138,13 @@ def _float(name: str, raw: str, minimum: float = 0.0) -> float:
     return value
 
 
+def _smtp_url(raw: str) -> str:
+    """An SMTP URL checked at start (the message never quotes it: it may hold a password)."""
+    if raw and not raw.startswith(("smtp://", "smtps://")):
+        raise SettingsError("CRISISWATCH_SMTP_URL: expected smtp://[user:pass@]host[:port][?starttls=true] or smtps://...")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka_bootstrap: str = ""
@@ -140,6 +165,20 @@ class Settings:
     cap_sender: str = "crisiswatch@localhost"
     worker_web_port: int = 6066
     sink_metrics_port: int = 9102
+    dispatch_metrics_port: int = 9104
+    webhook_secret: Secret = Secret("")
+    webhook_timeout_s: float = 10.0
+    smtp_url: Secret = Secret("")
+    mail_from: str = "crisiswatch@localhost"
+    apprise_sms_url: Secret = Secret("")
+    apprise_push_url: Secret = Secret("")
+    dispatch_max_attempts: int = 5
+    dispatch_retry_initial_s: float = 1.0
+    dispatch_retry_max_s: float = 60.0
+    rate_limit_webhook_per_s: float = 0.0
+    rate_limit_email_per_s: float = 20.0
+    rate_limit_sms_per_s: float = 10.0
+    rate_limit_push_per_s: float = 100.0
     checkin_retention_days: int = 30
     dwell_seconds: float = 120.0
     hysteresis_m: float = 50.0
@@ -193,6 +232,21 @@ class Settings:
             max_body_bytes=_int("CRISISWATCH_MAX_BODY_BYTES", get("CRISISWATCH_MAX_BODY_BYTES"), 1024),
             worker_web_port=_int("CRISISWATCH_WORKER_WEB_PORT", get("CRISISWATCH_WORKER_WEB_PORT")),
             sink_metrics_port=_int("CRISISWATCH_SINK_METRICS_PORT", get("CRISISWATCH_SINK_METRICS_PORT")),
+            dispatch_metrics_port=_int("CRISISWATCH_DISPATCH_METRICS_PORT", get("CRISISWATCH_DISPATCH_METRICS_PORT")),
+            webhook_secret=Secret(get("CRISISWATCH_WEBHOOK_SECRET")),
+            webhook_timeout_s=_float("CRISISWATCH_WEBHOOK_TIMEOUT_S", get("CRISISWATCH_WEBHOOK_TIMEOUT_S"), 0.1),
+            smtp_url=Secret(_smtp_url(get("CRISISWATCH_SMTP_URL").strip())),
+            mail_from=get("CRISISWATCH_MAIL_FROM").strip(),
+            apprise_sms_url=Secret(get("CRISISWATCH_APPRISE_SMS_URL").strip()),
+            apprise_push_url=Secret(get("CRISISWATCH_APPRISE_PUSH_URL").strip()),
+            dispatch_max_attempts=_int("CRISISWATCH_DISPATCH_MAX_ATTEMPTS", get("CRISISWATCH_DISPATCH_MAX_ATTEMPTS"), 1),
+            dispatch_retry_initial_s=(retry_initial := _float("CRISISWATCH_DISPATCH_RETRY_INITIAL_S",
+                                                              get("CRISISWATCH_DISPATCH_RETRY_INITIAL_S"))),
+            dispatch_retry_max_s=_float("CRISISWATCH_DISPATCH_RETRY_MAX_S", get("CRISISWATCH_DISPATCH_RETRY_MAX_S"), retry_initial),
+            rate_limit_webhook_per_s=_float("CRISISWATCH_RATE_LIMIT_WEBHOOK_PER_S", get("CRISISWATCH_RATE_LIMIT_WEBHOOK_PER_S")),
+            rate_limit_email_per_s=_float("CRISISWATCH_RATE_LIMIT_EMAIL_PER_S", get("CRISISWATCH_RATE_LIMIT_EMAIL_PER_S")),
+            rate_limit_sms_per_s=_float("CRISISWATCH_RATE_LIMIT_SMS_PER_S", get("CRISISWATCH_RATE_LIMIT_SMS_PER_S")),
+            rate_limit_push_per_s=_float("CRISISWATCH_RATE_LIMIT_PUSH_PER_S", get("CRISISWATCH_RATE_LIMIT_PUSH_PER_S")),
             checkin_retention_days=_int("CRISISWATCH_CHECKIN_RETENTION_DAYS", get("CRISISWATCH_CHECKIN_RETENTION_DAYS"), 1),
             dwell_seconds=_float("CRISISWATCH_DWELL_SECONDS", get("CRISISWATCH_DWELL_SECONDS")),
             hysteresis_m=_float("CRISISWATCH_HYSTERESIS_M", get("CRISISWATCH_HYSTERESIS_M")),
@@ -214,6 +268,11 @@ class Settings:
         from pipeline.domain.validation import EventRules
 
         return EventRules(max_future_skew_s=self.max_future_skew_s)
+
+    def rate_limit_per_s(self, channel: str) -> float:
+        """The dispatcher's rate limit of a channel type (0: none)."""
+        return {"webhook": self.rate_limit_webhook_per_s, "email": self.rate_limit_email_per_s,
+                "sms": self.rate_limit_sms_per_s, "push": self.rate_limit_push_per_s}.get(channel, 0.0)
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in kafka-python's spelling (aiokafka takes the same names)."""
@@ -246,6 +305,20 @@ class Settings:
             "CRISISWATCH_CAP_SENDER": self.cap_sender,
             "CRISISWATCH_WORKER_WEB_PORT": str(self.worker_web_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(self.sink_metrics_port),
+            "CRISISWATCH_DISPATCH_METRICS_PORT": str(self.dispatch_metrics_port),
+            "CRISISWATCH_WEBHOOK_SECRET": self.webhook_secret.get(),
+            "CRISISWATCH_WEBHOOK_TIMEOUT_S": str(self.webhook_timeout_s),
+            "CRISISWATCH_SMTP_URL": self.smtp_url.get(),
+            "CRISISWATCH_MAIL_FROM": self.mail_from,
+            "CRISISWATCH_APPRISE_SMS_URL": self.apprise_sms_url.get(),
+            "CRISISWATCH_APPRISE_PUSH_URL": self.apprise_push_url.get(),
+            "CRISISWATCH_DISPATCH_MAX_ATTEMPTS": str(self.dispatch_max_attempts),
+            "CRISISWATCH_DISPATCH_RETRY_INITIAL_S": str(self.dispatch_retry_initial_s),
+            "CRISISWATCH_DISPATCH_RETRY_MAX_S": str(self.dispatch_retry_max_s),
+            "CRISISWATCH_RATE_LIMIT_WEBHOOK_PER_S": str(self.rate_limit_webhook_per_s),
+            "CRISISWATCH_RATE_LIMIT_EMAIL_PER_S": str(self.rate_limit_email_per_s),
+            "CRISISWATCH_RATE_LIMIT_SMS_PER_S": str(self.rate_limit_sms_per_s),
+            "CRISISWATCH_RATE_LIMIT_PUSH_PER_S": str(self.rate_limit_push_per_s),
             "CRISISWATCH_CHECKIN_RETENTION_DAYS": str(self.checkin_retention_days),
             "CRISISWATCH_DWELL_SECONDS": str(self.dwell_seconds),
             "CRISISWATCH_HYSTERESIS_M": str(self.hysteresis_m),

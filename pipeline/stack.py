@@ -230,7 +230,8 @@ class Stack:
         except TokenFileError as exc:
             raise StackError(str(exc)) from None
         self.settings = replace(s, api_port=self._port(s.api_port), worker_web_port=self._port(s.worker_web_port),
-                                sink_metrics_port=self._port(s.sink_metrics_port))
+                                sink_metrics_port=self._port(s.sink_metrics_port),
+                                dispatch_metrics_port=self._port(s.dispatch_metrics_port))
         try:
             self.restored = self._restore_broker()
         except RestoreError as exc:
@@ -250,6 +251,8 @@ class Stack:
             Child("worker", ["worker"], f"http://{host}:{s.worker_web_port}/health", self.logs / "worker.log",
                   restart_with_broker=True),
             Child("sink", ["sink"], f"http://{host}:{s.sink_metrics_port}/health", self.logs / "sink.log",
+                  restart_with_broker=True, uses_database=True),
+            Child("dispatch", ["dispatch"], f"http://{host}:{s.dispatch_metrics_port}/health", self.logs / "dispatch.log",
                   restart_with_broker=True, uses_database=True),
             Child("api", ["api"], f"http://{host}:{s.api_port}/health", self.logs / "api.log"),
         ]
@@ -440,7 +443,8 @@ class Stack:
         lines += [f"  kafka        {kafka}", f"  postgresql   {db}",
                   f"  ingest API   http://{host}:{s.api_port}   (OpenAPI: /docs, metrics: /metrics)",
                   f"  worker       http://{host}:{s.worker_web_port}/metrics   /health",
-                  f"  sink         http://{host}:{s.sink_metrics_port}/metrics   /health"]
+                  f"  sink         http://{host}:{s.sink_metrics_port}/metrics   /health",
+                  f"  dispatch     http://{host}:{s.dispatch_metrics_port}/metrics   /health"]
         for child in self.children:
             if child.name == "feeds" and child.health_url:
                 lines.append(f"  feeds        {child.health_url.removesuffix('/health')}/metrics")

@@ -95,8 +95,9 @@ class VerbProcess:
     ``port`` answers 200, stopped by signal to its whole process group. Its output goes to ``log``,
     which failures quote."""
 
-    def __init__(self, verb: str, env: Mapping[str, str], log: Path, port: int, host: str = "127.0.0.1") -> None:
-        self.verb, self.env, self.log = verb, dict(env), log
+    def __init__(self, verb: str, env: Mapping[str, str], log: Path, port: int, host: str = "127.0.0.1",
+                 args: Sequence[str] = ()) -> None:
+        self.verb, self.env, self.log, self.args = verb, dict(env), log, list(args)
         self.health = f"http://{host}:{port}/health"
         self.metrics = f"http://{host}:{port}/metrics"
         self.process: subprocess.Popen[bytes] | None = None
@@ -106,7 +107,7 @@ class VerbProcess:
 
     def start(self, timeout_s: float = 90.0) -> None:
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb], env=self.env, stdout=out,
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.verb, *self.args], env=self.env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while not self.healthy():

@@ -180,7 +180,8 @@ def verb_parser(verb: str) -> argparse.ArgumentParser:
 def metric_types() -> dict[str, str]:
     """Every series name a crisiswatch process exposes, mapped to its metric type."""
     out: dict[str, str] = {}
-    for cls in (metrics.WorkerMetrics, metrics.ApiMetrics, metrics.SinkMetrics, metrics.FeedMetrics, metrics.DependencyMetrics):
+    for cls in (metrics.WorkerMetrics, metrics.ApiMetrics, metrics.SinkMetrics, metrics.FeedMetrics, metrics.DependencyMetrics,
+                metrics.DispatchMetrics):
         registry = CollectorRegistry()
         cls(registry)
         for family in registry.collect():

@@ -1,0 +1,100 @@
+"""``crisiswatch dispatch``: the dispatcher (consumer group ``crisiswatch-dispatch`` on ``warnings``)
+with /metrics and /health. Several may run; SIGTERM or Ctrl-C finishes the attempt in hand and exits
+without committing past an unsettled warning.
+
+``/health`` is 503 while the dispatcher is waiting out an outage (PostgreSQL, Kafka, the mail relay),
+while it has stopped, or while the probe cannot reach Kafka or PostgreSQL."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from consumers.dispatch import GROUP_ID, Dispatcher
+from pipeline import topics
+from pipeline.health import probe_for
+from pipeline.metrics import DispatchMetrics
+from pipeline.observability import serve_metrics, setup_logging
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="port of /metrics and /health [env CRISISWATCH_DISPATCH_METRICS_PORT]")
+    parser.add_argument("--topic", default=topics.WARNINGS, help="topic of warning/1 events to deliver [default: warnings]")
+    parser.add_argument("--group", default=GROUP_ID, help=f"consumer group [default: {GROUP_ID}]")
+
+
+def run_dispatcher(settings: Settings, stop_event: threading.Event, *, registry: CollectorRegistry | None = None,
+                   serve_http: bool = True, metrics_port: int | None = None, topic: str = topics.WARNINGS,
+                   group_id: str = GROUP_ID) -> int:
+    """Run the dispatcher until ``stop_event`` is set; return 0, or 1 if it failed."""
+    registry = registry if registry is not None else CollectorRegistry()
+    dispatcher = Dispatcher(settings, DispatchMetrics(registry), source_topic=topic, group_id=group_id)
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            dispatcher.run(stop_event)
+        except Exception as exc:
+            log.exception("dispatcher failed; stopping")
+            failed.append(exc)
+            stop_event.set()
+
+    thread = threading.Thread(target=target, name="crisiswatch-dispatch")
+    server = None
+    probe = None
+    if serve_http:
+        probe = probe_for(settings, kafka=True, postgresql=True, registry=registry).start()
+        port = settings.dispatch_metrics_port if metrics_port is None else metrics_port
+        try:
+            server = serve_metrics(registry, settings.api_host, port, lambda: thread.is_alive() and dispatcher.healthy,
+                                   probe=probe)
+        except OSError:
+            probe.stop()
+            raise
+        log.info("dispatch metrics at http://%s:%d/metrics", settings.api_host, port)
+    thread.start()
+    try:
+        thread.join()
+    finally:
+        stop_event.set()
+        thread.join()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if probe is not None:
+            probe.stop()
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    missing = [name for name, value in (("CRISISWATCH_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+                                        ("CRISISWATCH_DATABASE_URL", settings.database_url.get())) if not value]
+    if missing:
+        print(f"crisiswatch dispatch: set {' and '.join(missing)} (or run `crisiswatch up`, which starts the dispatcher)",
+              file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, "crisiswatch-dispatch")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return run_dispatcher(settings, stop, metrics_port=args.metrics_port, topic=args.topic, group_id=args.group)
+    except OSError as exc:  # the metrics port is taken
+        print(f"crisiswatch dispatch: {exc}", file=sys.stderr)
+        return 2
