@@ -241,6 +241,7 @@ def test_webhook_is_signed_with_its_key_and_email_has_text_and_html(
     [mail] = mailbox.to(address)
     assert w_mail.warning_id in mail["Message-ID"]
     assert mail["From"] == "alerts@crisiswatch.test"
+    assert mail["Content-Language"] == "en"
     assert mail.get_body(("plain",)) is not None and mail.get_body(("html",)) is not None
     plain, html = mail.get_body(("plain",)), mail.get_body(("html",))
     assert plain is not None and html is not None
