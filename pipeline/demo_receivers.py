@@ -147,7 +147,7 @@ class MailServer:
         text = body.get_content() if isinstance(body, EmailMessage) else ""
         for recipient in envelope.rcpt_tos:
             self.inbox.add(Delivered("email", warning_id, recipient, str(message.get("Content-Language", "")),
-                                     str(message.get("Subject", "")), text))
+                                     " ".join(str(message.get("Subject", "")).split()), text))
         return "250 OK"
 
     def start(self) -> MailServer:
