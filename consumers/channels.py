@@ -198,9 +198,9 @@ class EmailChannel:
         email["Date"] = formatdate(localtime=False)
         email["Message-ID"] = message_id(idempotency_key, address, self.domain)
         email["X-Crisiswatch-Warning-Id"] = idempotency_key
-        email["Content-Language"] = m.language
         email.set_content(m.text)
         email.add_alternative(m.html, subtype="html")
+        email["Content-Language"] = m.language  # after the parts: set_content drops Content-* headers
         return email
 
     def _connect(self) -> smtplib.SMTP:

@@ -14,8 +14,12 @@ when a rebalance hands a partition over mid-batch. (Apprise carries no idempoten
 after a crash through SMS or push may reach the person twice; see :mod:`consumers.channels`.)
 
 **Order.** A citizen's warnings are on one partition, in order, and are handled one after the other,
-so an all-clear comes after the warnings it clears. As a second guard an all-clear waits while the
-table shows another warning of the same citizen and crisis neither delivered nor given up.
+so an all-clear comes after the warnings it clears. Within a polled batch, different citizens are
+served at once by a bounded pool (``CRISISWATCH_DISPATCH_CONCURRENCY`` threads, each with its own
+PostgreSQL session): most of a delivery is waiting for PostgreSQL and the receiver, and one citizen's
+warnings still go one after the other on one thread. The batch is committed when all are settled.
+As a second guard an all-clear waits while the table shows another warning of the same citizen and
+crisis neither delivered nor given up.
 
 **Retries and fallback.** A transient failure is retried with exponential backoff and jitter, up to
 ``CRISISWATCH_DISPATCH_MAX_ATTEMPTS`` per channel; then (or at once on a permanent failure) the next
@@ -40,6 +44,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -259,7 +264,11 @@ class Dispatcher:
         self.settings = settings
         self.metrics = metrics
         self.bootstrap = bootstrap or settings.kafka_bootstrap
-        self.store = DeliveryStore(database_url or settings.database_url.get())
+        self.database_url = database_url or settings.database_url.get()
+        self._local = threading.local()  # each thread's DeliveryStore: its own session and advisory locks
+        self._stores: list[DeliveryStore] = []
+        self._lock = threading.Lock()
+        self.concurrency = settings.dispatch_concurrency
         self.source_topic = source_topic
         self.group_id = group_id
         self._own_channels = channels is None
@@ -281,10 +290,21 @@ class Dispatcher:
         self.healthy = True
 
     @property
+    def store(self) -> DeliveryStore:
+        """This thread's store (a connection per thread: advisory locks belong to a session)."""
+        store: DeliveryStore | None = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = DeliveryStore(self.database_url)
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    @property
     def publisher(self) -> Publisher:
-        if self._publisher is None:  # only dead letters need one
-            self._publisher = Publisher(self.settings, bootstrap=self.bootstrap, client_id="crisiswatch-dispatch-dlq")
-        return self._publisher
+        with self._lock:
+            if self._publisher is None:  # only dead letters need one
+                self._publisher = Publisher(self.settings, bootstrap=self.bootstrap, client_id="crisiswatch-dispatch-dlq")
+            return self._publisher
 
     def _outage(self, exc: BaseException, dependency: str = "postgresql") -> None:
         self.healthy = False
@@ -352,7 +372,9 @@ class Dispatcher:
         while resend or attempts < self.policy.max_attempts:
             resend = False
             bucket = self.buckets.get(step.channel)
-            if bucket is not None and (wait := bucket.reserve()) > 0:
+            with self._lock:
+                wait = bucket.reserve() if bucket is not None else 0.0
+            if wait > 0:
                 self.metrics.rate_limited.labels(channel=step.channel).inc(wait)
                 self._wait(wait, stop, f"{step.channel} rate limit")
             claimed = self.store.begin(warning, step.channel, step.address, self.clock())
@@ -405,16 +427,34 @@ class Dispatcher:
 
     # a batch --------------------------------------------------------------------------------------
 
-    def handle(self, messages: Sequence[Message], stop: threading.Event) -> None:
-        """Dispatch a polled batch in order; returns when every warning in it is settled (delivered,
+    def handle(self, messages: Sequence[Message], stop: threading.Event, pool: ThreadPoolExecutor | None = None) -> None:
+        """Dispatch a polled batch: each citizen's warnings in order, different citizens at once on
+        ``pool`` (one by one without it); returns when every warning in it is settled (delivered,
         given up, skipped or dead-lettered). Raises :class:`Stopped` if asked to stop first."""
         decoded = map_isolated(messages, lambda m: (m, decode_warning(m)))
         for failure in decoded.failures:
             self.metrics.stage_skipped.labels(stage=STAGE, reason=failure.label).inc()
             log.warning("not a valid warning; skipped (the router dead-letters it)",
                         extra={"where": failure.item.where(), "reason": failure.reason})
-        outages = (*self.outages, Stopped)
+        by_citizen: dict[str, list[tuple[Message, Warning]]] = {}
         for message, warning in decoded.results:
+            by_citizen.setdefault(warning.citizen_id, []).append((message, warning))
+        if pool is None or len(by_citizen) < 2:
+            for items in by_citizen.values():
+                self._handle_citizen(items, stop)
+            return
+        futures = [pool.submit(self._handle_citizen, items, stop) for items in by_citizen.values()]
+        errors: list[BaseException] = []
+        for future in futures:  # every citizen settles (or stops) before the batch is committed
+            if (exc := future.exception()) is not None:
+                errors.append(exc)
+        if errors:
+            raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
+
+    def _handle_citizen(self, items: Sequence[tuple[Message, Warning]], stop: threading.Event) -> None:
+        """One citizen's warnings of a batch, one after the other."""
+        outages = (*self.outages, Stopped)
+        for message, warning in items:
             run = retry(lambda w=warning: map_isolated([w], lambda x: self.dispatch(x, stop), outages=outages),  # type: ignore[misc]
                         outage=self.outages, stop=stop, what=f"dispatch {warning.warning_id}", backoff=self.backoff,
                         on_outage=self._outage)
@@ -441,6 +481,7 @@ class Dispatcher:
         from kafka.errors import KafkaError
 
         consumer: Any = None
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="dispatch") if self.concurrency > 1 else None
         try:
             consumer = retry(lambda: group_consumer(self.bootstrap, [self.source_topic], self.group_id,
                                                     self.settings.kafka_client_options(), self.timeouts),
@@ -457,15 +498,20 @@ class Dispatcher:
                     stop.wait(self.backoff.initial_s)
                     continue
                 if messages:
-                    self.handle(messages, stop)
+                    self.handle(messages, stop, pool)
                     commit(consumer, messages)
         except Stopped as exc:
             log.info("dispatcher stopped during a wait; the uncommitted warnings will be redelivered",
                      extra={"during": str(exc)})
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
             if consumer is not None:
                 consumer.close(autocommit=False)
-            self.store.close()
+            with self._lock:
+                stores, self._stores = self._stores, []
+            for store in stores:
+                store.close()
             if self._own_channels:
                 for channel in self.channels.values():
                     channel.close()

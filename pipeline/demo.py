@@ -14,6 +14,12 @@ The scenario (a few thousand simulated travellers around real cities, from GeoNa
 
 The same events are applied, phase by phase, to the offline engine (``pipeline.domain.timeline``);
 the warnings that reach Kafka must be exactly those, and every one of them must be in PostgreSQL.
+
+The stack's dispatcher delivers every one of those warnings to a mail server and a webhook receiver
+run by the demo itself on loopback (:mod:`pipeline.demo_receivers`): most travellers registered a
+webhook (their travel desk's), one in four an email address. Each warning must arrive exactly once,
+through its citizen's channel, with a valid signature, and the ``deliveries`` table must agree; the
+summary shows a few of the messages as the citizens read them, in Bahasa Indonesia and English.
 """
 
 from __future__ import annotations
@@ -35,20 +41,23 @@ from importlib import resources
 from typing import Any
 
 from pipeline import topics
+from pipeline.demo_receivers import Delivered, Receivers
 from pipeline.domain.feeds import ParseContext, parse_document
 from pipeline.domain.timeline import Timeline
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.domain.travellers import City, TravellerModel
 from pipeline.observability import read_metric
-from pipeline.settings import Settings
+from pipeline.settings import Secret, Settings
 from pipeline.stack import Stack, StackError
 from producers.publisher import Publisher
-from schemas import Checkin, Crisis, InvalidEvent, Warning, decode
+from schemas import Checkin, Citizen, Crisis, InvalidEvent, Warning, decode
+from schemas.models import Channel
 
 KL_FLOOD = (3.100, 3.190, 101.640, 101.730)  # lat_min, lat_max, lon_min, lon_max of the CAP polygon
 TOKYO_AREA = {"type": "Polygon", "coordinates": [[[139.66, 35.66], [139.74, 35.66], [139.74, 35.72],
                                                   [139.66, 35.72], [139.66, 35.66]]]}
 YOKOHAMA = (35.4437, 139.6380)
+EMAIL_EVERY = 4  # one traveller in four registered an email address, the others a webhook
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -155,8 +164,9 @@ def inside_box(c: Checkin, box: tuple[float, float, float, float]) -> bool:
 
 
 class Scenario:
-    def __init__(self, stack: Stack, travellers: int, seed: int) -> None:
+    def __init__(self, stack: Stack, travellers: int, seed: int, webhook_base: str) -> None:
         self.stack = stack
+        self.webhook_base = webhook_base
         self.settings = stack.settings
         self.run_id = f"demo{int(time.time()) % 100000:05d}"
         self.rng = random.Random(seed)
@@ -186,6 +196,15 @@ class Scenario:
         self.acks = 0
         self._mirror: list[Warning] = []
 
+    def with_demo_channel(self, index: int, citizen: Citizen) -> Citizen:
+        """The citizen's channels replaced by one the demo receives: an email address for one in
+        ``EMAIL_EVERY``, the travel desk's webhook for the others (their language is the model's)."""
+        if index % EMAIL_EVERY == 0:
+            channel = Channel("email", f"{citizen.citizen_id.lower()}@example.org")
+        else:
+            channel = Channel("webhook", f"{self.webhook_base}/travel-desk/{citizen.citizen_id}")
+        return replace(citizen, channels=(channel,))
+
     def publish_checkins(self, checkins: list[Checkin]) -> None:
         stamp = time.time()
         self.publisher.publish_events(checkins)
@@ -207,11 +226,13 @@ class Scenario:
     def play(self) -> None:
         self.collector.start()
         at = self.start
-        citizens = self.model.citizens()
+        citizens = [self.with_demo_channel(i, c) for i, c in enumerate(self.model.citizens())]
         self.publisher.publish_events(citizens)
         print(f"  {len(citizens)} travellers registered", flush=True)
         self.publish_checkins([self.model.checkin(c.citizen_id, at) for c in citizens])
         self.settle("first check-ins")
+        # The dispatcher reads a citizen's channels from PostgreSQL: the registry is there before any warning.
+        wait_for(lambda: self.database_counts()["citizens"] >= len(citizens), 60, "the citizens in PostgreSQL")
         print(f"  {self.checkins_sent} check-ins geofenced", flush=True)
 
         flood = cap_flood(datetime.now(UTC), f"MD-{self.run_id}")
@@ -275,6 +296,32 @@ class Scenario:
                 counts[table] = int(row[0]) if row else 0
         return counts
 
+    def delivery_counts(self) -> Counter[tuple[str, str]]:
+        """The ``deliveries`` rows of this run's citizens, by (channel, status)."""
+        import psycopg
+
+        with psycopg.connect(self.settings.database_url.get()) as conn:
+            rows = conn.execute("SELECT channel, status, count(*) FROM deliveries WHERE citizen_id LIKE %s "
+                                "GROUP BY channel, status", (self.run_id + "%",)).fetchall()
+        return Counter({(str(channel), str(status)): int(n) for channel, status, n in rows})
+
+    def warning_ids(self) -> set[str]:
+        with self.collector.lock:
+            return {w.warning_id for w, _ in self.collector.received}
+
+    def wait_for_dispatch(self, receivers: Receivers, timeout_s: float = 180.0) -> None:
+        """Until every warning of the run reached a receiver and its row says ``delivered`` (or the
+        deadline: the summary then says what is missing)."""
+        wanted = self.warning_ids()
+
+        def complete() -> bool:
+            arrived = {d.warning_id for d in receivers.inbox.snapshot()}
+            return wanted <= arrived and sum(n for (_, status), n in self.delivery_counts().items()
+                                             if status == "delivered") >= len(wanted)
+
+        with contextlib.suppress(TimeoutError):
+            wait_for(complete, timeout_s, "the dispatcher")
+
     def wait_for_database(self) -> dict[str, int]:
         counts: dict[str, int] = {}
 
@@ -291,8 +338,18 @@ class Scenario:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    receivers = Receivers.start()
+    try:
+        return run_with(args, receivers, started)
+    finally:
+        receivers.stop()
+
+
+def run_with(args: argparse.Namespace, receivers: Receivers, started: float) -> int:
     settings = Settings.from_env()
-    settings = replace(settings, dwell_seconds=min(settings.dwell_seconds, 2.0))
+    # The dispatcher delivers to the demo's own receivers; the local mail server takes mail as fast as it comes.
+    settings = replace(settings, dwell_seconds=min(settings.dwell_seconds, 2.0), smtp_url=Secret(receivers.mail.url),
+                       webhook_secret=Secret(receivers.secret), rate_limit_email_per_s=0.0)
     stack = Stack(settings)
     print("crisiswatch demo: starting the stack...", flush=True)
     try:
@@ -304,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  stack up in {time.monotonic() - started:.1f}s", flush=True)
         if stack.restored is not None:  # an earlier run's crises and travellers, back from PostgreSQL
             print(f"  {stack.restored.line()}", flush=True)
-        scenario = Scenario(stack, args.travellers, args.seed)
+        scenario = Scenario(stack, args.travellers, args.seed, receivers.webhook.base_url)
         try:
             scenario.play()
         except TimeoutError as exc:
@@ -312,12 +369,17 @@ def run(args: argparse.Namespace) -> int:
             return 1
         counts = scenario.wait_for_database()
         scenario.collector.stop.set()
-        return summary(scenario, counts, time.monotonic() - started)
+        scenario.wait_for_dispatch(receivers)
+        ok = summary(scenario, counts) == 0
+        dispatched = dispatch_summary(scenario, receivers) == 0
+        # Replies moving the crisis status and the silent escalated are shown here once those parts run.
+        print(f"  took               {time.monotonic() - started:.1f}s")
+        return 0 if ok and dispatched else 1
     finally:
         stack.stop()
 
 
-def summary(s: Scenario, counts: dict[str, int], elapsed: float) -> int:
+def summary(s: Scenario, counts: dict[str, int]) -> int:
     with s.collector.lock:
         received = list(s.collector.received)
     got = Counter((w.citizen_id, w.crisis_id, w.kind) for w, _ in received)
@@ -348,9 +410,62 @@ def summary(s: Scenario, counts: dict[str, int], elapsed: float) -> int:
           f"sink http://{st.api_host}:{st.sink_metrics_port}/metrics, api http://{st.api_host}:{st.api_port}/metrics"
           " (while the stack runs: `crisiswatch up`)")
     print(f"  logs               {st.data_dir}/logs/")
-    print(f"  took               {elapsed:.1f}s")
     if not identical:
         missing = want - got
         extra = got - want
         print(f"  missing: {list(missing.items())[:5]}  unexpected: {list(extra.items())[:5]}", file=sys.stderr)
     return 0 if identical and in_db else 1
+
+
+def first_lines(text: str, n: int) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][:n]
+
+
+def samples(delivered: Sequence[Delivered]) -> list[Delivered]:
+    """A few messages to show: for each language, one webhook message and one email, the first of a
+    warning kind not shown yet (so the readers see different kinds)."""
+    shown: list[Delivered] = []
+    for language in ("id", "en"):
+        for channel in ("webhook", "email"):
+            pick = next((d for d in delivered if d.language == language and d.channel == channel
+                         and d.subject not in {s.subject for s in shown}), None)
+            if pick is not None:
+                shown.append(pick)
+    return shown
+
+
+def dispatch_summary(s: Scenario, receivers: Receivers) -> int:
+    """Messages as the citizens read them, then the check: every warning of the run delivered exactly
+    once, through one channel, signed, and the ``deliveries`` table agreeing with the receivers."""
+    delivered = [d for d in receivers.inbox.snapshot() if d.warning_id in (wanted := s.warning_ids())]
+    per_channel = Counter((d.warning_id, d.channel) for d in delivered)
+    twice = [key for key, n in per_channel.items() if n > 1]
+    missing = wanted - {d.warning_id for d in delivered}
+    through_two = [w for w, n in Counter(w for w, _ in per_channel).items() if n > 1]
+    by_channel = Counter(d.channel for d in delivered)
+    rows = s.delivery_counts()
+    rows_agree = all(rows.get((channel, "delivered"), 0) == n for channel, n in by_channel.items()) \
+        and sum(n for (_, status), n in rows.items() if status == "delivered") == len(wanted)
+    rejected = list(receivers.inbox.rejected)
+    print()
+    print("crisiswatch demo: messages delivered (subject and first lines)")
+    for d in samples(delivered):
+        print(f"  [{d.channel} {d.language}] to {d.address}")
+        print(f"    {d.subject}")
+        for line in first_lines(d.text, 3):
+            print(f"      {line}")
+    print()
+    print("crisiswatch demo: dispatch")
+    print("  delivered          " + ", ".join(f"{c} {by_channel.get(c, 0)}" for c in ("webhook", "email"))
+          + f" of {len(wanted)} warnings; received by the demo's webhook receiver and mail server")
+    languages = Counter(d.language for d in delivered)
+    print("  languages          " + ", ".join(f"{lang} {n}" for lang, n in sorted(languages.items())))
+    print("  exactly once       " + ("yes: each warning once, through one channel" if not (twice or missing or through_two)
+                                     else f"NO: {len(missing)} missing, {len(twice)} twice on a channel, "
+                                          f"{len(through_two)} through two channels"))
+    print("  signatures         " + ("all valid" if not rejected else f"{len(rejected)} REFUSED, e.g. {rejected[0]}"))
+    print("  deliveries table   " + ", ".join(f"{c} {st} {n}" for (c, st), n in sorted(rows.items()))
+          + (" (agrees)" if rows_agree else " (DISAGREES)"))
+    if missing:
+        print(f"  missing: {sorted(missing)[:5]}", file=sys.stderr)
+    return 0 if not (twice or missing or through_two or rejected) and rows_agree else 1

@@ -72,6 +72,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_APPRISE_SMS_URL", "",
            "Apprise URL for SMS with {address} for the number, e.g. twilio://SID:TOKEN@+1555/{address} (secret)."),
     EnvVar("CRISISWATCH_APPRISE_PUSH_URL", "", "Apprise URL for push with {address} for the device token or user (secret)."),
+    EnvVar("CRISISWATCH_DISPATCH_CONCURRENCY", "16",
+           "Citizens a dispatcher serves at once within a batch (each citizen's warnings stay in order); 1: one by one."),
     EnvVar("CRISISWATCH_DISPATCH_MAX_ATTEMPTS", "5",
            "Attempts per channel before the dispatcher falls back to the citizen's next channel."),
     EnvVar("CRISISWATCH_DISPATCH_RETRY_INITIAL_S", "1", "Wait after a channel's first failed attempt; doubles per attempt, with jitter."),
@@ -172,6 +174,7 @@ class Settings:
     mail_from: str = "crisiswatch@localhost"
     apprise_sms_url: Secret = Secret("")
     apprise_push_url: Secret = Secret("")
+    dispatch_concurrency: int = 16
     dispatch_max_attempts: int = 5
     dispatch_retry_initial_s: float = 1.0
     dispatch_retry_max_s: float = 60.0
@@ -239,6 +242,7 @@ class Settings:
             mail_from=get("CRISISWATCH_MAIL_FROM").strip(),
             apprise_sms_url=Secret(get("CRISISWATCH_APPRISE_SMS_URL").strip()),
             apprise_push_url=Secret(get("CRISISWATCH_APPRISE_PUSH_URL").strip()),
+            dispatch_concurrency=_int("CRISISWATCH_DISPATCH_CONCURRENCY", get("CRISISWATCH_DISPATCH_CONCURRENCY"), 1),
             dispatch_max_attempts=_int("CRISISWATCH_DISPATCH_MAX_ATTEMPTS", get("CRISISWATCH_DISPATCH_MAX_ATTEMPTS"), 1),
             dispatch_retry_initial_s=(retry_initial := _float("CRISISWATCH_DISPATCH_RETRY_INITIAL_S",
                                                               get("CRISISWATCH_DISPATCH_RETRY_INITIAL_S"))),
@@ -312,6 +316,7 @@ class Settings:
             "CRISISWATCH_MAIL_FROM": self.mail_from,
             "CRISISWATCH_APPRISE_SMS_URL": self.apprise_sms_url.get(),
             "CRISISWATCH_APPRISE_PUSH_URL": self.apprise_push_url.get(),
+            "CRISISWATCH_DISPATCH_CONCURRENCY": str(self.dispatch_concurrency),
             "CRISISWATCH_DISPATCH_MAX_ATTEMPTS": str(self.dispatch_max_attempts),
             "CRISISWATCH_DISPATCH_RETRY_INITIAL_S": str(self.dispatch_retry_initial_s),
             "CRISISWATCH_DISPATCH_RETRY_MAX_S": str(self.dispatch_retry_max_s),

@@ -44,8 +44,9 @@ PORTS = {
     "api": int(DEFAULTS["CRISISWATCH_API_PORT"]),
     "sink": int(DEFAULTS["CRISISWATCH_SINK_METRICS_PORT"]),
     "feeds": 9103,
+    "dispatch": int(DEFAULTS["CRISISWATCH_DISPATCH_METRICS_PORT"]),
 }
-LONG_RUNNING = ("worker", "api", "sink", "feeds")
+LONG_RUNNING = ("worker", "api", "sink", "feeds", "dispatch")
 CRISISWATCH_IMAGE = "crisiswatch"
 
 
@@ -372,12 +373,14 @@ def test_compose_start_order_and_health() -> None:
 
 def test_compose_secrets_come_only_from_the_env_file() -> None:
     secret_names = {"POSTGRES_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD", "CRISISWATCH_DATABASE_URL",
-                    "CRISISWATCH_INGEST_TOKEN", "CRISISWATCH_OPERATOR_TOKEN", "CRISISWATCH_KAFKA_SASL_PASSWORD"}
+                    "CRISISWATCH_INGEST_TOKEN", "CRISISWATCH_OPERATOR_TOKEN", "CRISISWATCH_KAFKA_SASL_PASSWORD",
+                    "CRISISWATCH_WEBHOOK_SECRET", "CRISISWATCH_SMTP_URL", "CRISISWATCH_APPRISE_SMS_URL",
+                    "CRISISWATCH_APPRISE_PUSH_URL"}
     for name, service in services().items():
         assert not secret_names & set(service.get("environment", {})), f"{name} sets a secret inline"
     example = env_example()
     assert {"POSTGRES_PASSWORD", "CRISISWATCH_DATABASE_URL", "CRISISWATCH_INGEST_TOKEN", "CRISISWATCH_OPERATOR_TOKEN",
-            "GF_SECURITY_ADMIN_PASSWORD"} <= set(example)
+            "GF_SECURITY_ADMIN_PASSWORD", "CRISISWATCH_WEBHOOK_SECRET", "CRISISWATCH_SMTP_URL"} <= set(example)
     assert all("CHANGE_ME" in value for value in example.values()), example
     env_files = {f["path"] for s in services().values() for f in s.get("env_file", [])}
     assert env_files == {"crisiswatch.env"}
@@ -476,8 +479,9 @@ def test_k8s_environment_builds_valid_settings() -> None:
     assert settings.kafka_bootstrap, "Kafka is external in Kubernetes: the ConfigMap must name it"
     assert settings.database_url.get().startswith("postgresql://")
     assert settings.api_host == "0.0.0.0"
-    assert (settings.api_port, settings.worker_web_port, settings.sink_metrics_port) == (
-        PORTS["api"], PORTS["worker"], PORTS["sink"])
+    assert (settings.api_port, settings.worker_web_port, settings.sink_metrics_port, settings.dispatch_metrics_port) == (
+        PORTS["api"], PORTS["worker"], PORTS["sink"], PORTS["dispatch"])
+    assert settings.webhook_secret and settings.smtp_url.get().startswith("smtp"), "the dispatcher's secrets are named"
 
 
 def test_k8s_secret_holds_placeholders_only() -> None:
@@ -486,7 +490,9 @@ def test_k8s_secret_holds_placeholders_only() -> None:
     assert all(value == "" or "CHANGE_ME" in value for value in secret["stringData"].values()), secret["stringData"]
     config = k8s_by_kind("ConfigMap")["crisiswatch-config"]["data"]
     assert not {"CRISISWATCH_DATABASE_URL", "CRISISWATCH_INGEST_TOKEN", "CRISISWATCH_OPERATOR_TOKEN",
-                "CRISISWATCH_KAFKA_SASL_PASSWORD"} & set(config)
+                "CRISISWATCH_KAFKA_SASL_PASSWORD", "CRISISWATCH_WEBHOOK_SECRET", "CRISISWATCH_SMTP_URL",
+                "CRISISWATCH_APPRISE_SMS_URL", "CRISISWATCH_APPRISE_PUSH_URL"} & set(config)
+    assert {"CRISISWATCH_WEBHOOK_SECRET", "CRISISWATCH_SMTP_URL"} <= set(secret["stringData"])
 
 
 def test_k8s_workers_never_outnumber_partitions() -> None:
@@ -506,6 +512,7 @@ def test_ports_agree_between_settings_compose_prometheus_k8s_and_image() -> None
     assert svc["worker"]["environment"]["CRISISWATCH_WORKER_WEB_PORT"] == str(PORTS["worker"])
     assert svc["api"]["environment"]["CRISISWATCH_API_PORT"] == str(PORTS["api"])
     assert svc["sink"]["environment"]["CRISISWATCH_SINK_METRICS_PORT"] == str(PORTS["sink"])
+    assert svc["dispatch"]["environment"]["CRISISWATCH_DISPATCH_METRICS_PORT"] == str(PORTS["dispatch"])
     assert f"{PORTS['api']}:{PORTS['api']}" in svc["api"]["ports"]
     scrape = {job["job_name"]: job for job in load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]}
     for component, port in PORTS.items():
@@ -517,7 +524,8 @@ def test_ports_agree_between_settings_compose_prometheus_k8s_and_image() -> None
     exposed = {int(p) for args in (a for i, a in dockerfile_instructions() if i == "EXPOSE") for p in args.split()}
     assert exposed == set(PORTS.values())
     healthcheck_script = (DEPLOY / "Dockerfile").read_text("utf-8")
-    for name in ("CRISISWATCH_WORKER_WEB_PORT", "CRISISWATCH_API_PORT", "CRISISWATCH_SINK_METRICS_PORT"):
+    for name in ("CRISISWATCH_WORKER_WEB_PORT", "CRISISWATCH_API_PORT", "CRISISWATCH_SINK_METRICS_PORT",
+                 "CRISISWATCH_DISPATCH_METRICS_PORT"):
         assert f'os.environ.get("{name}", "{DEFAULTS[name]}")' in healthcheck_script
     assert f'"{PORTS["feeds"]}"' in healthcheck_script
 
@@ -585,6 +593,9 @@ def test_alerts_cover_the_failures_an_operator_must_hear_about() -> None:
     assert re.search(r"time\(\) - .*crisiswatch_feed_last_success_timestamp_seconds", joined)
     assert "crisiswatch_sink_errors_total" in joined
     assert re.search(r'\bup\{job=~"crisiswatch-\.\+"\} == 0', joined)
+    # Citizens left unreached, and channels failing, are heard about.
+    assert re.search(r'crisiswatch_dispatch_warnings_total\{outcome="gave_up"\}', joined)
+    assert re.search(r'crisiswatch_dispatch_attempts_total\{outcome!="delivered"\}', joined)
 
 
 def test_prometheus_scrapes_every_process_and_loads_the_alerts() -> None:
@@ -628,7 +639,8 @@ def test_dashboard_shows_what_the_crisis_centre_watches() -> None:
                    "histogram_quantile(0.5, sum by (le) (rate(crisiswatch_checkin_to_warning_latency_seconds_bucket",
                    "histogram_quantile(0.99, sum by (le) (rate(crisiswatch_checkin_to_warning_latency_seconds_bucket",
                    "crisiswatch_batch_processing_seconds_bucket", "crisiswatch_sink_rows_written_total",
-                   "crisiswatch_feed_last_success_timestamp_seconds"):
+                   "crisiswatch_feed_last_success_timestamp_seconds",
+                   "sum by (channel, outcome) (rate(crisiswatch_dispatch_attempts_total"):
         assert any(needed in t["expr"] for p in dashboard_panels() for t in p.get("targets", [])), needed
 
 

@@ -1,0 +1,259 @@
+"""Warnings delivered per second by the dispatcher to a webhook receiver, next to a plain async HTTP
+client posting the same bodies to the same receiver in the same run.
+
+    python -m bench.dispatch [--warnings 4000] [--per-citizen 2] [--concurrency 8]
+
+On one embedded broker and one embedded PostgreSQL: citizens registered with one webhook each (a
+fast aiohttp receiver on loopback, counting requests by ``Idempotency-Key``), their warnings
+preloaded on a topic of 4 partitions. Then:
+
+1. a plain ``httpx.AsyncClient`` with ``--concurrency`` requests in flight posts every warning's
+   signed webhook body once (the ceiling: HTTP on this machine, no broker, no database);
+2. the real :class:`consumers.dispatch.Dispatcher` (one process, its own consumer group) delivers
+   every warning: the ``deliveries`` rows before and after each send, the advisory lock, rendering
+   the message, signing it.
+
+The dispatcher's rate is measured at the receiver from its first delivery to its last, so start-up
+and the group join are not counted. The run fails if any warning arrived twice or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pipeline.domain.delivery import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign
+from pipeline.embedded import create_topics, embedded_stack, free_port, wait_for_port
+from pipeline.settings import Secret, Settings
+from schemas import Warning
+
+PARTITIONS = 4
+SECRET = "bench-webhook-secret"  # noqa: S105 - a key for loopback only
+T0 = datetime(2025, 3, 1, 8, 30, tzinfo=UTC)
+
+
+class Receiver:
+    """An aiohttp server in its own process (so it competes with neither client for the GIL): 200 to
+    every POST, counted per ``Idempotency-Key``; ``GET /stats`` and ``POST /reset`` for the bench."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first: float | None = None
+        self.last = 0.0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        now = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the machine
+        self.counts[request.headers.get(IDEMPOTENCY_HEADER, "")] += 1
+        if self.first is None:
+            self.first = now
+        self.last = now
+        return web.Response(status=200)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"received": sum(self.counts.values()), "counts": dict(self.counts),
+                                  "first": self.first, "last": self.last})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.counts.clear()
+        self.first, self.last = None, 0.0
+        return web.Response(status=204)
+
+    def serve(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/reset", self.reset)
+        app.router.add_post("/{tail:.*}", self.handle)
+        web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=1024)
+
+
+class ReceiverProcess:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.dispatch", "--as-receiver", str(self.port)])
+        wait_for_port("127.0.0.1", self.port, 30)
+
+    def stats(self) -> dict[str, Any]:
+        import httpx
+
+        data: dict[str, Any] = httpx.get(self.base + "/stats", timeout=30).json()
+        return data
+
+    def received(self) -> int:
+        return int(self.stats()["received"])
+
+    def reset(self) -> None:
+        import httpx
+
+        httpx.post(self.base + "/reset", timeout=30).raise_for_status()
+
+    def rate(self) -> float:
+        s = self.stats()
+        n, first, last = s["received"], s["first"], s["last"]
+        return float((n - 1) / (last - first)) if first is not None and n > 1 and last > first else 0.0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def make_warnings(total: int, per_citizen: int) -> list[Warning]:
+    citizens = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(max(1, total // per_citizen))]
+    return [Warning(f"w-{uuid.uuid4().hex}", citizens[i % len(citizens)], f"bench-crisis-{i // len(citizens)}", 1,
+                    "inside", "extreme", "Earthquake M6.8", "Drop, cover, hold on", 0.0, -8.65, 115.2, T0,
+                    T0 + timedelta(seconds=i), ("ID",)) for i in range(total)]
+
+
+def register(database_url: str, warnings: Sequence[Warning], url: str) -> None:
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    citizens = sorted({w.citizen_id for w in warnings})
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO citizens (citizen_id, name, nationality, language, channels, location_tracking) "
+                        "VALUES (%s, %s, 'ID', %s, %s, true)",
+                        [(c, "Siti Rahma", "id" if n % 2 else "en", Jsonb([{"type": "webhook", "address": f"{url}/{c}"}]))
+                         for n, c in enumerate(citizens)])
+
+
+def preload(bootstrap: str, topic: str, warnings: Sequence[Warning]) -> None:
+    from producers.publisher import Publisher, outgoing
+
+    publisher = Publisher(Settings(), bootstrap=bootstrap)
+    try:
+        publisher.publish([outgoing(w, topic) for w in warnings])
+    finally:
+        publisher.close()
+
+
+def bodies(warnings: Sequence[Warning], url: str) -> list[tuple[str, bytes, str]]:
+    """(url, body, key) of each warning exactly as the dispatcher's webhook channel builds them."""
+    from consumers.channels import Outbound, webhook_body
+    from consumers.dispatch import CitizenContact, compose
+    from pipeline.messages import EmbassyDirectory
+
+    embassies = EmbassyDirectory.load(None)
+    out = []
+    for n, w in enumerate(warnings):
+        citizen = CitizenContact(w.citizen_id, "Siti Rahma", "id" if n % 2 else "en", (("webhook", f"{url}/{w.citizen_id}"),))
+        out.append((f"{url}/{w.citizen_id}", webhook_body(Outbound(w, compose(w, citizen, embassies))), w.warning_id))
+    return out
+
+
+async def plain_client(requests: Sequence[tuple[str, bytes, str]], concurrency: int) -> float:
+    import httpx
+
+    queue = iter(requests)
+    secret = SECRET.encode()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for url, body, key in queue:
+            headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: key,
+                       SIGNATURE_HEADER: sign(secret, int(time.time()), body)}
+            response = await client.post(url, content=body, headers=headers)
+            response.raise_for_status()
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return len(requests) / (time.perf_counter() - started)
+
+
+def run_dispatcher(settings: Settings, topic: str, receiver: ReceiverProcess, total: int, timeout_s: float) -> float:
+    from prometheus_client import CollectorRegistry
+
+    from consumers.dispatch import Dispatcher
+    from pipeline.metrics import DispatchMetrics
+
+    dispatcher = Dispatcher(settings, DispatchMetrics(CollectorRegistry()), source_topic=topic,
+                            group_id=f"bench-dispatch-{uuid.uuid4().hex[:8]}")
+    stop = threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop,), name="bench-dispatcher", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while receiver.received() < total:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the dispatcher delivered {receiver.received()} of {total} in {timeout_s:.0f}s")
+            if not thread.is_alive():
+                raise RuntimeError("the dispatcher stopped")
+            time.sleep(0.1)
+        return receiver.rate()
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def check_once(receiver: ReceiverProcess, warnings: Sequence[Warning], what: str) -> None:
+    counts: Counter[str] = Counter(receiver.stats()["counts"])
+    wrong = {w.warning_id: counts.get(w.warning_id, 0) for w in warnings if counts.get(w.warning_id, 0) != 1}
+    if wrong or sum(counts.values()) != len(warnings):
+        raise SystemExit(f"{what}: {len(wrong)} warnings not received exactly once, e.g. {list(wrong.items())[:3]}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warnings", type=int, default=4000)
+    parser.add_argument("--per-citizen", type=int, default=2, help="warnings per citizen (kept in order)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight of the plain client")
+    parser.add_argument("--dispatch-concurrency", type=int, default=Settings().dispatch_concurrency,
+                        help="citizens the dispatcher serves at once (CRISISWATCH_DISPATCH_CONCURRENCY)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the dispatcher may take")
+    parser.add_argument("--as-receiver", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.as_receiver:
+        Receiver().serve(args.as_receiver)
+        return
+
+    warnings = make_warnings(args.warnings, args.per_citizen)
+    receiver = ReceiverProcess()
+    url = f"{receiver.base}/hook"
+    try:
+        with tempfile.TemporaryDirectory(prefix="crisiswatch-bench-") as tmp, \
+                embedded_stack(Path(tmp), PARTITIONS, broker_log=Path(tmp) / "broker.log") as (bootstrap, database_url):
+            topic = "bench-warnings"
+            create_topics(bootstrap, [topic], PARTITIONS)
+            register(database_url, warnings, url)
+            preload(bootstrap, topic, warnings)
+
+            plain = asyncio.run(plain_client(bodies(warnings, url), args.concurrency))
+            check_once(receiver, warnings, "plain client")
+            receiver.reset()
+
+            settings = Settings(kafka_bootstrap=bootstrap, database_url=Secret(database_url),
+                                webhook_secret=Secret(SECRET), log_level="WARNING",
+                                dispatch_concurrency=args.dispatch_concurrency)
+            started = time.perf_counter()
+            rate = run_dispatcher(settings, topic, receiver, len(warnings), args.timeout)
+            wall = time.perf_counter() - started
+            time.sleep(0.5)  # anything sent twice would have arrived by now
+            check_once(receiver, warnings, "dispatcher")
+    finally:
+        receiver.stop()
+
+    citizens = len({w.citizen_id for w in warnings})
+    print(f"  {len(warnings):,} warnings, {citizens:,} citizens, {PARTITIONS} partitions, webhook receiver on loopback")
+    print(f"  plain httpx.AsyncClient ({args.concurrency} in flight)  {plain:8,.0f} warnings/s")
+    print(f"  crisiswatch dispatcher ({args.dispatch_concurrency:>2} at once)     {rate:8,.0f} warnings/s"
+          f"   ({wall:.1f}s with start-up and group join)")
+    print(f"  ratio dispatcher / plain client: {rate / plain:.2f}  (target >= 0.5, and >= 2,000/s)")
+    print("  each warning received exactly once: yes")
+
+
+if __name__ == "__main__":
+    main()
