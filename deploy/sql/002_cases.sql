@@ -52,7 +52,9 @@ CREATE FUNCTION crisiswatch_e164(raw text) RETURNS text LANGUAGE sql IMMUTABLE S
 $$;
 
 -- The normalised numbers of a citizen's sms channels, indexed: an inbound SMS finds its sender at once.
-CREATE FUNCTION crisiswatch_sms_numbers(channels jsonb) RETURNS text[] LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+-- Its search_path is fixed because PostgreSQL builds and maintains an index with a restricted one.
+CREATE FUNCTION crisiswatch_sms_numbers(channels jsonb) RETURNS text[] LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path FROM CURRENT AS $$
     SELECT coalesce(array_agg(crisiswatch_e164(c ->> 'address')), '{}')
     FROM jsonb_array_elements(CASE WHEN jsonb_typeof(channels) = 'array' THEN channels ELSE '[]'::jsonb END) AS c
     WHERE c ->> 'type' = 'sms'
