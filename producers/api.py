@@ -233,6 +233,7 @@ def decode_json(raw: bytes) -> Any:
 # Replies, SOS and cases: what a request says, checked without I/O.
 
 CASE_STATES: Final = ("open", "assigned", "closed")
+_CASE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", re.ASCII)  # case/1's case_id
 _SMS_SCHEMA: Final[dict[str, Any]] = {
     "type": "object", "required": ["from", "body"],
     "properties": {"from": {"type": "string", "description": "the sender's number, international (E.164)"},
@@ -810,7 +811,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                openapi_extra=_body(_CASE_CHANGE_SCHEMA, "move a case: open, assigned (to someone) or closed"))
     async def patch_case(case_id: str, request: Request) -> JSONResponse:
         body = await body_json(request)
-        current = await looked_up(lambda store: store.case(case_id))
+        current = await looked_up(lambda store: store.case(case_id)) if _CASE_ID.fullmatch(case_id) else None
         if current is None:
             raise ApiError(404, "not_found", f"no case {case_id!r} (a case just opened is listed once it is stored)")
         [changed] = await validated(lambda: parse_case_change(body, current, clock(), rules))

@@ -341,6 +341,7 @@ def test_a_need_help_reply_opens_a_case_operators_move_it_and_the_sink_keeps_its
         assert client.patch(f"/v1/cases/{case_id}", json={"state": "assigned"}, headers=OPERATOR).status_code == 202
         assert client.patch(f"/v1/cases/{case_id}", json={"state": "resolved"}, headers=OPERATOR).status_code == 422
         assert client.patch("/v1/cases/case-nope", json={"state": "closed"}, headers=OPERATOR).status_code == 404
+        assert client.patch("/v1/cases/case%00nul", json={"state": "closed"}, headers=OPERATOR).status_code == 404
         assert client.patch(f"/v1/cases/{case_id}", json={"state": "closed"}, headers=INGEST).status_code == 403
         assert client.get("/v1/cases?state=lost", headers=OPERATOR).status_code == 422
     finally:

@@ -193,3 +193,24 @@ def test_the_pages_load_nothing_and_the_policy_allows_only_their_own_style() -> 
     assert "Saya aman" in ask and "Saya butuh bantuan" in ask
     assert SECURITY_HEADERS["Referrer-Policy"] == "no-referrer" and "frame-ancestors 'none'" in \
         SECURITY_HEADERS["Content-Security-Policy"]
+
+
+def test_the_dispatcher_renders_each_message_with_the_citizens_own_link() -> None:
+    from functools import partial
+
+    from consumers.dispatch import CitizenContact, compose
+    from pipeline.messages import EmbassyDirectory
+    from schemas import Warning
+
+    warning = Warning("w-1", "c-1", "op-flood", 1, "inside", "severe", "Banjir Jakarta", "Naik ke tempat tinggi", 0.0,
+                      -6.2, 106.8, T0, T0, ("ID",))
+    citizen = CitizenContact("c-1", "Siti", "id", (("sms", "+628123456789"),))
+    settings = Settings(reply_secret=Secret("k"), public_url="https://lapor.example.go.id")
+    clock = Clock(T0)
+
+    message = compose(warning, citizen, EmbassyDirectory.load(), partial(make_reply_url, settings, clock=clock))
+    [token] = re.findall(r"https://lapor\.example\.go\.id/r/([A-Za-z0-9_.\-]+)", message.sms)
+    assert token in message.text and token in message.html
+    verified = ReplyLinks("k", WEEK, clock).verify(token)
+    assert (verified.citizen_id, verified.crisis_id) == ("c-1", "op-flood")
+    assert "/r/" not in compose(warning, citizen, EmbassyDirectory.load()).text
