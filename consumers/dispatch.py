@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Final, Literal
 
 from consumers.channels import (
@@ -78,6 +79,7 @@ from pipeline import topics
 from pipeline.domain.delivery import DeliveryRow, RetryPolicy, Step, TokenBucket, plan, unsettled_earlier
 from pipeline.messages import EmbassyDirectory, Recipient, RenderedMessage, render
 from pipeline.metrics import DispatchMetrics
+from pipeline.reply_links import make_reply_url
 from pipeline.settings import Settings
 from pipeline.stage import BrokerUnavailable, Failure, describe, map_isolated
 from producers.publisher import Outgoing, Publisher, dead_letter
@@ -235,11 +237,14 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
     return channels
 
 
-def compose(warning: Warning, citizen: CitizenContact, embassies: EmbassyDirectory) -> RenderedMessage:
+def compose(warning: Warning, citizen: CitizenContact, embassies: EmbassyDirectory,
+            reply_url: Callable[[str, str], str] | None = None) -> RenderedMessage:
     """The one place the dispatcher renders a message: the citizen's language, the embassy responsible
-    for the first of the warning's countries that has one."""
+    for the first of the warning's countries that has one, and the citizen's own reply link for the
+    crisis (``reply_url(citizen_id, crisis_id)``; none where reply links are not configured)."""
     embassy = next((e for cc in warning.country_codes if (e := embassies.for_country(cc)) is not None), None)
-    return render(warning, Recipient(citizen.citizen_id, citizen.name, citizen.language), embassy=embassy, reply_url=None)
+    link = None if reply_url is None else reply_url(warning.citizen_id, warning.crisis_id)
+    return render(warning, Recipient(citizen.citizen_id, citizen.name, citizen.language), embassy=embassy, reply_url=link)
 
 
 def decode_warning(message: Message) -> Warning:
@@ -274,6 +279,7 @@ class Dispatcher:
         self._own_channels = channels is None
         self.channels: Mapping[str, Channel] = build_channels(settings) if channels is None else channels
         self.embassies = embassies if embassies is not None else EmbassyDirectory.load(settings.embassy_directory)
+        self.reply_url = partial(make_reply_url, settings, clock=clock) if settings.reply_secret else None
         self._own_publisher = publisher is None
         self._publisher = publisher
         self.clock = clock
@@ -330,7 +336,7 @@ class Dispatcher:
             steps = plan(citizen.channels, self.store.rows(warning.warning_id), self.policy.max_attempts)
             if steps.done is not None:
                 return "skipped" if steps.done in ("delivered", "gave_up") else "no_channel"
-            outbound = Outbound(warning, compose(warning, citizen, self.embassies))
+            outbound = Outbound(warning, compose(warning, citizen, self.embassies, self.reply_url))
             for step in steps.steps:
                 if self._deliver(outbound, step, stop):
                     return "delivered"

@@ -1,4 +1,4 @@
-"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings and acks from Kafka into
+"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings, acks and cases from Kafka into
 the tables of deploy/sql, idempotently and at least once.
 
 The failure policy is :mod:`pipeline.stage`'s, in three paths:
@@ -6,7 +6,7 @@ The failure policy is :mod:`pipeline.stage`'s, in three paths:
 * a message the sink cannot admit — not a valid event of its topic's schema, or anything else its
   decoding or admission raises (:func:`pipeline.domain.admission.admit_message`, the worker's own check, so
   the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics only the
-  sink reads (citizens, acks); on the others the stage that owns the topic dead-letters it (the
+  sink reads (citizens, acks, cases); on the others the stage that owns the topic dead-letters it (the
   worker: check-ins, crisis events; the router: warnings) and the sink only counts and logs it, so
   one bad message is one dead letter;
 * a row that cannot be written — PostgreSQL refuses it (a value it cannot store), or writing it
@@ -49,7 +49,7 @@ from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
 from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
-from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning
+from schemas import Ack, Case, Checkin, Citizen, Crisis, InvalidEvent, Warning
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,17 @@ def utc_now() -> datetime:
 @dataclass(frozen=True, slots=True)
 class TableSpec:
     """How one event type lands in one table. ``upsert``: the latest event wins (the registry);
-    otherwise the first row with a key is kept and later ones are no-ops (history, audit)."""
+    otherwise the first row with a key is kept and later ones are no-ops (history, audit). An upsert
+    sets ``touched`` to the time of writing; with ``newest``, the event whose value of that column is
+    the greatest wins instead of the last one read, so a replayed older version never overwrites."""
 
     name: str
     columns: tuple[str, ...]
     key: tuple[str, ...]
     upsert: bool = False
     jsonb: frozenset[str] = frozenset()
+    touched: str = "updated_at"
+    newest: str | None = None
 
     def key_of(self, row: Row) -> Row:
         return tuple(row[self.columns.index(c)] for c in self.key)
@@ -101,7 +105,12 @@ WARNINGS_TABLE: Final = TableSpec(
 ACKS_TABLE: Final = TableSpec("acks", ("citizen_id", "crisis_id", "received_at", "status", "channel", "note"),
                               key=("citizen_id", "crisis_id", "received_at", "status", "channel"))
 
-TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE)
+CASES_TABLE: Final = TableSpec(
+    "cases", ("case_id", "citizen_id", "crisis_id", "kind", "state", "assignee", "country", "lat", "lon", "note",
+              "opened_at", "updated_at"),
+    key=("case_id",), upsert=True, touched="recorded_at", newest="updated_at")
+
+TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE, CASES_TABLE)
 
 
 def checkin_row(event: Checkin) -> Row:
@@ -138,6 +147,11 @@ def ack_row(event: Ack) -> Row:
     return (event.citizen_id, event.crisis_id, event.received_at, event.status, event.channel, event.note)
 
 
+def case_row(event: Case) -> Row:
+    return (event.case_id, event.citizen_id, event.crisis_id, event.kind, event.state, event.assignee, event.country,
+            event.lat, event.lon, event.note, event.opened_at, event.updated_at)
+
+
 def row_for(event: Event) -> tuple[TableSpec, Row]:
     """The table an event belongs in and its row."""
     if isinstance(event, Checkin):
@@ -150,6 +164,8 @@ def row_for(event: Event) -> tuple[TableSpec, Row]:
         return WARNINGS_TABLE, warning_row(event)
     if isinstance(event, Ack):
         return ACKS_TABLE, ack_row(event)
+    if isinstance(event, Case):
+        return CASES_TABLE, case_row(event)
     raise InvalidEvent(f"the sink stores no {event.SCHEMA} events", "$.schema")
 
 
@@ -162,18 +178,19 @@ class SinkTopics:
     crisis_events: str = topics.CRISIS_EVENTS
     warnings: str = topics.WARNINGS
     acks: str = topics.ACKS
+    cases: str = topics.CASES
 
     def models(self) -> dict[str, type[Event]]:
         pairs: list[tuple[str, type[Event]]] = [
             (self.checkins, Checkin), (self.citizens, Citizen), (self.crisis_events, Crisis),
-            (self.warnings, Warning), (self.acks, Ack)]
+            (self.warnings, Warning), (self.acks, Ack), (self.cases, Case)]
         if len({t for t, _ in pairs}) != len(pairs):
             raise ValueError("each sink topic must carry one event type; got a topic twice")
         return dict(pairs)
 
     def dead_lettered_here(self) -> frozenset[str]:
         """The topics whose invalid messages the sink dead-letters: those no other stage reads."""
-        return frozenset({self.citizens, self.acks})
+        return frozenset({self.citizens, self.acks, self.cases})
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +240,20 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now:
 
 
 def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:
-    """Rows grouped by table, one per key: the last for upsert tables (latest wins), the first for
-    the others (what is already there stays). A statement may not touch one key twice."""
+    """Rows grouped by table, one per key: the last for upsert tables (latest wins; with ``newest``,
+    the greatest of that column, the last of equals), the first for the others (what is already
+    there stays). A statement may not touch one key twice."""
     by_table: dict[str, dict[Row, SinkRow]] = {}
     for row in rows:
         keyed = by_table.setdefault(row.table.name, {})
         key = row.table.key_of(row.values)
         if row.table.upsert:
-            keyed.pop(key, None)
+            kept = keyed.pop(key, None)
+            newest = row.table.newest
+            if kept is not None and newest is not None:
+                at = row.table.columns.index(newest)
+                if kept.values[at] > row.values[at]:
+                    row = kept
             keyed[key] = row
         else:
             keyed.setdefault(key, row)
@@ -308,9 +331,11 @@ class PostgresStore:
             return sql.SQL("ON CONFLICT ({}) DO NOTHING").format(key)
         rest = [c for c in spec.columns if c not in spec.key]
         table = sql.Identifier(spec.name)
-        return sql.SQL("ON CONFLICT ({key}) DO UPDATE SET {sets}, updated_at = now() "
-                       "WHERE ({old}) IS DISTINCT FROM ({new})").format(
-            key=key,
+        newer = sql.SQL("") if spec.newest is None else sql.SQL(" AND {}.{} <= EXCLUDED.{}").format(
+            table, sql.Identifier(spec.newest), sql.Identifier(spec.newest))
+        return sql.SQL("ON CONFLICT ({key}) DO UPDATE SET {sets}, {touched} = now() "
+                       "WHERE ({old}) IS DISTINCT FROM ({new}){newer}").format(
+            key=key, touched=sql.Identifier(spec.touched), newer=newer,
             sets=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in rest),
             old=sql.SQL(", ").join(sql.SQL("{}.{}").format(table, sql.Identifier(c)) for c in rest),
             new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in rest))
@@ -394,7 +419,7 @@ def purge_checkin_history(database_url: str, retention_days: int, now: datetime)
 
 
 class PostgresSink:
-    """Consumer group ``crisiswatch-sink`` over the five event topics, into PostgreSQL."""
+    """Consumer group ``crisiswatch-sink`` over the six event topics, into PostgreSQL."""
 
     def __init__(self, settings: Settings, metrics: SinkMetrics, *, bootstrap: str | None = None,
                  database_url: str | None = None, sink_topics: SinkTopics = SinkTopics(), group_id: str = GROUP_ID,

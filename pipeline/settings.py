@@ -59,6 +59,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated, kept in the data dir."),
     EnvVar("CRISISWATCH_CAP_SENDER", "crisiswatch@localhost",
            "The sender of the CAP 1.2 alerts the API publishes (/v1/crises/{id}.cap, /v1/cap.atom), e.g. the ministry's address."),
+    EnvVar("CRISISWATCH_PUBLIC_URL", "",
+           "Base URL citizens reach the API at, for the reply links in messages. Empty: http://<api host>:<api port>."),
+    EnvVar("CRISISWATCH_REPLY_SECRET", "",
+           "Key that signs the reply links in messages (secret; never logged). Embedded: generated, kept in the data dir."),
+    EnvVar("CRISISWATCH_REPLY_TTL_S", "604800", "How long a reply link works after the message was sent (seconds)."),
     EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
     EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
     EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
@@ -147,6 +152,12 @@ def _smtp_url(raw: str) -> str:
     return raw
 
 
+def _public_url(raw: str) -> str:
+    if raw and not raw.startswith(("https://", "http://")):
+        raise SettingsError(f"CRISISWATCH_PUBLIC_URL: expected an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka_bootstrap: str = ""
@@ -164,6 +175,9 @@ class Settings:
     ingest_token: Secret = Secret("")
     operator_token: Secret = Secret("")
     max_body_bytes: int = 2_000_000
+    public_url: str = ""
+    reply_secret: Secret = Secret("")
+    reply_ttl_s: float = 604_800.0
     cap_sender: str = "crisiswatch@localhost"
     worker_web_port: int = 6066
     sink_metrics_port: int = 9102
@@ -232,6 +246,9 @@ class Settings:
             ingest_token=Secret(get("CRISISWATCH_INGEST_TOKEN")),
             operator_token=Secret(get("CRISISWATCH_OPERATOR_TOKEN")),
             cap_sender=get("CRISISWATCH_CAP_SENDER").strip() or "crisiswatch@localhost",
+            public_url=_public_url(get("CRISISWATCH_PUBLIC_URL").strip()),
+            reply_secret=Secret(get("CRISISWATCH_REPLY_SECRET")),
+            reply_ttl_s=_float("CRISISWATCH_REPLY_TTL_S", get("CRISISWATCH_REPLY_TTL_S"), 60.0),
             max_body_bytes=_int("CRISISWATCH_MAX_BODY_BYTES", get("CRISISWATCH_MAX_BODY_BYTES"), 1024),
             worker_web_port=_int("CRISISWATCH_WORKER_WEB_PORT", get("CRISISWATCH_WORKER_WEB_PORT")),
             sink_metrics_port=_int("CRISISWATCH_SINK_METRICS_PORT", get("CRISISWATCH_SINK_METRICS_PORT")),
@@ -306,6 +323,9 @@ class Settings:
             "CRISISWATCH_INGEST_TOKEN": self.ingest_token.get(),
             "CRISISWATCH_OPERATOR_TOKEN": self.operator_token.get(),
             "CRISISWATCH_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "CRISISWATCH_PUBLIC_URL": self.public_url,
+            "CRISISWATCH_REPLY_SECRET": self.reply_secret.get(),
+            "CRISISWATCH_REPLY_TTL_S": str(self.reply_ttl_s),
             "CRISISWATCH_CAP_SENDER": self.cap_sender,
             "CRISISWATCH_WORKER_WEB_PORT": str(self.worker_web_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(self.sink_metrics_port),

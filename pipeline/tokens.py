@@ -1,6 +1,6 @@
-"""The embedded profile's API tokens, kept in the data directory so that every ``crisiswatch up`` on
-it hands out the same ones: scripts, simulators and phones configured once keep working across
-restarts.
+"""The embedded profile's API tokens and reply-link secret, kept in the data directory so that every
+``crisiswatch up`` on it hands out the same ones: scripts, simulators and phones configured once keep
+working across restarts, and so do the reply links already sent.
 
 The file (``<data dir>/tokens.json``) is readable by its owner only (mode 0600), written whole or
 not at all, and holds only tokens crisiswatch generated; a token set in the environment always
@@ -21,7 +21,7 @@ from typing import Final
 from pipeline.settings import Secret, Settings
 
 TOKENS_FILE: Final = "tokens.json"
-_KEYS: Final = ("ingest", "operator")
+_KEYS: Final = ("ingest", "operator", "reply")
 
 
 class TokenFileError(ValueError):
@@ -37,8 +37,8 @@ def tokens_path(data_dir: Path) -> Path:
 
 
 def load_or_create_tokens(path: Path, make: Callable[[], str] = new_token) -> dict[str, str]:
-    """The ``ingest`` and ``operator`` tokens kept in ``path``, creating the file (mode 0600) or
-    adding a missing token first. A file others could read is made private again."""
+    """The ``ingest`` and ``operator`` tokens and the ``reply`` secret kept in ``path``, creating the
+    file (mode 0600) or adding a missing one first. A file others could read is made private again."""
     kept: dict[str, str] = {}
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -49,7 +49,8 @@ def load_or_create_tokens(path: Path, make: Callable[[], str] = new_token) -> di
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise TokenFileError(f"{path}: cannot be read as JSON ({exc}); delete it to generate new tokens") from None
         if not isinstance(raw, dict) or not all(isinstance(raw.get(k, ""), str) for k in _KEYS):
-            raise TokenFileError(f'{path}: expected {{"ingest": "...", "operator": "..."}}; delete it to generate new tokens')
+            raise TokenFileError(f'{path}: expected {{"ingest": "...", "operator": "...", "reply": "..."}}; '
+                                 "delete it to generate new tokens")
         kept = {k: raw[k] for k in _KEYS if raw.get(k)}
     if all(k in kept for k in _KEYS):
         return kept
@@ -76,11 +77,12 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def with_kept_tokens(settings: Settings, make: Callable[[], str] = new_token) -> tuple[Settings, Path | None]:
-    """``settings`` with each unset API token filled in from the data directory's tokens file; the
-    file's path, or None when both tokens are configured (then no file is read or written)."""
-    if settings.ingest_token and settings.operator_token:
+    """``settings`` with each unset API token and the reply secret filled in from the data directory's
+    tokens file; the file's path, or None when all three are configured (then no file is read or written)."""
+    if settings.ingest_token and settings.operator_token and settings.reply_secret:
         return settings, None
     path = tokens_path(settings.data_dir)
     kept = load_or_create_tokens(path, make)
     return replace(settings, ingest_token=settings.ingest_token or Secret(kept["ingest"]),
-                   operator_token=settings.operator_token or Secret(kept["operator"])), path
+                   operator_token=settings.operator_token or Secret(kept["operator"]),
+                   reply_secret=settings.reply_secret or Secret(kept["reply"])), path

@@ -11,10 +11,11 @@ ACKS: Final = "acks"
 WARNINGS: Final = "warnings"
 CRISIS_STATUS: Final = "crisis-status"
 FEED_REVIEW: Final = "feed-review"
+CASES: Final = "cases"
 DLQ: Final = "dlq"
 
-# Topics every deployment needs; per-country warning topics are created on first use.
-CORE_TOPICS: Final = (CHECKINS, CITIZENS, CRISIS_EVENTS, ACKS, WARNINGS, CRISIS_STATUS, FEED_REVIEW, DLQ)
+# Topics every deployment needs; per-country warning and case topics are created on first use.
+CORE_TOPICS: Final = (CHECKINS, CITIZENS, CRISIS_EVENTS, ACKS, WARNINGS, CRISIS_STATUS, FEED_REVIEW, CASES, DLQ)
 
 # Headers on a dead-lettered message.
 DLQ_REASON_HEADER: Final = "crisiswatch-dlq-reason"
@@ -28,9 +29,18 @@ DLQ_ORIGINAL_SHA256_HEADER: Final = "crisiswatch-dlq-original-sha256"
 DLQ_TRUNCATED_HEADER: Final = "crisiswatch-dlq-truncated"
 
 
-def country_warning_topic(country_code: str) -> str:
-    """``warnings.<CC>``: warnings about crises in one country, for that country's crisis managers."""
+def _country(country_code: str) -> str:
     cc = country_code.upper()
     if len(cc) != 2 or not cc.isascii() or not cc.isalpha():
         raise ValueError(f"not an ISO 3166-1 alpha-2 code: {country_code!r}")
-    return f"{WARNINGS}.{cc}"
+    return cc
+
+
+def country_warning_topic(country_code: str) -> str:
+    """``warnings.<CC>``: warnings about crises in one country, for that country's crisis managers."""
+    return f"{WARNINGS}.{_country(country_code)}"
+
+
+def country_case_topic(country_code: str, cases_topic: str = CASES) -> str:
+    """``cases.<CC>``: the cases of citizens in one country, for the embassy responsible there."""
+    return f"{cases_topic}.{_country(country_code)}"

@@ -33,14 +33,15 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -49,21 +50,28 @@ from pydantic import BaseModel
 from pipeline import topics
 from pipeline.domain.admission import rehearse
 from pipeline.domain.cap_out import ATOM_MEDIA_TYPE, CAP_MEDIA_TYPE, atom_feed, cap_alert
+from pipeline.domain.cases import CaseChangeError, change, country_at, new_case
 from pipeline.domain.countries import countries_for
 from pipeline.domain.geometry import GeometryError, normalise_geometry
+from pipeline.domain.replies import KEYWORD_HINT, KeywordReply, normalise_phone, parse_keyword
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
 from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
+from pipeline.reply_links import ReplyToken, ReplyTokenError, reply_links
 from pipeline.settings import Secret, Settings
 from pipeline.stage import describe
+from producers.cases import case_messages
 from producers.crisis_store import CrisisStore, StoreUnavailable
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
-from schemas import Ack, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj
+from producers.reply_pages import SECURITY_HEADERS, ask_page, problem_page, thanks_page
+from producers.reply_store import ReplyStore
+from schemas import Ack, Case, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj, parse_time
 from schemas.codec import MAX_MESSAGE_BYTES, parse_json
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 
 MAX_BATCH: Final = 1000
 DATETIME_FIELDS: Final = frozenset({"observed_at", "received_at", "effective", "expires"})
@@ -222,6 +230,107 @@ def decode_json(raw: bytes) -> Any:
     return parse_json(raw, max_bytes=len(raw))
 
 
+# Replies, SOS and cases: what a request says, checked without I/O.
+
+CASE_STATES: Final = ("open", "assigned", "closed")
+_CASE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", re.ASCII)  # case/1's case_id
+_SMS_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object", "required": ["from", "body"],
+    "properties": {"from": {"type": "string", "description": "the sender's number, international (E.164)"},
+                   "body": {"type": "string", "description": "AMAN/SAFE or TOLONG/HELP, then any note"}}}
+_SOS_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object", "required": ["citizen_id", "lat", "lon"],
+    "properties": {"citizen_id": {"type": "string"}, "lat": {"type": "number", "minimum": -90, "maximum": 90},
+                   "lon": {"type": "number", "minimum": -180, "maximum": 180},
+                   "message": {"type": "string", "maxLength": 2000},
+                   "sent_at": {"type": "string", "format": "date-time",
+                               "description": "when the button was pressed (default: now); a retry with the same "
+                                              "sent_at is the same case"}}}
+_CASE_CHANGE_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object", "required": ["state"],
+    "properties": {"state": {"enum": list(CASE_STATES)}, "assignee": {"type": "string"}, "note": {"type": "string"}}}
+
+
+def parse_sms(raw: bytes, content_type: str) -> tuple[str, KeywordReply]:
+    """An inbound SMS as providers post it: form-encoded ``From``/``Body`` or JSON ``{"from", "body"}``;
+    the sender in E.164 and the reply its first word says."""
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        obj = decode_json(raw)
+        if not isinstance(obj, Mapping):
+            raise InvalidEvent('expected {"from": ..., "body": ...}')
+        sender, body = obj.get("from"), obj.get("body")
+    else:
+        try:
+            form = parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=100)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidEvent(f"not a form: {exc}") from None
+        sender = next(iter(form.get("From") or form.get("from") or []), None)
+        body = next(iter(form.get("Body") or form.get("body") or []), None)
+    if not isinstance(sender, str) or not sender:
+        raise InvalidEvent("the sender's number is missing", "$.from")
+    if not isinstance(body, str):
+        raise InvalidEvent("the message text is missing", "$.body")
+    number = normalise_phone(sender)
+    if number is None:
+        raise InvalidEvent(f"{sender[:40]!r} is not an international phone number (E.164, +<country><number>)",
+                           "$.from")
+    reply = parse_keyword(body)
+    if reply is None:
+        raise InvalidEvent(f"not a reply keyword: {KEYWORD_HINT}", "$.body")
+    return number, reply
+
+
+def parse_sos(body: Any, now: datetime, rules: EventRules = DEFAULT_RULES) -> Case:
+    """An SOS as an open case: the country from the location; ``crisis_id`` is filled in by the caller."""
+    if not isinstance(body, Mapping):
+        raise InvalidEvent("expected a JSON object with citizen_id, lat, lon and an optional message")
+    for name in ("citizen_id", "lat", "lon"):
+        if name not in body:
+            raise InvalidEvent("required field is missing", f"$.{name}")
+    lat, lon, message, sent_at = body["lat"], body["lon"], body.get("message"), body.get("sent_at")
+    for name, value in (("lat", lat), ("lon", lon)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidEvent("must be a number", f"$.{name}")
+    if message is not None and not isinstance(message, str):
+        raise InvalidEvent("must be a string", "$.message")
+    when = now
+    if sent_at is not None:
+        try:
+            if not isinstance(sent_at, str):
+                raise ValueError(sent_at)
+            when = parse_time(sent_at)
+        except ValueError:
+            raise InvalidEvent(f"{sent_at!r} is not an RFC 3339 date-time with a UTC offset", "$.sent_at") from None
+        if when > now + timedelta(seconds=rules.max_future_skew_s):
+            raise InvalidEvent("sent in the future", "$.sent_at")
+    if not isinstance(body["citizen_id"], str):
+        raise InvalidEvent("must be a string", "$.citizen_id")
+    case = new_case(kind="sos", citizen_id=body["citizen_id"], crisis_id=None, country=None, lat=float(lat),
+                    lon=float(lon), note=message, now=when.astimezone(UTC))
+    case = replace(case, country=country_at(case.lat, case.lon))
+    try:
+        return prepare_outgoing(case, now, rules)[0]
+    except InvalidEvent as exc:
+        raise InvalidEvent(exc.reason, exc.field.replace("$.note", "$.message")) from None
+
+
+def parse_case_change(body: Any, current: Case, now: datetime, rules: EventRules = DEFAULT_RULES) -> Case:
+    """An operator's ``{state, assignee?, note?}`` applied to the stored case."""
+    if not isinstance(body, Mapping):
+        raise InvalidEvent("expected a JSON object with state and optional assignee and note")
+    state, assignee, note = body.get("state"), body.get("assignee"), body.get("note")
+    if not isinstance(state, str):
+        raise InvalidEvent("required: one of " + ", ".join(CASE_STATES), "$.state")
+    for name, value in (("assignee", assignee), ("note", note)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidEvent("must be a string", f"$.{name}")
+    try:
+        changed = change(current, state=state, assignee=assignee, note=note, now=now)
+    except CaseChangeError as exc:
+        raise InvalidEvent(exc.reason, exc.field) from None
+    return prepare_outgoing(changed, now, rules)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP: authentication, bounded body reading, error responses, publishing.
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +364,7 @@ class ApiTopics:
     citizens: str = topics.CITIZENS
     crises: str = topics.CRISIS_EVENTS
     acks: str = topics.ACKS
+    cases: str = topics.CASES
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,10 +489,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
                *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None,
-               health: HealthProbe | None = None, crisis_store: CrisisStore | None = None) -> FastAPI:
+               health: HealthProbe | None = None, crisis_store: CrisisStore | None = None,
+               reply_store: ReplyStore | None = None) -> FastAPI:
     """The ingest API. Nothing global: settings, publisher, metrics registry, clock and the health
-    probe (``/health``; without one, ``/health`` only says the process serves) come in, and the
-    crisis store the public CAP feed reads (without one, the CAP endpoints answer 503)."""
+    probe (``/health``; without one, ``/health`` only says the process serves) come in, the crisis
+    store the public CAP feed reads (without one, the CAP endpoints answer 503) and the store replies,
+    SOS and cases are checked against (without one, those endpoints answer 503)."""
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
@@ -499,8 +611,8 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     async def post_ack(request: Request) -> JSONResponse:
         body = await body_json(request)
         acks = await validated(lambda: parse_ack(body, clock(), rules))
-        await publish(_messages(acks, routes.acks))
-        return JSONResponse({"accepted": 1}, status_code=202)
+        case = await accept_reply(acks[0])
+        return JSONResponse({"accepted": 1, **({} if case is None else {"case_id": case.case_id})}, status_code=202)
 
     @app.post("/v1/crises", status_code=202, dependencies=operator, tags=["operator"],
               responses={202: {"description": "the crisis/1 event as published"}, **_errors(401, 403, 413, 422, 503)},
@@ -546,6 +658,175 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         active = await stored(lambda store: store.active(now))
         document = atom_feed(active, sender=settings.cap_sender, base_url=str(request.base_url), now=now)
         return Response(document, media_type=ATOM_MEDIA_TYPE)
+
+    # Replies, SOS and cases: checked against PostgreSQL (the registry), published to Kafka.
+
+    async def looked_up(read: Callable[[ReplyStore], T]) -> T:
+        if reply_store is None:
+            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL); "
+                           "replies, SOS and cases cannot be checked", headers={"Retry-After": "30"})
+        store = reply_store
+        try:
+            return await run_in_threadpool(read, store)
+        except StoreUnavailable as exc:
+            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+
+    async def publish_with_case(messages: list[Outgoing], case: Case | None) -> None:
+        if case is not None:
+            country_topics = [m.topic for m in case_messages(case, routes.cases) if m.topic != routes.cases]
+            if country_topics:
+                try:
+                    await run_in_threadpool(publisher.ensure_topics, country_topics)
+                except BrokerUnavailable as exc:
+                    raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+            messages = [*messages, *case_messages(case, routes.cases)]
+        await publish(messages)
+
+    async def accept_reply(ack: Ack) -> Case | None:
+        """Publish a reply of a known citizen about a known crisis; a ``need_help`` reply opens a case
+        (one per citizen and crisis: a case already open or assigned is left as it is). Returns the case."""
+        known = await looked_up(lambda store: store.known(ack.citizen_id, ack.crisis_id))
+        if not known.citizen:
+            raise ApiError(422, "unknown_citizen", f"no registered citizen {ack.citizen_id!r}; the reply is not stored",
+                           "$.citizen_id")
+        if not known.crisis:
+            raise ApiError(422, "unknown_crisis", f"no crisis {ack.crisis_id!r}; the reply is not stored", "$.crisis_id")
+        case, opened = None, False
+        if ack.status == "need_help":
+            case, opened = await looked_up(lambda store: help_case(store, ack))
+        await publish_with_case(_messages([ack], routes.acks), case if opened else None)
+        log.info("reply accepted", extra={"citizen_id": ack.citizen_id, "crisis_id": ack.crisis_id,
+                                          "status": ack.status, "channel": ack.channel})
+        return case
+
+    def help_case(store: ReplyStore, ack: Ack) -> tuple[Case, bool]:
+        """The case of a ``need_help`` reply, and whether it is to be (re)opened."""
+        opened = new_case(kind="need_help", citizen_id=ack.citizen_id, crisis_id=ack.crisis_id, country=None,
+                          lat=None, lon=None, note=ack.note, now=ack.received_at)
+        existing = store.case(opened.case_id)
+        if existing is not None and existing.state != "closed":
+            return existing, False
+        where = store.last_location(ack.citizen_id, ack.crisis_id)
+        lat, lon = where if where is not None else (None, None)
+        return replace(opened, country=country_at(lat, lon), lat=lat, lon=lon), True
+
+    @app.post("/v1/sms/inbound", status_code=202, dependencies=ingest, tags=["replies"],
+              responses={202: {"description": "the reply as stored: citizen, crisis, status"},
+                         **_errors(401, 403, 413, 422, 503)},
+              openapi_extra={"requestBody": {"required": True, "description": (
+                  "an SMS forwarded by a provider: form-encoded From and Body (Twilio-style) or JSON "
+                  '{"from": ..., "body": ...}; the first word AMAN/SAFE or TOLONG/HELP, the rest kept as a note'),
+                  "content": {"application/x-www-form-urlencoded": {"schema": _SMS_SCHEMA},
+                              "application/json": {"schema": _SMS_SCHEMA}}}})
+    async def sms_inbound(request: Request) -> JSONResponse:
+        raw = await read_body(request, settings.max_body_bytes)
+        try:
+            sender, reply = parse_sms(raw, request.headers.get("content-type", ""))
+        except InvalidEvent as exc:
+            raise ApiError(422, "invalid", exc.reason, exc.field) from None
+        citizen_id = await looked_up(lambda store: store.citizen_by_sms(sender))
+        if citizen_id is None:
+            raise ApiError(422, "unknown_sender", f"no registered citizen has the sms number {sender}; "
+                           "the reply is not stored", "$.from")
+        now = clock()
+        crisis_id = await looked_up(lambda store: store.latest_warned_crisis(citizen_id, now))
+        if crisis_id is None:
+            raise ApiError(422, "no_crisis", f"citizen {citizen_id!r} was warned about no active crisis; "
+                           "the reply is not stored", "$.body")
+        acks = await validated(lambda: parse_ack({"citizen_id": citizen_id, "crisis_id": crisis_id,
+                                                  "status": reply.status, "channel": "sms",
+                                                  **({} if reply.note is None else {"note": reply.note})}, now, rules))
+        case = await accept_reply(acks[0])
+        return JSONResponse({"accepted": 1, "citizen_id": citizen_id, "crisis_id": crisis_id, "status": reply.status,
+                             **({} if case is None else {"case_id": case.case_id})}, status_code=202)
+
+    links = reply_links(settings, clock)
+
+    def page(html: str, status: int = 200) -> HTMLResponse:
+        return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+    def link_token(token: str) -> ReplyToken:
+        if links is None:
+            raise ApiError(503, "unavailable", "reply links are not configured here (CRISISWATCH_REPLY_SECRET)")
+        try:
+            return links.verify(token)
+        except ReplyTokenError as exc:
+            raise ApiError(exc.status, "expired" if exc.status == 410 else "invalid_link", exc.reason) from None
+
+    async def as_page(work: Callable[[], Awaitable[HTMLResponse]]) -> HTMLResponse:
+        try:
+            return await work()
+        except ApiError as exc:
+            log.info("reply link refused", extra={"status": exc.status, "reason": exc.reason})
+            return HTMLResponse(problem_page(exc.reason), status_code=exc.status, headers={**SECURITY_HEADERS,
+                                                                                           **exc.headers})
+
+    @app.get("/r/{token}", tags=["replies"], response_class=HTMLResponse, include_in_schema=True,
+             responses={400: {"description": "not a valid link"}, 410: {"description": "the link expired"}})
+    async def reply_link_page(token: str) -> HTMLResponse:
+        async def work() -> HTMLResponse:
+            link_token(token)
+            return page(ask_page())
+
+        return await as_page(work)
+
+    @app.post("/r/{token}", tags=["replies"], response_class=HTMLResponse,
+              responses={400: {"description": "not a valid link, or no answer chosen"},
+                         410: {"description": "the link expired"}, 422: {"description": "unknown citizen or crisis"},
+                         503: {"description": "Kafka or PostgreSQL unreachable; nothing stored"}})
+    async def reply_link_answer(token: str, request: Request) -> HTMLResponse:
+        async def work() -> HTMLResponse:
+            signed = link_token(token)
+            raw = await read_body(request, settings.max_body_bytes)
+            status = parse_qs(raw.decode("utf-8", "replace")).get("status", [""])[0]
+            if status not in ("safe", "need_help"):
+                raise ApiError(400, "bad_request", "choose one of the two buttons")
+            acks = await validated(lambda: parse_ack({"citizen_id": signed.citizen_id, "crisis_id": signed.crisis_id,
+                                                      "status": status, "channel": "link"}, clock(), rules))
+            await accept_reply(acks[0])
+            return page(thanks_page(status))
+
+        return await as_page(work)
+
+    @app.post("/v1/sos", status_code=202, dependencies=ingest, tags=["replies"],
+              responses={202: {"description": "the case/1 opened"}, **_errors(401, 403, 413, 422, 503)},
+              openapi_extra=_body(_SOS_SCHEMA, "a panic button: where the citizen is and an optional message; "
+                                  "opens a case at once, whether or not a crisis is active"))
+    async def post_sos(request: Request) -> JSONResponse:
+        body = await body_json(request)
+        [sos] = await validated(lambda: parse_sos(body, clock(), rules))
+        known = await looked_up(lambda store: store.known(sos.citizen_id, None))
+        if not known.citizen:
+            raise ApiError(422, "unknown_citizen", f"no registered citizen {sos.citizen_id!r}", "$.citizen_id")
+        crisis_id = await looked_up(lambda store: store.latest_warned_crisis(sos.citizen_id, clock()))
+        case = replace(sos, crisis_id=crisis_id)
+        await publish_with_case([], case)
+        log.warning("SOS case opened", extra={"case_id": case.case_id, "citizen_id": case.citizen_id,
+                                              "country": case.country, "crisis_id": case.crisis_id})
+        return JSONResponse(case.to_dict(), status_code=202)
+
+    @app.patch("/v1/cases/{case_id}", status_code=202, dependencies=operator, tags=["operator"],
+               responses={202: {"description": "the case/1 as published"}, 404: {"model": ErrorBody},
+                          **_errors(401, 403, 413, 422, 503)},
+               openapi_extra=_body(_CASE_CHANGE_SCHEMA, "move a case: open, assigned (to someone) or closed"))
+    async def patch_case(case_id: str, request: Request) -> JSONResponse:
+        body = await body_json(request)
+        current = await looked_up(lambda store: store.case(case_id)) if _CASE_ID.fullmatch(case_id) else None
+        if current is None:
+            raise ApiError(404, "not_found", f"no case {case_id!r} (a case just opened is listed once it is stored)")
+        [changed] = await validated(lambda: parse_case_change(body, current, clock(), rules))
+        await publish_with_case([], changed)
+        log.info("case changed", extra={"case_id": case_id, "state": changed.state})
+        return JSONResponse(changed.to_dict(), status_code=202)
+
+    @app.get("/v1/cases", dependencies=operator, tags=["operator"],
+             responses={200: {"description": '{"cases": [case/1, ...]}, most recently changed first'},
+                        **_errors(401, 403, 422, 503)})
+    async def list_cases(state: str | None = None) -> JSONResponse:
+        if state is not None and state not in CASE_STATES:
+            raise ApiError(422, "invalid", f"state must be one of {', '.join(CASE_STATES)}", "state")
+        found = await looked_up(lambda store: store.cases(state))
+        return JSONResponse({"cases": [c.to_dict() for c in found]})
 
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app

@@ -35,6 +35,7 @@ from pipeline.settings import Settings
 from producers.api import create_app
 from producers.crisis_store import PostgresCrisisStore
 from producers.publisher import Publisher
+from producers.reply_store import PostgresReplyStore
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,10 @@ class ApiServer:
         self.probe = probe or probe_for(replace(settings, kafka_bootstrap=self.publisher.bootstrap), registry=self.registry)
         # The public CAP feed reads the crises the sink stored; the connection opens on the first CAP request.
         self.crisis_store = PostgresCrisisStore(settings.database_url.get()) if settings.database_url else None
-        app = create_app(settings, self.publisher, self.registry, clock, health=self.probe, crisis_store=self.crisis_store)
+        # Replies, SOS and cases are checked against the registry on a connection of their own, opened likewise.
+        self.reply_store = PostgresReplyStore(settings.database_url.get()) if settings.database_url else None
+        app = create_app(settings, self.publisher, self.registry, clock, health=self.probe, crisis_store=self.crisis_store,
+                         reply_store=self.reply_store)
         config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
                                 server_header=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self.server = uvicorn.Server(config)
@@ -79,8 +83,9 @@ class ApiServer:
             self.probe.stop()
             if self._owns_publisher:
                 self.publisher.close()
-            if self.crisis_store is not None:
-                self.crisis_store.close()
+            for store in (self.crisis_store, self.reply_store):
+                if store is not None:
+                    store.close()
             log.info("ingest API stopped")
 
     def start_in_thread(self) -> threading.Thread:

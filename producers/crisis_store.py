@@ -1,4 +1,5 @@
-"""Reading crises back from PostgreSQL for the API's public CAP feed (``/v1/crises/{id}.cap``, ``/v1/cap.atom``).
+"""Reading crises back from PostgreSQL for the API's public CAP feed (``/v1/crises/{id}.cap``, ``/v1/cap.atom``);
+:class:`PostgresReader` is the connection the API's other lookups (:mod:`producers.reply_store`) share the pattern of.
 
 The sink is the only writer; this reads. One connection, opened on first use (an API without a
 reachable database still takes check-ins), with short timeouts so that a slow or absent database
@@ -42,7 +43,10 @@ class CrisisStore(Protocol):
         ...
 
 
-class PostgresCrisisStore:
+class PostgresReader:
+    """One lazily opened, short-timeout, autocommit connection shared by the API's lookups (see the
+    module docstring); subclasses add the queries."""
+
     def __init__(self, database_url: str, *, connect_timeout_s: int = 3, statement_timeout_ms: int = 5000) -> None:
         self._url = database_url
         self._connect_timeout_s = connect_timeout_s
@@ -50,20 +54,12 @@ class PostgresCrisisStore:
         self._conn: Any = None
         self._lock = threading.Lock()
 
-    def versions(self, crisis_id: str) -> list[Published]:
-        return self._query(f"SELECT {_COLUMNS} FROM crises WHERE crisis_id = %s ORDER BY version", (crisis_id,))
-
-    def active(self, now: datetime) -> list[Published]:
-        return self._query(f"SELECT {_COLUMNS} FROM crises_current WHERE op <> 'cancel' "
-                           "AND (expires IS NULL OR expires > %s) ORDER BY recorded_at DESC, crisis_id LIMIT %s",
-                           (now, MAX_FEED_ENTRIES))
-
     def close(self) -> None:
         with self._lock:
             self._drop()
 
-    def _query(self, query: str, params: Sequence[Any]) -> list[Published]:
-        return self._with_connection(lambda conn: [_published(row) for row in conn.execute(query, params).fetchall()])
+    def _rows(self, query: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        return self._with_connection(lambda conn: list(conn.execute(query, params).fetchall()))
 
     def _with_connection(self, work: Callable[[Any], T]) -> T:
         import psycopg
@@ -97,6 +93,19 @@ class PostgresCrisisStore:
             with contextlib.suppress(Exception):  # closing a broken connection: nothing left to do
                 self._conn.close()
             self._conn = None
+
+
+class PostgresCrisisStore(PostgresReader):
+    def versions(self, crisis_id: str) -> list[Published]:
+        return self._query(f"SELECT {_COLUMNS} FROM crises WHERE crisis_id = %s ORDER BY version", (crisis_id,))
+
+    def active(self, now: datetime) -> list[Published]:
+        return self._query(f"SELECT {_COLUMNS} FROM crises_current WHERE op <> 'cancel' "
+                           "AND (expires IS NULL OR expires > %s) ORDER BY recorded_at DESC, crisis_id LIMIT %s",
+                           (now, MAX_FEED_ENTRIES))
+
+    def _query(self, query: str, params: Sequence[Any]) -> list[Published]:
+        return [_published(row) for row in self._rows(query, params)]
 
 
 def _reason(exc: Exception) -> str:

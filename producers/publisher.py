@@ -48,6 +48,7 @@ TOPIC_OF_SCHEMA: dict[str, str] = {
     "ack/1": topics.ACKS,
     "warning/1": topics.WARNINGS,
     "crisis-status/1": topics.CRISIS_STATUS,
+    "case/1": topics.CASES,
 }
 
 
@@ -98,6 +99,8 @@ class Publisher:
         # EMBEDDED_PRODUCER_MAX_BATCH_BYTES): one record per batch keeps the end offset it reports exact.
         self._batch = {"batch_size": max_batch_bytes} if max_batch_bytes else {}
         self._options = settings.kafka_client_options()
+        self._partitions = settings.partitions
+        self._known_topics: set[str] = set()
         self._client_id = client_id
         self._producer: Any = None
         self._last_ack = 0.0  # monotonic time of the producer's latest acknowledgement, for any caller
@@ -194,6 +197,25 @@ class Publisher:
                 producer.close(timeout=self.max_wait_s + 1)
 
         threading.Thread(target=close, name=f"{self._client_id}-discard", daemon=True).start()
+
+    def ensure_topics(self, names: Iterable[str]) -> list[str]:
+        """Create the topics among ``names`` this publisher has not seen yet (per-country topics are
+        made on first use); return those created. An unreachable broker is :class:`BrokerUnavailable`."""
+        from kafka.errors import KafkaError
+
+        from pipeline.embedded import EmbeddedError, create_topics
+
+        new = sorted(set(names) - self._known_topics)
+        if not new:
+            return []
+        try:
+            created = create_topics(self.bootstrap, new, self._partitions, self._options, timeout_s=self.timeout_s)
+        except (EmbeddedError, KafkaError) as exc:
+            raise BrokerUnavailable(f"cannot create topics {', '.join(new)}: {exc}") from exc
+        self._known_topics.update(new)
+        if created:
+            log.info("created topics", extra={"topics": created})
+        return created
 
     def publish_events(self, events: Sequence[Event]) -> int:
         return self.publish(outgoing(e) for e in events)

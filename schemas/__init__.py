@@ -3,6 +3,7 @@
 from schemas.codec import InvalidEvent, check, decode, encode, from_obj, parse_json
 from schemas.models import (
     Ack,
+    Case,
     Channel,
     Checkin,
     Citizen,
@@ -15,6 +16,6 @@ from schemas.models import (
 )
 
 __all__ = [
-    "Ack", "Channel", "Checkin", "Citizen", "Crisis", "CrisisStatus", "Event", "InvalidEvent", "Warning",
+    "Ack", "Case", "Channel", "Checkin", "Citizen", "Crisis", "CrisisStatus", "Event", "InvalidEvent", "Warning",
     "check", "decode", "encode", "format_time", "from_obj", "parse_json", "parse_time",
 ]

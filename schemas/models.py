@@ -20,6 +20,8 @@ Urgency: TypeAlias = Literal["immediate", "expected", "future", "past", "unknown
 Certainty: TypeAlias = Literal["observed", "likely", "possible", "unlikely", "unknown"]
 WarningKind: TypeAlias = Literal["inside", "entered", "near", "exited", "all_clear"]
 AckStatus: TypeAlias = Literal["safe", "need_help"]
+CaseKind: TypeAlias = Literal["sos", "need_help", "escalation"]
+CaseState: TypeAlias = Literal["open", "assigned", "closed"]
 GeoJSON: TypeAlias = Mapping[str, Any]
 
 SEVERITY_RANK: dict[str, int] = {"unknown": 0, "minor": 1, "moderate": 2, "severe": 3, "extreme": 4}
@@ -249,6 +251,40 @@ class CrisisStatus:
         return {"schema": self.SCHEMA, "crisis_id": self.crisis_id, **counts, "as_of": format_time(self.as_of)}
 
 
+@dataclass(frozen=True, slots=True)
+class Case:
+    """A consular case: opened by an SOS, a ``need_help`` reply or an escalation; its state changed by operators.
+    ``crisis_id`` is None for an SOS outside any crisis; ``country``, ``lat`` and ``lon`` are None when
+    where the citizen is is not known."""
+
+    SCHEMA: ClassVar[str] = "case/1"
+    case_id: str
+    citizen_id: str
+    crisis_id: str | None
+    kind: CaseKind
+    state: CaseState
+    country: str | None
+    lat: float | None
+    lon: float | None
+    note: str
+    opened_at: datetime
+    updated_at: datetime
+    assignee: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Case:
+        lat, lon = d["lat"], d["lon"]
+        return cls(d["case_id"], d["citizen_id"], d["crisis_id"], d["kind"], d["state"], d["country"],
+                   None if lat is None else float(lat), None if lon is None else float(lon), d["note"],
+                   parse_time(d["opened_at"]), parse_time(d["updated_at"]), d.get("assignee"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.SCHEMA, "case_id": self.case_id, "citizen_id": self.citizen_id,
+                "crisis_id": self.crisis_id, "kind": self.kind, "state": self.state, "assignee": self.assignee,
+                "country": self.country, "lat": self.lat, "lon": self.lon, "note": self.note,
+                "opened_at": format_time(self.opened_at), "updated_at": format_time(self.updated_at)}
+
+
 _STATUS_COUNTS = ("inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated")
 
-MODELS: dict[str, Any] = {m.SCHEMA: m for m in (Checkin, Citizen, Crisis, Warning, Ack, CrisisStatus)}
+MODELS: dict[str, Any] = {m.SCHEMA: m for m in (Checkin, Citizen, Crisis, Warning, Ack, CrisisStatus, Case)}

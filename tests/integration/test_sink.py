@@ -97,7 +97,7 @@ def sink_db(database_url: str) -> str:
 def sink_topics(fresh_topic: Callable[..., str]) -> SinkTopics:
     return SinkTopics(checkins=fresh_topic("checkins"), citizens=fresh_topic("citizens"),
                       crisis_events=fresh_topic("crisis-events"), warnings=fresh_topic("warnings"),
-                      acks=fresh_topic("acks"))
+                      acks=fresh_topic("acks"), cases=fresh_topic("cases"))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -23,7 +24,8 @@ from pipeline.settings import Secret, Settings
 from pipeline.testing import records_for
 from producers.api import MAX_BATCH, ApiTopics, create_app
 from producers.publisher import Outgoing, Publisher
-from schemas import Ack, Checkin, Citizen, Crisis, decode
+from producers.reply_store import PostgresReplyStore
+from schemas import Ack, Case, Checkin, Citizen, Crisis, decode
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -39,8 +41,8 @@ def fixed_clock() -> datetime:
 def api_topics(kafka_bootstrap: str) -> ApiTopics:
     suffix = uuid.uuid4().hex[:8]
     names = ApiTopics(checkins=f"api-checkins-{suffix}", citizens=f"api-citizens-{suffix}",
-                      crises=f"api-crises-{suffix}", acks=f"api-acks-{suffix}")
-    create_topics(kafka_bootstrap, [names.checkins, names.citizens, names.crises, names.acks], 2)
+                      crises=f"api-crises-{suffix}", acks=f"api-acks-{suffix}", cases=f"api-cases-{suffix}")
+    create_topics(kafka_bootstrap, [names.checkins, names.citizens, names.crises, names.acks, names.cases], 2)
     return names
 
 
@@ -419,16 +421,46 @@ def test_invalid_citizen_gets_422(client: TestClient, body: dict[str, Any], fiel
     assert response.json()["field"] == field
 
 
-def test_ack_gets_received_at_and_channel_defaults(client: TestClient, kafka_bootstrap: str,
-                                                   api_topics: ApiTopics) -> None:
-    cid = new_id()
-    response = client.post("/v1/acks", json={"citizen_id": cid, "crisis_id": "op-1", "status": "need_help",
-                                             "note": "trapped on the 3rd floor"}, headers=INGEST)
+def registered(database_url: str, citizen_id: str, crisis_id: str) -> None:
+    """The citizen and the crisis in PostgreSQL, as the sink writes them: a reply is accepted only for those."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO citizens (citizen_id, name, nationality, language, location_tracking) "
+                     "VALUES (%s, 'Siti Rahma', 'ID', 'id', true)", (citizen_id,))
+        conn.execute("INSERT INTO crises (crisis_id, version, op, source, source_ref, title, category, severity, "
+                     "urgency, certainty, buffer_km, effective, instruction, url) VALUES (%s, 1, 'upsert', 'operator', "
+                     "%s, 'Flood', 'met', 'severe', 'immediate', 'observed', 0, %s, 'Move to higher ground', '')",
+                     (crisis_id, crisis_id, NOW))
+
+
+def test_ack_gets_received_at_and_channel_defaults(settings: Settings, publisher: Publisher, kafka_bootstrap: str,
+                                                   api_topics: ApiTopics, database_url: str) -> None:
+    cid, crisis_id = new_id(), new_id("op")
+    registered(database_url, cid, crisis_id)
+    store = PostgresReplyStore(database_url)
+    client = TestClient(create_app(settings, publisher, CollectorRegistry(), fixed_clock, api_topics=api_topics,
+                                   reply_store=store))
+    try:
+        response = client.post("/v1/acks", json={"citizen_id": cid, "crisis_id": crisis_id, "status": "need_help",
+                                                 "note": "trapped on the 3rd floor"}, headers=INGEST)
+    finally:
+        store.close()
 
     assert response.status_code == 202
     [record] = records_for(kafka_bootstrap, api_topics.acks, {cid}, 1)
     ack = decode(record.value, Ack)
     assert (ack.status, ack.channel, ack.received_at, ack.note) == ("need_help", "app", NOW, "trapped on the 3rd floor")
+    [case] = records_for(kafka_bootstrap, api_topics.cases, {cid}, 1)  # a need_help reply opens a case
+    assert decode(case.value, Case).case_id == response.json()["case_id"]
+
+
+def test_without_a_database_a_reply_cannot_be_checked_and_is_503(client: TestClient, kafka_bootstrap: str,
+                                                                  api_topics: ApiTopics) -> None:
+    cid = new_id()
+    response = client.post("/v1/acks", json={"citizen_id": cid, "crisis_id": "op-1", "status": "safe"}, headers=INGEST)
+
+    assert response.status_code == 503
+    assert "CRISISWATCH_DATABASE_URL" in response.json()["reason"]
+    assert records_for(kafka_bootstrap, api_topics.acks, {cid}) == []
 
 
 def test_invalid_ack_gets_422(client: TestClient) -> None:

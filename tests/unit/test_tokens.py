@@ -28,16 +28,19 @@ def test_the_file_is_created_private_and_reused(tmp_path: Path) -> None:
     first, path = with_kept_tokens(settings, maker())
     assert path == tmp_path / "data" / "tokens.json"
     assert mode(path) == 0o600
-    assert (first.ingest_token.get(), first.operator_token.get()) == ("token-1", "token-2")
+    assert (first.ingest_token.get(), first.operator_token.get(), first.reply_secret.get()) == \
+        ("token-1", "token-2", "token-3")
     again, _ = with_kept_tokens(settings, maker())
-    assert (again.ingest_token.get(), again.operator_token.get()) == ("token-1", "token-2")
-    assert json.loads(path.read_text()) == {"ingest": "token-1", "operator": "token-2"}
+    assert (again.ingest_token.get(), again.operator_token.get(), again.reply_secret.get()) == \
+        ("token-1", "token-2", "token-3")
+    assert json.loads(path.read_text()) == {"ingest": "token-1", "operator": "token-2", "reply": "token-3"}
     assert [p.name for p in path.parent.iterdir()] == ["tokens.json"]  # no temporary file left
 
 
 def test_configured_tokens_win_and_are_never_written(tmp_path: Path) -> None:
-    both = Settings(data_dir=tmp_path, ingest_token=Secret("mine"), operator_token=Secret("ours"))
-    assert with_kept_tokens(both) == (both, None)
+    every = Settings(data_dir=tmp_path, ingest_token=Secret("mine"), operator_token=Secret("ours"),
+                     reply_secret=Secret("links"))
+    assert with_kept_tokens(every) == (every, None)
     assert not tokens_path(tmp_path).exists()
 
     one = Settings(data_dir=tmp_path, ingest_token=Secret("mine"))
@@ -51,15 +54,15 @@ def test_configured_tokens_win_and_are_never_written(tmp_path: Path) -> None:
 def test_a_missing_token_is_added_and_the_kept_one_stays(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     path.write_text('{"ingest": "kept"}')
-    assert load_or_create_tokens(path, lambda: "new") == {"ingest": "kept", "operator": "new"}
-    assert json.loads(path.read_text()) == {"ingest": "kept", "operator": "new"}
+    assert load_or_create_tokens(path, lambda: "new") == {"ingest": "kept", "operator": "new", "reply": "new"}
+    assert json.loads(path.read_text()) == {"ingest": "kept", "operator": "new", "reply": "new"}
 
 
 def test_a_file_others_can_read_is_made_private(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
-    path.write_text('{"ingest": "a", "operator": "b"}')
+    path.write_text('{"ingest": "a", "operator": "b", "reply": "c"}')
     path.chmod(0o644)
-    assert load_or_create_tokens(path) == {"ingest": "a", "operator": "b"}
+    assert load_or_create_tokens(path) == {"ingest": "a", "operator": "b", "reply": "c"}
     assert mode(path) == 0o600
 
 
