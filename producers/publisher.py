@@ -48,6 +48,7 @@ TOPIC_OF_SCHEMA: dict[str, str] = {
     "ack/1": topics.ACKS,
     "warning/1": topics.WARNINGS,
     "crisis-status/1": topics.CRISIS_STATUS,
+    "delivery/1": topics.DELIVERIES,
 }
 
 

@@ -79,6 +79,24 @@ def plan(channels: Sequence[tuple[str, str]], rows: Iterable[DeliveryRow], max_a
     return Plan(tuple(steps), None if steps else "gave_up")
 
 
+def plan_resend(channels: Sequence[tuple[str, str]], rows: Iterable[DeliveryRow], max_attempts: int) -> Plan:
+    """The plan for a warning escalation published again (no reply after T1): the citizen's channels
+    *after* the first one that delivered it, tried as :func:`plan` tries a new warning. Sent once in
+    effect too: a later channel already ``delivered`` ends it (``done`` ``delivered``); none left after
+    the delivering one: ``done`` ``no_next_channel``. A warning never delivered gets its ordinary plan
+    (still in flight: finish it; given up everywhere: nothing more to try)."""
+    rows = list(rows)
+    by_key = {(r.channel, r.address): r for r in rows}
+    order = list(dict.fromkeys(channels))
+    delivered = [i for i, key in enumerate(order) if (row := by_key.get(key)) is not None and row.status == "delivered"]
+    if not delivered:
+        return plan(channels, rows, max_attempts)
+    later = order[delivered[0] + 1:]
+    if not later:
+        return Plan((), "no_next_channel")
+    return plan(later, [r for r in rows if (r.channel, r.address) in set(later)], max_attempts)
+
+
 def unsettled_earlier(rows_by_warning: Mapping[str, Iterable[DeliveryRow]], this_warning: str) -> tuple[str, ...]:
     """The other warnings (of the same citizen and crisis) that are neither delivered nor given up:
     an all-clear waits for them. A warning settles when a row is delivered or every row gave up."""
