@@ -1,14 +1,14 @@
-"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings and acks from Kafka into
+"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings, acks and crisis statuses from Kafka into
 the tables of deploy/sql, idempotently and at least once.
 
 The failure policy is :mod:`pipeline.stage`'s, in three paths:
 
 * a message the sink cannot admit — not a valid event of its topic's schema, or anything else its
   decoding or admission raises (:func:`pipeline.domain.admission.admit_message`, the worker's own check, so
-  the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics only the
-  sink reads (citizens, acks); on the others the stage that owns the topic dead-letters it (the
-  worker: check-ins, crisis events; the router: warnings) and the sink only counts and logs it, so
-  one bad message is one dead letter;
+  the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics the sink
+  owns (citizens, crisis statuses, and acks, which the accountability agent only skips when bad); on
+  the others the stage that owns the topic dead-letters it (the worker: check-ins, crisis events;
+  the router: warnings) and the sink only counts and logs it, so one bad message is one dead letter;
 * a row that cannot be written — PostgreSQL refuses it (a value it cannot store), or writing it
   raises anything else that is not an outage (a string the driver cannot encode) → that row alone
   goes to ``dlq``: the batch is split until it is alone, the rest is written;
@@ -49,7 +49,7 @@ from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
 from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
-from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning
+from schemas import Ack, Checkin, Citizen, Crisis, CrisisStatus, InvalidEvent, Warning
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class TableSpec:
     key: tuple[str, ...]
     upsert: bool = False
     jsonb: frozenset[str] = frozenset()
+    newer: str | None = None  # upsert only when this column grows (latest wins by it, not by arrival)
 
     def key_of(self, row: Row) -> Row:
         return tuple(row[self.columns.index(c)] for c in self.key)
@@ -101,7 +102,12 @@ WARNINGS_TABLE: Final = TableSpec(
 ACKS_TABLE: Final = TableSpec("acks", ("citizen_id", "crisis_id", "received_at", "status", "channel", "note"),
                               key=("citizen_id", "crisis_id", "received_at", "status", "channel"))
 
-TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE)
+CRISIS_STATUS_TABLE: Final = TableSpec(
+    "crisis_status", ("crisis_id", "inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated",
+                      "as_of"),
+    key=("crisis_id",), upsert=True, newer="as_of")
+
+TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE, CRISIS_STATUS_TABLE)
 
 
 def checkin_row(event: Checkin) -> Row:
@@ -138,6 +144,11 @@ def ack_row(event: Ack) -> Row:
     return (event.citizen_id, event.crisis_id, event.received_at, event.status, event.channel, event.note)
 
 
+def crisis_status_row(event: CrisisStatus) -> Row:
+    return (event.crisis_id, event.inside, event.near, event.warned, event.delivered, event.safe, event.need_help,
+            event.unreached, event.escalated, event.as_of)
+
+
 def row_for(event: Event) -> tuple[TableSpec, Row]:
     """The table an event belongs in and its row."""
     if isinstance(event, Checkin):
@@ -150,6 +161,8 @@ def row_for(event: Event) -> tuple[TableSpec, Row]:
         return WARNINGS_TABLE, warning_row(event)
     if isinstance(event, Ack):
         return ACKS_TABLE, ack_row(event)
+    if isinstance(event, CrisisStatus):
+        return CRISIS_STATUS_TABLE, crisis_status_row(event)
     raise InvalidEvent(f"the sink stores no {event.SCHEMA} events", "$.schema")
 
 
@@ -162,18 +175,19 @@ class SinkTopics:
     crisis_events: str = topics.CRISIS_EVENTS
     warnings: str = topics.WARNINGS
     acks: str = topics.ACKS
+    crisis_status: str = topics.CRISIS_STATUS
 
     def models(self) -> dict[str, type[Event]]:
         pairs: list[tuple[str, type[Event]]] = [
             (self.checkins, Checkin), (self.citizens, Citizen), (self.crisis_events, Crisis),
-            (self.warnings, Warning), (self.acks, Ack)]
+            (self.warnings, Warning), (self.acks, Ack), (self.crisis_status, CrisisStatus)]
         if len({t for t, _ in pairs}) != len(pairs):
             raise ValueError("each sink topic must carry one event type; got a topic twice")
         return dict(pairs)
 
     def dead_lettered_here(self) -> frozenset[str]:
         """The topics whose invalid messages the sink dead-letters: those no other stage reads."""
-        return frozenset({self.citizens, self.acks})
+        return frozenset({self.citizens, self.acks, self.crisis_status})
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +243,12 @@ def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:
     for row in rows:
         keyed = by_table.setdefault(row.table.name, {})
         key = row.table.key_of(row.values)
-        if row.table.upsert:
+        if row.table.newer is not None:
+            at = row.table.columns.index(row.table.newer)
+            kept = keyed.get(key)
+            if kept is None or row.values[at] >= kept.values[at]:
+                keyed[key] = row
+        elif row.table.upsert:
             keyed.pop(key, None)
             keyed[key] = row
         else:
@@ -308,6 +327,12 @@ class PostgresStore:
             return sql.SQL("ON CONFLICT ({}) DO NOTHING").format(key)
         rest = [c for c in spec.columns if c not in spec.key]
         table = sql.Identifier(spec.name)
+        if spec.newer is not None:
+            return sql.SQL("ON CONFLICT ({key}) DO UPDATE SET {sets}, recorded_at = now() "
+                           "WHERE EXCLUDED.{newer} >= {table}.{newer}").format(
+                key=key, table=table, newer=sql.Identifier(spec.newer),
+                sets=sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                                        for c in rest))
         return sql.SQL("ON CONFLICT ({key}) DO UPDATE SET {sets}, updated_at = now() "
                        "WHERE ({old}) IS DISTINCT FROM ({new})").format(
             key=key,

@@ -547,5 +547,26 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         document = atom_feed(active, sender=settings.cap_sender, base_url=str(request.base_url), now=now)
         return Response(document, media_type=ATOM_MEDIA_TYPE)
 
+    # Accountability (operator): who is inside or near, warned, reached, safe, needing help, unreached,
+    # escalated — the crisis-status/1 the sink stored. ``{crisis_id:path}``: ids may hold "/"; a path
+    # ending in ".cap" is the CAP route above, one ending in "/status" this one.
+
+    @app.get("/v1/crises", dependencies=operator, tags=["operator"],
+             responses={**_errors(401, 403), 503: {"model": ErrorBody, "description": "PostgreSQL unreachable"}})
+    async def list_crises() -> JSONResponse:
+        """The active crises with their accountability counts (zeros and ``as_of`` null before the first status)."""
+        now = clock()
+        return JSONResponse({"crises": await stored(lambda store: store.statuses(now))})
+
+    @app.get("/v1/crises/{crisis_id:path}/status", dependencies=operator, tags=["operator"],
+             responses={**_errors(401, 403), 404: {"model": ErrorBody, "description": "no such crisis"},
+                        503: {"model": ErrorBody, "description": "PostgreSQL unreachable"}})
+    async def crisis_status(crisis_id: str) -> JSONResponse:
+        """One crisis's latest accountability counts."""
+        found = await stored(lambda store: store.status(crisis_id))
+        if found is None:
+            raise ApiError(404, "not_found", f"no crisis {crisis_id!r}")
+        return JSONResponse(found)
+
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app

@@ -18,7 +18,11 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from datetime import datetime
+from typing import Final, Literal, cast, get_args
+
+from schemas import Delivery, Warning
+from schemas.models import ChannelType
 
 DeliveryStatus = Literal["pending", "sending", "delivered", "failed", "gave_up"]
 SETTLED: Final[frozenset[str]] = frozenset({"delivered", "gave_up"})
@@ -95,6 +99,28 @@ def plan_resend(channels: Sequence[tuple[str, str]], rows: Iterable[DeliveryRow]
     if not later:
         return Plan((), "no_next_channel")
     return plan(later, [r for r in rows if (r.channel, r.address) in set(later)], max_attempts)
+
+
+def final_outcome(warning: Warning, rows: Iterable[DeliveryRow], at: datetime) -> Delivery | None:
+    """The ``delivery/1`` event of a warning whose rows show a final outcome: delivered on the first
+    channel (in row order) that delivered it, or given up on every one; None while in flight or
+    when there are no rows. ``attempts``: over all its channels."""
+    rows = list(rows)
+    if not rows:
+        return None
+    attempts = sum(r.attempts for r in rows)
+    delivered = next((r for r in rows if r.status == "delivered"), None)
+    if delivered is not None:
+        return Delivery(warning.warning_id, warning.citizen_id, warning.crisis_id, _channel(delivered.channel),
+                        "delivered", attempts, at)
+    if all(r.status == "gave_up" for r in rows):
+        return Delivery(warning.warning_id, warning.citizen_id, warning.crisis_id, _channel(rows[-1].channel),
+                        "gave_up", attempts, at)
+    return None
+
+
+def _channel(name: str) -> ChannelType | None:
+    return cast(ChannelType, name) if name in get_args(ChannelType) else None
 
 
 def unsettled_earlier(rows_by_warning: Mapping[str, Iterable[DeliveryRow]], this_warning: str) -> tuple[str, ...]:
