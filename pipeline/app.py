@@ -39,7 +39,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,17 +52,22 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pipeline import dlq, topics
+from pipeline.accountability import STAGE as ACCOUNTABILITY_STAGE
+from pipeline.accountability import AccountabilityRuntime, crisis_key, schema_of
+from pipeline.accountability import Topics as AccountabilityTopics
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
-from schemas import Crisis, Warning, encode
+from pipeline.stage import describe, label
+from schemas import Crisis, Delivery, Warning, encode
 
 log = logging.getLogger(__name__)
 
 APP_ID = "crisiswatch"
 STATE_TABLE = "citizen-state"
+ACCOUNTABILITY_TABLE = "accountability"
 
 
 def changelog_topic(app_id: str = APP_ID) -> str:
@@ -361,6 +367,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     app.timer(interval=5.0)(expire_crises)
 
+    accountability_runtime(app, settings, clock, metrics)
+
     @app.page("/metrics")
     async def metrics_page(self: View, request: Request) -> Response:
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition
@@ -379,6 +387,85 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         return self.json(body, status=status)
 
     return app, runtime
+
+
+def accountability_runtime(app: faust.App, settings: Settings, clock: Callable[[], datetime],
+                           metrics: WorkerMetrics, names: AccountabilityTopics | None = None,
+                           status_topic: str = topics.CRISIS_STATUS) -> AccountabilityRuntime:
+    """The accountability agent (:mod:`pipeline.accountability`): facts re-keyed by crisis, standings in
+    the ``accountability`` table, statuses out on ``crisis-status`` from a timer, rate-limited.
+
+    A standing is written to the table's store and its changelog record sent (to the partition of the
+    event, which is the crisis's partition of the re-keyed stream) and acknowledged before the event
+    is: as for the citizen states (:class:`_TableView`), nothing Faust would commit is left unsaved."""
+    names = names or AccountabilityTopics()
+    sources = app.topic(*names.all(), key_serializer="raw", value_serializer="raw")
+    table = app.Table(ACCOUNTABILITY_TABLE, default=None, partitions=settings.partitions, key_type=bytes)
+    runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic)
+    changelog: str = table.changelog_topic.get_topic_name()
+
+    def by_crisis(value: bytes | None) -> bytes:
+        return crisis_key(value, clock())
+
+    @app.agent(sources, name="accountability")
+    async def accountability(stream: Any) -> None:
+        async for event in stream.group_by(by_crisis, name="by-crisis").events():
+            changed = runtime.observe(event.value, clock())
+            if isinstance(changed, Exception):
+                metrics.stage_skipped.labels(stage=ACCOUNTABILITY_STAGE, reason=label(changed)).inc()
+                log.warning("not an accountability fact; skipped", extra={"reason": describe(changed)})
+                if schema_of(event.value) == Delivery.SCHEMA:  # only this agent reads deliveries: the dead letter is ours
+                    letter = DeadLetter.of(RawMessage(event.value, event.key, names.deliveries), changed,
+                                           ACCOUNTABILITY_STAGE)
+                    await finish_or_exit(KafkaEmitter(app, settings.dlq_max_payload_bytes).dead_letters([letter]),
+                                         "a dead letter")
+            elif changed is not None:
+                key, value = changed
+                record = json.dumps(value, separators=(",", ":")).encode("utf-8")
+                await finish_or_exit(_send_to(app, changelog, key.encode("utf-8"), record, event.message.partition),
+                                     "an accountability state")
+
+    async def publish_statuses() -> None:
+        statuses = runtime.due(clock())
+        if statuses:
+            await finish_or_exit(send_all(app, status_topic, [(s.crisis_id.encode("utf-8"), encode(s), None)
+                                                              for s in statuses]), "crisis statuses")
+
+    app.timer(interval=max(0.2, min(1.0, settings.status_interval_s)))(publish_statuses)
+
+    @table.on_recover
+    async def recovered() -> None:
+        runtime.mark_all()
+
+    return runtime
+
+
+async def _send_to(app: faust.App, topic: str, key: bytes, value: bytes, partition: int) -> None:
+    future = await app.producer.send(topic, key, value, partition, None, None)
+    await future
+
+
+class _StandingsView(MutableMapping[str, Any]):
+    """The accountability table's store seen as a mapping of ``<crisis>\x1f<citizen>`` to a standing's
+    JSON; the changelog record is sent by the agent (see :func:`accountability_runtime`)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table.data[key.encode("utf-8")]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table.data[key.encode("utf-8")] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table.data[key.encode("utf-8")]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.data.keys())])
+
+    def __len__(self) -> int:
+        return len(self.table.data)
 
 
 class _TableView(DurableStates):
