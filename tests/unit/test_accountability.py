@@ -32,7 +32,7 @@ def delivery(w: Warning, outcome: str) -> Delivery:
 
 
 def ack(status: str, minutes: int, citizen: str = "c1") -> Ack:
-    return Ack(citizen, "k1", status, T0 + timedelta(minutes=minutes), "api")  # type: ignore[arg-type]
+    return Ack(citizen, "k1", status, T0 + timedelta(minutes=minutes), "app")  # type: ignore[arg-type]
 
 
 def fold(facts: list[Fact]) -> Standing:

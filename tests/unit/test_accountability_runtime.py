@@ -42,8 +42,8 @@ def test_facts_become_standings_and_statuses_rate_limited() -> None:
     [status] = runtime.due(T0)
     assert (status.crisis_id, status.inside, status.warned, status.delivered) == ("k1", 1, 1, 0)
     delivered = Delivery(w.warning_id, "c1", "k1", "webhook", "delivered", 1, T0)
-    runtime.observe(encode(delivered), T0)
-    assert runtime.observe(encode(Ack("c1", "k1", "safe", T0 + timedelta(minutes=1), "api")), T0 + timedelta(hours=1))
+    assert isinstance(runtime.observe(encode(delivered), T0), tuple)
+    assert isinstance(runtime.observe(encode(Ack("c1", "k1", "safe", T0 + timedelta(minutes=1), "app")), T0 + timedelta(hours=1)), tuple)
     assert runtime.due(T0) == []  # within the interval: held back, not lost
     clock.now = 5.0
     [status] = runtime.due(T0)
