@@ -74,6 +74,17 @@ def changelog_topic(app_id: str = APP_ID) -> str:
     return f"{app_id}-{STATE_TABLE}-changelog"
 
 
+def regrouped_topic(app_id: str = APP_ID) -> str:
+    """The accountability facts re-keyed by crisis."""
+    return f"{app_id}-{ACCOUNTABILITY_TABLE}-by-crisis-repartition"
+
+
+def internal_topics(app_id: str = APP_ID) -> list[str]:
+    """The worker's own topics, created with the core ones (``up``): the tables' changelogs and the
+    accountability agent's re-keyed stream."""
+    return [changelog_topic(app_id), f"{app_id}-{ACCOUNTABILITY_TABLE}-changelog", regrouped_topic(app_id)]
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -400,6 +411,9 @@ def accountability_runtime(app: faust.App, settings: Settings, clock: Callable[[
     is: as for the citizen states (:class:`_TableView`), nothing Faust would commit is left unsaved."""
     names = names or AccountabilityTopics()
     sources = app.topic(*names.all(), key_serializer="raw", value_serializer="raw")
+    # One topic, named here: a stream over several topics cannot derive a repartition topic Faust can send to.
+    regrouped = app.topic(regrouped_topic(app.conf.id), key_serializer="raw", value_serializer="raw",
+                          partitions=settings.partitions, internal=True)
     table = app.Table(ACCOUNTABILITY_TABLE, default=None, partitions=settings.partitions, key_type=bytes)
     runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic)
     changelog: str = table.changelog_topic.get_topic_name()
@@ -409,7 +423,7 @@ def accountability_runtime(app: faust.App, settings: Settings, clock: Callable[[
 
     @app.agent(sources, name="accountability")
     async def accountability(stream: Any) -> None:
-        async for event in stream.group_by(by_crisis, name="by-crisis").events():
+        async for event in stream.group_by(by_crisis, name="by-crisis", topic=regrouped).events():
             changed = runtime.observe(event.value, clock())
             if isinstance(changed, Exception):
                 metrics.stage_skipped.labels(stage=ACCOUNTABILITY_STAGE, reason=label(changed)).inc()
