@@ -1,8 +1,12 @@
 """The accountability agent's work, without Faust: facts in, per-crisis ``crisis-status/1`` out.
 
-The agent (``accountability`` in :mod:`pipeline.app`) reads ``warnings``, ``deliveries``, ``acks`` and
-``cases``, all keyed by citizen, and re-keys them by crisis (``group_by``) so that one partition —
-one worker — owns each crisis: its citizens' standings (:class:`pipeline.domain.accountability.Standing`)
+The agent (two Faust agents in :mod:`pipeline.app`) reads ``warnings``, ``deliveries``, ``acks`` and
+``cases``, all keyed by citizen, and re-keys them by crisis so that one partition — one worker —
+owns each crisis. The re-keying is explicit (:func:`rekey`, then a send to
+``crisiswatch-accountability-by-crisis-repartition``) rather than Faust's ``group_by``, whose key
+function runs where bad data has no path but a crash: here a message is decoded once, a bad one is
+skipped or dead-lettered before it goes anywhere, and what is forwarded is the fact's own compact
+encoding. The second agent folds the re-keyed facts: its citizens' standings (:class:`pipeline.domain.accountability.Standing`)
 live in the ``accountability`` table under ``<crisis>\\x1f<citizen>``, next to each other, and the
 crisis's counts are derived from them. Why in the worker app and not a Faust app of its own: the
 worker is already supervised by ``up``, exposes ``/metrics`` and ``/health``, and owns a changelogged
@@ -14,8 +18,8 @@ for ``CRISISWATCH_STATUS_INTERVAL_S``), its standings are counted from the table
 rebalanced worker recovers the table and counts the same numbers; nothing else needs recovering
 (every crisis it owns is marked due after a recovery, so the stored status catches up).
 
-Which fact a message is comes from the ``schema`` it names (the re-keyed stream no longer says which
-topic it came from). Failure policy (:mod:`pipeline.stage`): a message that is not a valid fact is
+Which fact a message is comes from the ``schema`` it names (every event names one; ``cases`` carries
+only ``case/1``). Failure policy (:mod:`pipeline.stage`): a message that is not a valid fact is
 skipped and counted (the router dead-letters bad warnings, the sink bad acks, the cases' owner bad
 cases) — except a bad ``delivery/1``, which only this agent reads: it is dead-lettered here. Replays are harmless:
 every transition is idempotent.
@@ -34,13 +38,12 @@ from pipeline import topics
 from pipeline.domain.accountability import Escalation, Fact, RateLimit, Standing, apply, count
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, decode_event
 from pipeline.stage import map_isolated
-from schemas import Ack, CrisisStatus, Delivery, InvalidEvent, Warning
+from schemas import Ack, CrisisStatus, Delivery, InvalidEvent, Warning, encode
 
 log = logging.getLogger(__name__)
 
 SEPARATOR: Final = "\x1f"
 STAGE: Final = "accountability"
-NO_CRISIS: Final = b""  # the re-keying key of a message that is no fact: it is skipped after the re-keying
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +93,30 @@ def decode_fact(raw: bytes | None, now: datetime, rules: EventRules = DEFAULT_RU
     return decode_event(raw, model, now, rules)
 
 
-def crisis_key(raw: bytes | None, now: datetime) -> bytes:
-    """The re-keying key: the fact's crisis, or :data:`NO_CRISIS` when it is none (never raises: Faust
-    calls it outside any isolation)."""
-    try:
-        fact = decode_fact(raw, now)
-    except Exception:
-        return NO_CRISIS
-    return NO_CRISIS if fact is None else fact.crisis_id.encode("utf-8")
+@dataclass(frozen=True, slots=True)
+class Rekeyed:
+    """A fact ready for the re-keyed topic: the crisis as key, and the fact's own compact encoding (so
+    what travels on is bounded and valid, whatever the source message carried besides)."""
+
+    key: bytes
+    value: bytes
+
+
+def rekey(raw: bytes | None, now: datetime) -> Rekeyed | Exception | None:
+    """The first half of the agent: a source message as a re-keyed fact, None when it is no fact this
+    agent counts (a case that is not an escalation), or the exception that makes it invalid."""
+    decoded = map_isolated([raw], lambda r: decode_fact(r, now))
+    if decoded.failures:
+        return decoded.failures[0].error
+    fact = decoded.results[0]
+    if fact is None:
+        return None
+    if isinstance(fact, Escalation):
+        value = json.dumps({"schema": CASE_SCHEMA, "kind": "escalation", "citizen_id": fact.citizen_id,
+                            "crisis_id": fact.crisis_id}, separators=(",", ":")).encode("utf-8")
+    else:
+        value = encode(fact)
+    return Rekeyed(fact.crisis_id.encode("utf-8"), value)
 
 
 def state_key(crisis_id: str, citizen_id: str) -> str:

@@ -53,7 +53,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pipeline import dlq, topics
 from pipeline.accountability import STAGE as ACCOUNTABILITY_STAGE
-from pipeline.accountability import AccountabilityRuntime, crisis_key, schema_of
+from pipeline.accountability import AccountabilityRuntime, Rekeyed, rekey
 from pipeline.accountability import Topics as AccountabilityTopics
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
@@ -61,7 +61,7 @@ from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
 from pipeline.stage import describe, label
-from schemas import Crisis, Delivery, Warning, encode
+from schemas import Crisis, Warning, encode
 
 log = logging.getLogger(__name__)
 
@@ -403,36 +403,43 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 def accountability_runtime(app: faust.App, settings: Settings, clock: Callable[[], datetime],
                            metrics: WorkerMetrics, names: AccountabilityTopics | None = None,
                            status_topic: str = topics.CRISIS_STATUS) -> AccountabilityRuntime:
-    """The accountability agent (:mod:`pipeline.accountability`): facts re-keyed by crisis, standings in
-    the ``accountability`` table, statuses out on ``crisis-status`` from a timer, rate-limited.
+    """The accountability agents (:mod:`pipeline.accountability`): facts re-keyed by crisis (the first),
+    standings in the ``accountability`` table (the second), statuses out on ``crisis-status`` from a
+    timer, rate-limited.
 
     A standing is written to the table's store and its changelog record sent (to the partition of the
     event, which is the crisis's partition of the re-keyed stream) and acknowledged before the event
     is: as for the citizen states (:class:`_TableView`), nothing Faust would commit is left unsaved."""
     names = names or AccountabilityTopics()
     sources = app.topic(*names.all(), key_serializer="raw", value_serializer="raw")
-    # One topic, named here: a stream over several topics cannot derive a repartition topic Faust can send to.
     regrouped = app.topic(regrouped_topic(app.conf.id), key_serializer="raw", value_serializer="raw",
                           partitions=settings.partitions, internal=True)
     table = app.Table(ACCOUNTABILITY_TABLE, default=None, partitions=settings.partitions, key_type=bytes)
     runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic)
     changelog: str = table.changelog_topic.get_topic_name()
 
-    def by_crisis(value: bytes | None) -> bytes:
-        return crisis_key(value, clock())
-
-    @app.agent(sources, name="accountability")
-    async def accountability(stream: Any) -> None:
-        async for event in stream.group_by(by_crisis, name="by-crisis", topic=regrouped).events():
-            changed = runtime.observe(event.value, clock())
-            if isinstance(changed, Exception):
-                metrics.stage_skipped.labels(stage=ACCOUNTABILITY_STAGE, reason=label(changed)).inc()
-                log.warning("not an accountability fact; skipped", extra={"reason": describe(changed)})
-                if schema_of(event.value) == Delivery.SCHEMA:  # only this agent reads deliveries: the dead letter is ours
-                    letter = DeadLetter.of(RawMessage(event.value, event.key, names.deliveries), changed,
-                                           ACCOUNTABILITY_STAGE)
+    @app.agent(sources, name="accountability-rekey")
+    async def rekeying(stream: Any) -> None:
+        async for event in stream.events():
+            fact = rekey(event.value, clock())
+            if isinstance(fact, Rekeyed):
+                await finish_or_exit(send_all(app, regrouped.get_topic_name(), [(fact.key, fact.value, None)]),
+                                     "a re-keyed accountability fact")
+            elif fact is not None:
+                metrics.stage_skipped.labels(stage=ACCOUNTABILITY_STAGE, reason=label(fact)).inc()
+                log.warning("not an accountability fact; skipped", extra={"topic": event.message.topic,
+                                                                          "reason": describe(fact)})
+                if event.message.topic == names.deliveries:  # only this agent reads deliveries: the dead letter is ours
+                    letter = DeadLetter.of(raw_message(event), fact, ACCOUNTABILITY_STAGE)
                     await finish_or_exit(KafkaEmitter(app, settings.dlq_max_payload_bytes).dead_letters([letter]),
                                          "a dead letter")
+
+    @app.agent(regrouped, name="accountability")
+    async def accountability(stream: Any) -> None:
+        async for event in stream.events():
+            changed = runtime.observe(event.value, clock())
+            if isinstance(changed, Exception):  # cannot be: the re-keying agent forwards valid facts only
+                log.error("a re-keyed fact refused; skipped", extra={"reason": describe(changed)})
             elif changed is not None:
                 key, value = changed
                 record = json.dumps(value, separators=(",", ":")).encode("utf-8")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumers.escalate import pre_arrival_warning
-from pipeline.accountability import NO_CRISIS, AccountabilityRuntime, crisis_key
+from pipeline.accountability import AccountabilityRuntime, Rekeyed, rekey
 from pipeline.domain.delivery import DeliveryRow, final_outcome
 from pipeline.domain.ids import warning_id
 from pipeline.messages import Recipient, render
@@ -70,14 +70,16 @@ def test_escalation_cases_count_and_other_cases_are_ignored() -> None:
     assert runtime.due(T0)[0].escalated == 1
 
 
-def test_bad_facts_are_set_aside_with_a_reason_and_rekeyed_nowhere() -> None:
+def test_bad_facts_are_set_aside_with_a_reason_and_good_ones_rekeyed_compact() -> None:
     runtime = AccountabilityRuntime({}, 0.0, Clock())
     for raw in (b"", b"{", b'{"schema": "delivery/1", "warning_id": "nope"}', b'{"schema": "checkin/1"}',
                 b'{"schema": "case/1", "kind": "escalation", "crisis_id": "k1"}'):
         assert isinstance(runtime.observe(raw, T0), InvalidEvent | ValueError), raw
-        assert crisis_key(raw, T0) == NO_CRISIS
+        assert isinstance(rekey(raw, T0), InvalidEvent | ValueError), raw
     assert runtime.skipped == 5 and runtime.due(T0) == []
-    assert crisis_key(encode(warning("c1")), T0) == b"k1"
+    forwarded = rekey(encode(warning("c1")) [:-1] + b', "extra": "' + b"x" * 10_000 + b'"}', T0)
+    assert isinstance(forwarded, Rekeyed) and forwarded.key == b"k1" and len(forwarded.value) < 1000
+    assert rekey(b'{"schema": "case/1", "kind": "sos", "citizen_id": "c1", "crisis_id": null}', T0) is None
 
 
 def test_the_final_outcome_of_a_warning() -> None:
