@@ -19,6 +19,9 @@
 - after every table recovery (start, rebalance) the worker reconciles: every owned citizen
   against every active crisis, sending only what the stored state says is missing.
 - a timer ends expired crises (``all_clear``).
+- **accountability agents** (``warnings``, ``deliveries``, ``acks``, ``cases`` → re-keyed by crisis →
+  the ``accountability`` table; :mod:`pipeline.accountability`): per-crisis counts published on
+  ``crisis-status`` by a timer, at most once per crisis per ``CRISISWATCH_STATUS_INTERVAL_S``.
 - ``/health`` is 200 once crises and citizens are loaded and, with a health probe
   (:mod:`pipeline.health`, given by ``crisiswatch worker``), while Kafka answers it; else 503, the
   body naming what is missing or down.
