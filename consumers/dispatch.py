@@ -76,13 +76,22 @@ from consumers.kafka_io import (
     retry,
 )
 from pipeline import topics
-from pipeline.domain.delivery import DeliveryRow, RetryPolicy, Step, TokenBucket, plan, unsettled_earlier
+from pipeline.domain.delivery import (
+    DeliveryRow,
+    RetryPolicy,
+    Step,
+    TokenBucket,
+    final_outcome,
+    plan,
+    plan_resend,
+    unsettled_earlier,
+)
 from pipeline.messages import EmbassyDirectory, Recipient, RenderedMessage, render
 from pipeline.metrics import DispatchMetrics
 from pipeline.reply_links import make_reply_url
 from pipeline.settings import Settings
 from pipeline.stage import BrokerUnavailable, Failure, describe, map_isolated
-from producers.publisher import Outgoing, Publisher, dead_letter
+from producers.publisher import Outgoing, Publisher, dead_letter, outgoing
 from schemas import InvalidEvent, Warning, decode
 
 log = logging.getLogger(__name__)
@@ -261,6 +270,7 @@ class Dispatcher:
 
     def __init__(self, settings: Settings, metrics: DispatchMetrics, *, bootstrap: str | None = None,
                  database_url: str | None = None, source_topic: str = topics.WARNINGS, group_id: str = GROUP_ID,
+                 deliveries_topic: str = topics.DELIVERIES,
                  channels: Mapping[str, Channel] | None = None, embassies: EmbassyDirectory | None = None,
                  publisher: Publisher | None = None, clock: Callable[[], datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic, unit_random: Callable[[], float] = random.random,
@@ -275,6 +285,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self.concurrency = settings.dispatch_concurrency
         self.source_topic = source_topic
+        self.deliveries_topic = deliveries_topic
         self.group_id = group_id
         self._own_channels = channels is None
         self.channels: Mapping[str, Channel] = build_channels(settings) if channels is None else channels
@@ -308,7 +319,7 @@ class Dispatcher:
     @property
     def publisher(self) -> Publisher:
         with self._lock:
-            if self._publisher is None:  # only dead letters need one
+            if self._publisher is None:  # made on first use: delivery outcomes and dead letters
                 self._publisher = Publisher(self.settings, bootstrap=self.bootstrap, client_id="crisiswatch-dispatch-dlq")
             return self._publisher
 
@@ -322,9 +333,15 @@ class Dispatcher:
 
     # one warning ----------------------------------------------------------------------------------
 
-    def dispatch(self, warning: Warning, stop: threading.Event) -> Outcome:
+    def dispatch(self, warning: Warning, stop: threading.Event, resend: bool = False) -> Outcome:
         """Deliver one warning as far as its rows allow; returns what became of it. Raises an outage
-        error (the caller retries it: the rows say where it was) or :class:`Stopped`."""
+        error (the caller retries it: the rows say where it was) or :class:`Stopped`. ``resend``: the
+        warning came back from escalation; it goes through the channels after the one that delivered it
+        (:func:`pipeline.domain.delivery.plan_resend`).
+
+        A final outcome (delivered, or given up on every channel) is published as ``delivery/1`` on
+        ``deliveries`` — also when the rows show it was reached before (a replay, or a process that died
+        between the row and the event), so the event is out at least once."""
         citizen = self.store.citizen(warning.citizen_id)
         if citizen is None:
             log.warning("warning for a citizen not in the registry; not delivered",
@@ -333,16 +350,28 @@ class Dispatcher:
         if warning.kind == "all_clear":
             self._await_earlier(warning, stop)
         with self._locked(warning.warning_id, stop):
-            steps = plan(citizen.channels, self.store.rows(warning.warning_id), self.policy.max_attempts)
+            rows = self.store.rows(warning.warning_id)
+            steps = (plan_resend if resend else plan)(citizen.channels, rows, self.policy.max_attempts)
             if steps.done is not None:
-                return "skipped" if steps.done in ("delivered", "gave_up") else "no_channel"
+                if steps.done in ("delivered", "gave_up"):
+                    self._announce(warning)
+                    return "skipped"
+                return "skipped" if steps.done == "no_next_channel" else "no_channel"
             outbound = Outbound(warning, compose(warning, citizen, self.embassies, self.reply_url))
             for step in steps.steps:
                 if self._deliver(outbound, step, stop):
+                    self._announce(warning)
                     return "delivered"
             log.warning("every channel gave up; the citizen is unreached",
                         extra={"warning_id": warning.warning_id, "citizen_id": warning.citizen_id})
+            self._announce(warning)
             return "gave_up"
+
+    def _announce(self, warning: Warning) -> None:
+        """Publish the warning's final outcome, as its rows tell it (raises BrokerUnavailable: retried)."""
+        event = final_outcome(warning, self.store.rows(warning.warning_id), self.clock())
+        if event is not None:
+            self.publisher.publish([outgoing(event, self.deliveries_topic)])
 
     def _await_earlier(self, warning: Warning, stop: threading.Event) -> None:
         """An all-clear waits until the citizen's other warnings of the crisis are delivered or given up."""
@@ -461,7 +490,9 @@ class Dispatcher:
         """One citizen's warnings of a batch, one after the other."""
         outages = (*self.outages, Stopped)
         for message, warning in items:
-            run = retry(lambda w=warning: map_isolated([w], lambda x: self.dispatch(x, stop), outages=outages),  # type: ignore[misc]
+            resend = (topics.RESEND_HEADER, topics.RESEND_NEXT_CHANNEL) in message.headers
+            run = retry(lambda w=warning, r=resend: map_isolated([w], lambda x: self.dispatch(x, stop, r),  # type: ignore[misc]
+                                                                  outages=outages),
                         outage=self.outages, stop=stop, what=f"dispatch {warning.warning_id}", backoff=self.backoff,
                         on_outage=self._outage)
             self.healthy = True

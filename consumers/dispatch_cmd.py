@@ -17,6 +17,8 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from consumers.dispatch import GROUP_ID, Dispatcher
+from consumers.dispatch import utc_now as datetime_now
+from consumers.escalate import make_escalator, run_escalator
 from pipeline import topics
 from pipeline.health import probe_for
 from pipeline.metrics import DispatchMetrics
@@ -50,6 +52,11 @@ def run_dispatcher(settings: Settings, stop_event: threading.Event, *, registry:
             stop_event.set()
 
     thread = threading.Thread(target=target, name="crisiswatch-dispatch")
+    # The escalation and pre-arrival sweep (consumers.escalate), in this process: one sweep at a time
+    # across all dispatchers (an advisory lock), on the dispatcher's own producer.
+    escalator = make_escalator(settings.database_url.get(), dispatcher.publisher, settings.escalation, datetime_now)
+    sweeper = threading.Thread(target=run_escalator, args=(escalator, settings.escalation_interval_s, stop_event),
+                               name="crisiswatch-escalate", daemon=True)
     server = None
     probe = None
     if serve_http:
@@ -63,11 +70,13 @@ def run_dispatcher(settings: Settings, stop_event: threading.Event, *, registry:
             raise
         log.info("dispatch metrics at http://%s:%d/metrics", settings.api_host, port)
     thread.start()
+    sweeper.start()
     try:
         thread.join()
     finally:
         stop_event.set()
         thread.join()
+        sweeper.join(timeout=10)
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -1,14 +1,14 @@
-"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings, acks and cases from Kafka into
-the tables of deploy/sql, idempotently and at least once.
+"""The PostgreSQL sink: check-ins, citizens, crisis events, warnings, acks, cases and crisis statuses
+from Kafka into the tables of deploy/sql, idempotently and at least once.
 
 The failure policy is :mod:`pipeline.stage`'s, in three paths:
 
 * a message the sink cannot admit — not a valid event of its topic's schema, or anything else its
   decoding or admission raises (:func:`pipeline.domain.admission.admit_message`, the worker's own check, so
-  the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics only the
-  sink reads (citizens, acks, cases); on the others the stage that owns the topic dead-letters it (the
-  worker: check-ins, crisis events; the router: warnings) and the sink only counts and logs it, so
-  one bad message is one dead letter;
+  the sink stores no crisis the worker refused) → ``dlq`` with the reason, for the topics the sink
+  owns (citizens, acks, cases, crisis statuses; the accountability agent only skips bad acks); on the
+  others the stage that owns the topic dead-letters it (the worker: check-ins, crisis events; the
+  router: warnings) and the sink only counts and logs it, so one bad message is one dead letter;
 * a row that cannot be written — PostgreSQL refuses it (a value it cannot store), or writing it
   raises anything else that is not an outage (a string the driver cannot encode) → that row alone
   goes to ``dlq``: the batch is split until it is alone, the rest is written;
@@ -49,7 +49,7 @@ from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
 from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
-from schemas import Ack, Case, Checkin, Citizen, Crisis, InvalidEvent, Warning
+from schemas import Ack, Case, Checkin, Citizen, Crisis, CrisisStatus, InvalidEvent, Warning
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,12 @@ CASES_TABLE: Final = TableSpec(
               "opened_at", "updated_at"),
     key=("case_id",), upsert=True, touched="recorded_at", newest="updated_at")
 
-TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE, CASES_TABLE)
+CRISIS_STATUS_TABLE: Final = TableSpec(
+    "crisis_status", ("crisis_id", "inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated",
+                      "as_of"),
+    key=("crisis_id",), upsert=True, touched="recorded_at", newest="as_of")
+
+TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE, CASES_TABLE, CRISIS_STATUS_TABLE)
 
 
 def checkin_row(event: Checkin) -> Row:
@@ -152,6 +157,11 @@ def case_row(event: Case) -> Row:
             event.lat, event.lon, event.note, event.opened_at, event.updated_at)
 
 
+def crisis_status_row(event: CrisisStatus) -> Row:
+    return (event.crisis_id, event.inside, event.near, event.warned, event.delivered, event.safe, event.need_help,
+            event.unreached, event.escalated, event.as_of)
+
+
 def row_for(event: Event) -> tuple[TableSpec, Row]:
     """The table an event belongs in and its row."""
     if isinstance(event, Checkin):
@@ -166,6 +176,8 @@ def row_for(event: Event) -> tuple[TableSpec, Row]:
         return ACKS_TABLE, ack_row(event)
     if isinstance(event, Case):
         return CASES_TABLE, case_row(event)
+    if isinstance(event, CrisisStatus):
+        return CRISIS_STATUS_TABLE, crisis_status_row(event)
     raise InvalidEvent(f"the sink stores no {event.SCHEMA} events", "$.schema")
 
 
@@ -179,18 +191,20 @@ class SinkTopics:
     warnings: str = topics.WARNINGS
     acks: str = topics.ACKS
     cases: str = topics.CASES
+    crisis_status: str = topics.CRISIS_STATUS
 
     def models(self) -> dict[str, type[Event]]:
         pairs: list[tuple[str, type[Event]]] = [
             (self.checkins, Checkin), (self.citizens, Citizen), (self.crisis_events, Crisis),
-            (self.warnings, Warning), (self.acks, Ack), (self.cases, Case)]
+            (self.warnings, Warning), (self.acks, Ack), (self.cases, Case),
+            (self.crisis_status, CrisisStatus)]
         if len({t for t, _ in pairs}) != len(pairs):
             raise ValueError("each sink topic must carry one event type; got a topic twice")
         return dict(pairs)
 
     def dead_lettered_here(self) -> frozenset[str]:
         """The topics whose invalid messages the sink dead-letters: those no other stage reads."""
-        return frozenset({self.citizens, self.acks, self.cases})
+        return frozenset({self.citizens, self.acks, self.cases, self.crisis_status})
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,8 @@ ROUTER_GROUP: Final = "crisiswatch-router"
 
 STACK_GROUPS: Final[Mapping[str, tuple[str, ...]]] = {
     WORKER_GROUP: (topics.CHECKINS, topics.CRISIS_EVENTS),
-    SINK_GROUP: (topics.CHECKINS, topics.CITIZENS, topics.CRISIS_EVENTS, topics.WARNINGS, topics.ACKS),
+    SINK_GROUP: (topics.CHECKINS, topics.CITIZENS, topics.CRISIS_EVENTS, topics.WARNINGS, topics.ACKS, topics.CASES,
+                 topics.CRISIS_STATUS),
     ROUTER_GROUP: (topics.WARNINGS,),
 }
 """The consumer groups of ``crisiswatch up`` and the topics each one reads."""

@@ -87,6 +87,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_RATE_LIMIT_EMAIL_PER_S", "20", "Emails per second per dispatcher (0: no limit); above it the dispatcher waits."),
     EnvVar("CRISISWATCH_RATE_LIMIT_SMS_PER_S", "10", "SMS per second per dispatcher (0: no limit); above it the dispatcher waits."),
     EnvVar("CRISISWATCH_RATE_LIMIT_PUSH_PER_S", "100", "Push notifications per second per dispatcher (0: no limit)."),
+    EnvVar("CRISISWATCH_STATUS_INTERVAL_S", "5", "At most one crisis-status per crisis this often (seconds)."),
+    EnvVar("CRISISWATCH_ESCALATION", "extreme:15m,1h;severe:1h,6h;moderate:6h,24h",
+           "Per severity: no reply after T1 re-sends through the next channel, after T2 opens a case. Empty: off."),
+    EnvVar("CRISISWATCH_ESCALATION_INTERVAL_S", "30", "How often the dispatcher's escalation and pre-arrival sweep runs (seconds)."),
     EnvVar("CRISISWATCH_CHECKIN_RETENTION_DAYS", "30", "Days of check-in history kept in PostgreSQL."),
     EnvVar("CRISISWATCH_DWELL_SECONDS", "120", "How long a citizen must stay outside before 'exited' is sent (anti-flap)."),
     EnvVar("CRISISWATCH_HYSTERESIS_M", "50", "Minimum distance beyond the edge before a citizen counts as outside."),
@@ -133,6 +137,16 @@ def _int_between(name: str, raw: str, minimum: int, maximum: int) -> int:
     if value > maximum:
         raise SettingsError(f"{name}: must be <= {maximum}, got {value}")
     return value
+
+
+def _escalation(raw: str) -> str:
+    from pipeline.domain.escalation import parse_rules
+
+    try:
+        parse_rules(raw)
+    except ValueError as exc:
+        raise SettingsError(f"CRISISWATCH_ESCALATION: {exc}") from None
+    return raw.strip()
 
 
 def _float(name: str, raw: str, minimum: float = 0.0) -> float:
@@ -196,6 +210,9 @@ class Settings:
     rate_limit_email_per_s: float = 20.0
     rate_limit_sms_per_s: float = 10.0
     rate_limit_push_per_s: float = 100.0
+    status_interval_s: float = 5.0
+    escalation: str = "extreme:15m,1h;severe:1h,6h;moderate:6h,24h"
+    escalation_interval_s: float = 30.0
     checkin_retention_days: int = 30
     dwell_seconds: float = 120.0
     hysteresis_m: float = 50.0
@@ -268,6 +285,9 @@ class Settings:
             rate_limit_email_per_s=_float("CRISISWATCH_RATE_LIMIT_EMAIL_PER_S", get("CRISISWATCH_RATE_LIMIT_EMAIL_PER_S")),
             rate_limit_sms_per_s=_float("CRISISWATCH_RATE_LIMIT_SMS_PER_S", get("CRISISWATCH_RATE_LIMIT_SMS_PER_S")),
             rate_limit_push_per_s=_float("CRISISWATCH_RATE_LIMIT_PUSH_PER_S", get("CRISISWATCH_RATE_LIMIT_PUSH_PER_S")),
+            status_interval_s=_float("CRISISWATCH_STATUS_INTERVAL_S", get("CRISISWATCH_STATUS_INTERVAL_S")),
+            escalation=_escalation(get("CRISISWATCH_ESCALATION")),
+            escalation_interval_s=_float("CRISISWATCH_ESCALATION_INTERVAL_S", get("CRISISWATCH_ESCALATION_INTERVAL_S"), 0.01),
             checkin_retention_days=_int("CRISISWATCH_CHECKIN_RETENTION_DAYS", get("CRISISWATCH_CHECKIN_RETENTION_DAYS"), 1),
             dwell_seconds=_float("CRISISWATCH_DWELL_SECONDS", get("CRISISWATCH_DWELL_SECONDS")),
             hysteresis_m=_float("CRISISWATCH_HYSTERESIS_M", get("CRISISWATCH_HYSTERESIS_M")),
@@ -344,6 +364,9 @@ class Settings:
             "CRISISWATCH_RATE_LIMIT_EMAIL_PER_S": str(self.rate_limit_email_per_s),
             "CRISISWATCH_RATE_LIMIT_SMS_PER_S": str(self.rate_limit_sms_per_s),
             "CRISISWATCH_RATE_LIMIT_PUSH_PER_S": str(self.rate_limit_push_per_s),
+            "CRISISWATCH_STATUS_INTERVAL_S": str(self.status_interval_s),
+            "CRISISWATCH_ESCALATION": self.escalation,
+            "CRISISWATCH_ESCALATION_INTERVAL_S": str(self.escalation_interval_s),
             "CRISISWATCH_CHECKIN_RETENTION_DAYS": str(self.checkin_retention_days),
             "CRISISWATCH_DWELL_SECONDS": str(self.dwell_seconds),
             "CRISISWATCH_HYSTERESIS_M": str(self.hysteresis_m),

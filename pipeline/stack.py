@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final
 
-from pipeline.app import changelog_topic
+from pipeline.app import internal_topics
 from pipeline.embedded import (
     EmbeddedBroker,
     EmbeddedError,
@@ -210,7 +210,7 @@ class Stack:
 
     def _ensure_topics(self) -> None:
         s = self.settings
-        ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=[changelog_topic()])
+        ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=internal_topics())
 
     def start_servers(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ class Stack:
             self.broker = EmbeddedBroker.start(log_path=self.broker_log)
             s = replace(s, kafka_bootstrap=self.broker.bootstrap,
                         producer_max_batch_bytes=s.producer_max_batch_bytes or EMBEDDED_PRODUCER_MAX_BATCH_BYTES)
-        ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=[changelog_topic()])
+        ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=internal_topics())
         if s.embedded_database:
             self.postgres = EmbeddedPostgres.start(s.data_dir)
             s = replace(s, database_url=Secret(self.postgres.url))

@@ -10,12 +10,18 @@ CRISIS_EVENTS: Final = "crisis-events"
 ACKS: Final = "acks"
 WARNINGS: Final = "warnings"
 CRISIS_STATUS: Final = "crisis-status"
+DELIVERIES: Final = "deliveries"
 FEED_REVIEW: Final = "feed-review"
 CASES: Final = "cases"
 DLQ: Final = "dlq"
 
-# Topics every deployment needs; per-country warning and case topics are created on first use.
-CORE_TOPICS: Final = (CHECKINS, CITIZENS, CRISIS_EVENTS, ACKS, WARNINGS, CRISIS_STATUS, FEED_REVIEW, CASES, DLQ)
+# Topics every deployment needs; per-country warning topics are created on first use.
+CORE_TOPICS: Final = (CHECKINS, CITIZENS, CRISIS_EVENTS, ACKS, WARNINGS, CRISIS_STATUS, DELIVERIES, CASES, FEED_REVIEW,
+                       DLQ)
+
+# On a warning published again by escalation: send it through the citizen's next channel.
+RESEND_HEADER: Final = "crisiswatch-resend"
+RESEND_NEXT_CHANNEL: Final = b"next-channel"
 
 # Headers on a dead-lettered message.
 DLQ_REASON_HEADER: Final = "crisiswatch-dlq-reason"

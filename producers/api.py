@@ -827,6 +827,26 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(422, "invalid", f"state must be one of {', '.join(CASE_STATES)}", "state")
         found = await looked_up(lambda store: store.cases(state))
         return JSONResponse({"cases": [c.to_dict() for c in found]})
+    # Accountability (operator): who is inside or near, warned, reached, safe, needing help, unreached,
+    # escalated — the crisis-status/1 the sink stored. ``{crisis_id:path}``: ids may hold "/"; a path
+    # ending in ".cap" is the CAP route above, one ending in "/status" this one.
+
+    @app.get("/v1/crises", dependencies=operator, tags=["operator"],
+             responses={**_errors(401, 403), 503: {"model": ErrorBody, "description": "PostgreSQL unreachable"}})
+    async def list_crises() -> JSONResponse:
+        """The active crises with their accountability counts (zeros and ``as_of`` null before the first status)."""
+        now = clock()
+        return JSONResponse({"crises": await stored(lambda store: store.statuses(now))})
+
+    @app.get("/v1/crises/{crisis_id:path}/status", dependencies=operator, tags=["operator"],
+             responses={**_errors(401, 403), 404: {"model": ErrorBody, "description": "no such crisis"},
+                        503: {"model": ErrorBody, "description": "PostgreSQL unreachable"}})
+    async def crisis_status(crisis_id: str) -> JSONResponse:
+        """One crisis's latest accountability counts."""
+        found = await stored(lambda store: store.status(crisis_id))
+        if found is None:
+            raise ApiError(404, "not_found", f"no crisis {crisis_id!r}")
+        return JSONResponse(found)
 
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app

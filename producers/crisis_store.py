@@ -18,13 +18,16 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol, TypeVar
 
 from pipeline.domain.cap_out import Published
-from schemas import Crisis
+from schemas import Crisis, format_time
 
 T = TypeVar("T")
 
 _COLUMNS: Final = ('crisis_id, version, op, source, source_ref, title, category, severity, urgency, certainty, geometry, '
                    'buffer_km, country_codes, effective, expires, instruction, url, "references", language, status, '
                    'recorded_at')
+_COUNTS: Final = ("inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated")
+_STATUS_COLUMNS: Final = ("crisis_id, c.title, c.severity, c.country_codes, c.op, c.expires, s.as_of, "
+                          + ", ".join(f"s.{name}" for name in _COUNTS))
 # The feed lists at most this many crises (the newest): an aggregator polls it, it must stay small.
 MAX_FEED_ENTRIES: Final = 500
 
@@ -40,6 +43,14 @@ class CrisisStore(Protocol):
 
     def active(self, now: datetime) -> list[Published]:
         """The latest version of each crisis neither cancelled nor expired at ``now``."""
+        ...
+
+    def statuses(self, now: datetime) -> list[dict[str, Any]]:
+        """The active crises (as :meth:`active`) with their latest accountability counts."""
+        ...
+
+    def status(self, crisis_id: str) -> dict[str, Any] | None:
+        """One crisis's latest accountability counts; None when the crisis is unknown."""
         ...
 
 
@@ -104,6 +115,18 @@ class PostgresCrisisStore(PostgresReader):
                            "AND (expires IS NULL OR expires > %s) ORDER BY recorded_at DESC, crisis_id LIMIT %s",
                            (now, MAX_FEED_ENTRIES))
 
+    def statuses(self, now: datetime) -> list[dict[str, Any]]:
+        return [_status(row) for row in self._rows(
+            f"SELECT {_STATUS_COLUMNS} FROM crises_current c LEFT JOIN crisis_status s USING (crisis_id) "
+            "WHERE c.op <> 'cancel' AND (c.expires IS NULL OR c.expires > %s) "
+            "ORDER BY c.recorded_at DESC, c.crisis_id LIMIT %s", (now, MAX_FEED_ENTRIES))]
+
+    def status(self, crisis_id: str) -> dict[str, Any] | None:
+        found = self._rows(f"SELECT {_STATUS_COLUMNS} FROM (SELECT %s AS crisis_id) k "
+                           "LEFT JOIN crises_current c USING (crisis_id) LEFT JOIN crisis_status s USING (crisis_id) "
+                           "WHERE c.crisis_id IS NOT NULL OR s.crisis_id IS NOT NULL", (crisis_id,))
+        return _status(found[0]) if found else None
+
     def _query(self, query: str, params: Sequence[Any]) -> list[Published]:
         return [_published(row) for row in self._rows(query, params)]
 
@@ -120,3 +143,13 @@ def _published(row: dict[str, Any]) -> Published:
                     None if row["expires"] is None else row["expires"].astimezone(UTC), row["instruction"], row["url"],
                     tuple(row["references"]), row["language"], row["status"])
     return Published(crisis, row["recorded_at"].astimezone(UTC))
+
+
+def _status(row: dict[str, Any]) -> dict[str, Any]:
+    """A crisis with its counts, as the API answers it: zeros and ``as_of`` null before the first status."""
+    as_of = row["as_of"]
+    return {"crisis_id": row["crisis_id"], "title": row["title"], "severity": row["severity"],
+            "country_codes": list(row["country_codes"] or ()),
+            "active": row["op"] is not None and row["op"] != "cancel",
+            **{name: int(row[name] or 0) for name in _COUNTS},
+            "as_of": None if as_of is None else format_time(as_of.astimezone(UTC))}

@@ -49,6 +49,7 @@ TOPIC_OF_SCHEMA: dict[str, str] = {
     "warning/1": topics.WARNINGS,
     "crisis-status/1": topics.CRISIS_STATUS,
     "case/1": topics.CASES,
+    "delivery/1": topics.DELIVERIES,
 }
 
 

@@ -9,6 +9,7 @@ from schemas.models import (
     Citizen,
     Crisis,
     CrisisStatus,
+    Delivery,
     Event,
     Warning,
     format_time,
@@ -16,6 +17,6 @@ from schemas.models import (
 )
 
 __all__ = [
-    "Ack", "Case", "Channel", "Checkin", "Citizen", "Crisis", "CrisisStatus", "Event", "InvalidEvent", "Warning",
+    "Ack", "Case", "Channel", "Checkin", "Citizen", "Crisis", "CrisisStatus", "Delivery", "Event", "InvalidEvent", "Warning",
     "check", "decode", "encode", "format_time", "from_obj", "parse_json", "parse_time",
 ]

@@ -18,7 +18,8 @@ CrisisSource: TypeAlias = Literal["cap", "gdacs", "usgs", "rss", "advisory", "op
 Severity: TypeAlias = Literal["minor", "moderate", "severe", "extreme", "unknown"]
 Urgency: TypeAlias = Literal["immediate", "expected", "future", "past", "unknown"]
 Certainty: TypeAlias = Literal["observed", "likely", "possible", "unlikely", "unknown"]
-WarningKind: TypeAlias = Literal["inside", "entered", "near", "exited", "all_clear"]
+WarningKind: TypeAlias = Literal["inside", "entered", "near", "exited", "all_clear", "pre_arrival"]
+DeliveryOutcome: TypeAlias = Literal["delivered", "gave_up"]
 AckStatus: TypeAlias = Literal["safe", "need_help"]
 CaseKind: TypeAlias = Literal["sos", "need_help", "escalation"]
 CaseState: TypeAlias = Literal["open", "assigned", "closed"]
@@ -285,6 +286,32 @@ class Case:
                 "opened_at": format_time(self.opened_at), "updated_at": format_time(self.updated_at)}
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The final outcome of one warning for its citizen: ``delivered`` on ``channel``, or ``gave_up``
+    on every channel (``channel`` the last one tried, None when the citizen has none). Published
+    at least once per warning on ``deliveries`` (key citizen); readers keep the first per warning."""
+
+    SCHEMA: ClassVar[str] = "delivery/1"
+    warning_id: str
+    citizen_id: str
+    crisis_id: str
+    channel: ChannelType | None
+    outcome: DeliveryOutcome
+    attempts: int
+    at: datetime
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Delivery:
+        return cls(d["warning_id"], d["citizen_id"], d["crisis_id"], d["channel"], d["outcome"], int(d["attempts"]),
+                   parse_time(d["at"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.SCHEMA, "warning_id": self.warning_id, "citizen_id": self.citizen_id,
+                "crisis_id": self.crisis_id, "channel": self.channel, "outcome": self.outcome,
+                "attempts": self.attempts, "at": format_time(self.at)}
+
+
 _STATUS_COUNTS = ("inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated")
 
-MODELS: dict[str, Any] = {m.SCHEMA: m for m in (Checkin, Citizen, Crisis, Warning, Ack, CrisisStatus, Case)}
+MODELS: dict[str, Any] = {m.SCHEMA: m for m in (Checkin, Citizen, Crisis, Warning, Ack, CrisisStatus, Case, Delivery)}

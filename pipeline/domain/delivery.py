@@ -18,7 +18,11 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from datetime import datetime
+from typing import Final, Literal, cast, get_args
+
+from schemas import Delivery, Warning
+from schemas.models import ChannelType
 
 DeliveryStatus = Literal["pending", "sending", "delivered", "failed", "gave_up"]
 SETTLED: Final[frozenset[str]] = frozenset({"delivered", "gave_up"})
@@ -77,6 +81,46 @@ def plan(channels: Sequence[tuple[str, str]], rows: Iterable[DeliveryRow], max_a
         elif row.status != "gave_up" and row.attempts < max_attempts:
             steps.append(Step(channel, address, row.attempts, resend=False))
     return Plan(tuple(steps), None if steps else "gave_up")
+
+
+def plan_resend(channels: Sequence[tuple[str, str]], rows: Iterable[DeliveryRow], max_attempts: int) -> Plan:
+    """The plan for a warning escalation published again (no reply after T1): the citizen's channels
+    *after* the first one that delivered it, tried as :func:`plan` tries a new warning. Sent once in
+    effect too: a later channel already ``delivered`` ends it (``done`` ``delivered``); none left after
+    the delivering one: ``done`` ``no_next_channel``. A warning never delivered gets its ordinary plan
+    (still in flight: finish it; given up everywhere: nothing more to try)."""
+    rows = list(rows)
+    by_key = {(r.channel, r.address): r for r in rows}
+    order = list(dict.fromkeys(channels))
+    delivered = [i for i, key in enumerate(order) if (row := by_key.get(key)) is not None and row.status == "delivered"]
+    if not delivered:
+        return plan(channels, rows, max_attempts)
+    later = order[delivered[0] + 1:]
+    if not later:
+        return Plan((), "no_next_channel")
+    return plan(later, [r for r in rows if (r.channel, r.address) in set(later)], max_attempts)
+
+
+def final_outcome(warning: Warning, rows: Iterable[DeliveryRow], at: datetime) -> Delivery | None:
+    """The ``delivery/1`` event of a warning whose rows show a final outcome: delivered on the first
+    channel (in row order) that delivered it, or given up on every one; None while in flight or
+    when there are no rows. ``attempts``: over all its channels."""
+    rows = list(rows)
+    if not rows:
+        return None
+    attempts = sum(r.attempts for r in rows)
+    delivered = next((r for r in rows if r.status == "delivered"), None)
+    if delivered is not None:
+        return Delivery(warning.warning_id, warning.citizen_id, warning.crisis_id, _channel(delivered.channel),
+                        "delivered", attempts, at)
+    if all(r.status == "gave_up" for r in rows):
+        return Delivery(warning.warning_id, warning.citizen_id, warning.crisis_id, _channel(rows[-1].channel),
+                        "gave_up", attempts, at)
+    return None
+
+
+def _channel(name: str) -> ChannelType | None:
+    return cast(ChannelType, name) if name in get_args(ChannelType) else None
 
 
 def unsettled_earlier(rows_by_warning: Mapping[str, Iterable[DeliveryRow]], this_warning: str) -> tuple[str, ...]:

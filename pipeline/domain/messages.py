@@ -15,6 +15,9 @@ def instruction_for(crisis: Crisis, kind: WarningKind, distance_km: float) -> st
     if kind == "near":
         lead = f"You are {distance_km:.1f} km from the affected area. Avoid travelling into it."
         return f"{lead} {own}".strip()
+    if kind == "pre_arrival":
+        lead = "Your registered trip goes where this crisis is. Consider postponing it; if you travel, register your arrival."
+        return f"{lead} {own}".strip()
     if kind == "exited":
         return "You have left the affected area. Stay away from it and keep monitoring local news."
     return f"The crisis '{crisis.title}' is over: the authorities have lifted the warning."
