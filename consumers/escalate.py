@@ -15,7 +15,7 @@ need. The decisions are :mod:`pipeline.domain.escalation`'s; the clock is inject
   stored in ``escalations`` *after* the step was acknowledged by Kafka: a crash in between repeats the
   step (the re-send is idempotent; the case may be opened twice — at least once, never lost).
 - **Pre-arrival.** For each citizen whose registered trip goes to a country of an active severe or
-  extreme crisis and is not over, and who has no warning of that crisis yet: a ``pre_arrival``
+  extreme crisis and has not begun yet (departure after today), and who has no warning of that crisis yet: a ``pre_arrival``
   warning, with the deterministic id of (citizen, crisis) — found again by the next sweep until the
   sink has stored it, it is still one warning, delivered once.
 
@@ -66,12 +66,12 @@ ORDER BY latest.crisis_id, latest.citizen_id
 """
 
 TRAVELLERS_SQL: Final = """
-SELECT ci.citizen_id, ci.trip_country, ci.trip_until, k.crisis_id, k.version, k.op, k.source, k.source_ref, k.title,
+SELECT ci.citizen_id, ci.trip_country, ci.trip_from, ci.trip_until, k.crisis_id, k.version, k.op, k.source, k.source_ref, k.title,
        k.category, k.severity, k.urgency, k.certainty, k.geometry, k.buffer_km, k.country_codes, k.effective, k.expires,
        k.instruction, k.url
 FROM crises_current k JOIN citizens ci ON ci.trip_country = ANY(k.country_codes)
 WHERE k.op <> 'cancel' AND (k.expires IS NULL OR k.expires > %(now)s) AND k.severity IN ('severe', 'extreme')
-  AND (ci.trip_until IS NULL OR ci.trip_until >= %(today)s)
+  AND ci.trip_from > %(today)s AND (ci.trip_until IS NULL OR ci.trip_until >= %(today)s)
   AND NOT EXISTS (SELECT 1 FROM warnings w WHERE w.crisis_id = k.crisis_id AND w.citizen_id = ci.citizen_id)
 ORDER BY k.crisis_id, ci.citizen_id
 """
@@ -165,7 +165,8 @@ class Escalator:
         sent = 0
         for row in conn.execute(TRAVELLERS_SQL, {"now": now, "today": today}).fetchall():
             countries = tuple(row["country_codes"] or ())
-            if not pre_arrival_due(row["severity"], countries, row["trip_country"], row["trip_until"], today):
+            if not pre_arrival_due(row["severity"], countries, row["trip_country"], row["trip_from"], row["trip_until"],
+                                   today):
                 continue
             warning = pre_arrival_warning(row["citizen_id"], _crisis(row), now)
             self.publisher.publish([Outgoing(self.warnings_topic, warning.citizen_id.encode("utf-8"), encode(warning))])

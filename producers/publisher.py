@@ -213,10 +213,32 @@ class Publisher:
             created = create_topics(self.bootstrap, new, self._partitions, self._options, timeout_s=self.timeout_s)
         except (EmbeddedError, KafkaError) as exc:
             raise BrokerUnavailable(f"cannot create topics {', '.join(new)}: {exc}") from exc
-        self._known_topics.update(new)
         if created:
             log.info("created topics", extra={"topics": created})
+            self._await_metadata(created)
+        self._known_topics.update(new)
         return created
+
+    def _await_metadata(self, names: Sequence[str]) -> None:
+        """Until the producer's metadata knows the partitions of topics just created: a record sent
+        before that waits for the metadata inside ``send`` and its publish runs out of time, although
+        the broker is fine (seen on the embedded broker under load)."""
+        from kafka.errors import KafkaError
+
+        started = time.monotonic()
+        producer = self._get(started)
+        deadline = started + self.max_wait_s
+        for name in names:
+            while True:
+                try:
+                    if producer.partitions_for(name):  # asks the broker when it does not know the topic
+                        break
+                except KafkaError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"topic {name} created, but Kafka names no partition of it after "
+                                            f"{self.max_wait_s:g}s")
+                time.sleep(0.05)
 
     def publish_events(self, events: Sequence[Event]) -> int:
         return self.publish(outgoing(e) for e in events)

@@ -14,7 +14,7 @@ without a rule (minor, unknown) are not escalated. Time is a parameter, so a tes
 escalation in milliseconds.
 
 The **pre-arrival warning**: a citizen whose registered trip (``citizen/1`` ``trip``) goes to a
-country with an active *severe* or *extreme* crisis, and has not ended, is warned before departure —
+country with an active *severe* or *extreme* crisis, and has not begun yet, is warned before departure —
 a warning of kind ``pre_arrival`` with a deterministic id per (citizen, crisis), so it is sent once
 in effect however often the sweep finds it.
 """
@@ -96,10 +96,12 @@ def due(rules: Mapping[str, Rule], severity: str, warned_at: datetime, replied: 
 
 
 def pre_arrival_due(severity: str, crisis_countries: tuple[str, ...], trip_country: str | None,
-                    trip_until: date | None, today: date) -> bool:
+                    trip_from: date | None, trip_until: date | None, today: date) -> bool:
     """Whether a citizen's trip calls for a pre-arrival warning about this (active) crisis: the trip
-    goes to one of its countries, has not ended, and the crisis is severe or worse."""
+    goes to one of its countries, has not begun yet (the warning is for before departure; a citizen
+    already there is warned by where they check in), and the crisis is severe or worse."""
     return (trip_country is not None and trip_country in crisis_countries
+            and trip_from is not None and trip_from > today
             and (trip_until is None or trip_until >= today)
             and SEVERITY_RANK.get(severity, 0) >= SEVERITY_RANK[PRE_ARRIVAL_MIN_SEVERITY])
 

@@ -79,14 +79,17 @@ def test_a_resend_with_no_next_channel_or_never_delivered() -> None:
     assert plan_resend(CHANNELS, gave_up, 3).done == "gave_up"
 
 
-def test_pre_arrival_only_for_a_trip_to_a_severe_crisis_not_yet_over() -> None:
+def test_pre_arrival_only_before_departure_on_a_trip_to_a_severe_crisis() -> None:
     today = date(2025, 3, 1)
-    assert pre_arrival_due("severe", ("ID",), "ID", date(2025, 3, 10), today)
-    assert pre_arrival_due("extreme", ("MY", "ID"), "ID", None, today)
-    assert not pre_arrival_due("moderate", ("ID",), "ID", None, today)
-    assert not pre_arrival_due("extreme", ("MY",), "ID", None, today)
-    assert not pre_arrival_due("extreme", ("ID",), "ID", date(2025, 2, 28), today)
-    assert not pre_arrival_due("extreme", ("ID",), None, None, today)
+    later = date(2025, 3, 5)
+    assert pre_arrival_due("severe", ("ID",), "ID", later, date(2025, 3, 10), today)
+    assert pre_arrival_due("extreme", ("MY", "ID"), "ID", later, None, today)
+    assert not pre_arrival_due("moderate", ("ID",), "ID", later, None, today)
+    assert not pre_arrival_due("extreme", ("MY",), "ID", later, None, today)
+    assert not pre_arrival_due("extreme", ("ID",), "ID", date(2025, 2, 20), date(2025, 2, 28), today)  # over
+    assert not pre_arrival_due("extreme", ("ID",), "ID", today, None, today)  # departed: warned where they are
+    assert not pre_arrival_due("extreme", ("ID",), "ID", None, None, today)  # departure unknown
+    assert not pre_arrival_due("extreme", ("ID",), None, later, None, today)
 
 
 def test_one_pre_arrival_warning_per_citizen_and_crisis() -> None:
