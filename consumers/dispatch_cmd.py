@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
 import threading
-from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
 from consumers.dispatch import GROUP_ID, Dispatcher
 from consumers.dispatch import utc_now as datetime_now
 from consumers.escalate import make_escalator, run_escalator
+from consumers.service import serve_until_stopped
 from pipeline import topics
 from pipeline.health import probe_for
 from pipeline.metrics import DispatchMetrics
-from pipeline.observability import serve_metrics, setup_logging
+from pipeline.observability import serve_metrics
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,23 +85,7 @@ def run_dispatcher(settings: Settings, stop_event: threading.Event, *, registry:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    missing = [name for name, value in (("CRISISWATCH_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
-                                        ("CRISISWATCH_DATABASE_URL", settings.database_url.get())) if not value]
-    if missing:
-        print(f"crisiswatch dispatch: set {' and '.join(missing)} (or run `crisiswatch up`, which starts the dispatcher)",
-              file=sys.stderr)
-        return 2
-    setup_logging(settings.log_level, "crisiswatch-dispatch")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        return run_dispatcher(settings, stop, metrics_port=args.metrics_port, topic=args.topic, group_id=args.group)
-    except OSError as exc:  # the metrics port is taken
-        print(f"crisiswatch dispatch: {exc}", file=sys.stderr)
-        return 2
+    return serve_until_stopped(
+        "dispatch", settings,
+        lambda stop: run_dispatcher(settings, stop, metrics_port=args.metrics_port, topic=args.topic, group_id=args.group),
+        part="the dispatcher")

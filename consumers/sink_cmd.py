@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
 import threading
 from collections.abc import Callable
-from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
 from consumers.router import WarningRouter
+from consumers.service import serve_until_stopped
 from consumers.sink import PostgresSink
 from pipeline.health import probe_for
 from pipeline.metrics import SinkMetrics
-from pipeline.observability import serve_metrics, setup_logging
+from pipeline.observability import serve_metrics
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,23 +95,6 @@ def run_sink(settings: Settings, stop_event: threading.Event, *, registry: Colle
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    missing = [name for name, value in (("CRISISWATCH_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
-                                        ("CRISISWATCH_DATABASE_URL", settings.database_url.get())) if not value]
-    if missing:
-        print(f"crisiswatch sink: set {' and '.join(missing)} (or run `crisiswatch up`, which starts the sink)",
-              file=sys.stderr)
-        return 2
-    setup_logging(settings.log_level, "crisiswatch-sink")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        return run_sink(settings, stop, router=not args.no_router, metrics_port=args.metrics_port)
-    except OSError as exc:  # the metrics port is taken
-        print(f"crisiswatch sink: {exc}", file=sys.stderr)
-        return 2
+    return serve_until_stopped(
+        "sink", settings, lambda stop: run_sink(settings, stop, router=not args.no_router, metrics_port=args.metrics_port),
+        part="the sink")

@@ -62,3 +62,12 @@ def test_pipeline_imports_neither_producers_nor_consumers_except_the_stack() -> 
             continue
         for name in imported_modules(path):
             assert name.split(".")[0] not in {"producers", "consumers"}, f"{path}: {name}"
+
+
+def test_test_modules_have_distinct_basenames() -> None:
+    """pytest's default import mode imports test modules by basename: two files of one name in different
+    folders make the whole run stop at collection."""
+    from collections import Counter
+
+    names = Counter(p.name for p in (Path(__file__).resolve().parents[1]).rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
