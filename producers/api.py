@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Request
@@ -67,6 +67,9 @@ from producers.reply_pages import SECURITY_HEADERS, ask_page, problem_page, than
 from producers.reply_store import ReplyStore
 from schemas import Ack, Case, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj, parse_time
 from schemas.codec import MAX_MESSAGE_BYTES, parse_json
+
+if TYPE_CHECKING:
+    from producers.operator_page import OperatorStore
 
 log = logging.getLogger(__name__)
 
@@ -490,11 +493,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
                *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None,
                health: HealthProbe | None = None, crisis_store: CrisisStore | None = None,
-               reply_store: ReplyStore | None = None) -> FastAPI:
+               reply_store: ReplyStore | None = None, operator_store: OperatorStore | None = None) -> FastAPI:
     """The ingest API. Nothing global: settings, publisher, metrics registry, clock and the health
     probe (``/health``; without one, ``/health`` only says the process serves) come in, the crisis
     store the public CAP feed reads (without one, the CAP endpoints answer 503) and the store replies,
-    SOS and cases are checked against (without one, those endpoints answer 503)."""
+    SOS and cases are checked against (without one, those endpoints answer 503), and the store the
+    operator's page reads (:mod:`producers.operator_page`; without one, its data endpoints answer 503)."""
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
@@ -848,5 +852,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(404, "not_found", f"no crisis {crisis_id!r}")
         return JSONResponse(found)
 
+    from producers.operator_page import register_operator_page  # imported here: the page uses this module's ApiError
+    register_operator_page(app, operator, clock, operator_store)
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app

@@ -34,6 +34,7 @@ from pipeline.observability import setup_logging
 from pipeline.settings import Settings
 from producers.api import create_app
 from producers.crisis_store import PostgresCrisisStore
+from producers.operator_page import PostgresOperatorStore
 from producers.publisher import Publisher
 from producers.reply_store import PostgresReplyStore
 
@@ -61,8 +62,10 @@ class ApiServer:
         self.crisis_store = PostgresCrisisStore(settings.database_url.get()) if settings.database_url else None
         # Replies, SOS and cases are checked against the registry on a connection of their own, opened likewise.
         self.reply_store = PostgresReplyStore(settings.database_url.get()) if settings.database_url else None
+        # The operator's page reads the map, counts, latest warnings and cases on a third one.
+        self.operator_store = PostgresOperatorStore(settings.database_url.get()) if settings.database_url else None
         app = create_app(settings, self.publisher, self.registry, clock, health=self.probe, crisis_store=self.crisis_store,
-                         reply_store=self.reply_store)
+                         reply_store=self.reply_store, operator_store=self.operator_store)
         config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
                                 server_header=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self.server = uvicorn.Server(config)
@@ -83,7 +86,7 @@ class ApiServer:
             self.probe.stop()
             if self._owns_publisher:
                 self.publisher.close()
-            for store in (self.crisis_store, self.reply_store):
+            for store in (self.crisis_store, self.reply_store, self.operator_store):
                 if store is not None:
                     store.close()
             log.info("ingest API stopped")
