@@ -382,7 +382,10 @@
     if (draftLayer !== null) map.removeLayer(draftLayer);
     draftLayer = null;
     try {
-      draftLayer = L.geoJSON(readGeometry(), { style: { className: "draft" }, interactive: false }).addTo(map);
+      draftLayer = L.geoJSON(readGeometry(), {
+        style: { className: "draft" }, interactive: false,
+        pointToLayer: (feature, latlng) => L.circleMarker(latlng, { radius: 4, className: "draft-vertex" }),
+      }).addTo(map);
     } catch (e) { /* not (yet) a geometry: nothing to preview; the API says why on submit */ }
   }
 
