@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck up bench clean
+.PHONY: demo test check lint typecheck up bench clean browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -23,8 +23,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+# The operator page's browser tests need chromium: installed where possible, else skipped with the reason (-rs).
+browser:
+	@.ci/browser
+
+test: $(STAMP) lint browser
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.geofence
