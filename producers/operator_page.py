@@ -25,6 +25,7 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import mimetypes
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ REFRESH_S: Final = 3.0
 LATEST: Final = 25  # warnings and cases listed on the page
 MAX_POINTS: Final = 5000  # citizens shown for one opened crisis; more are counted, not drawn
 _BAND_CACHE_SIZE: Final = 512
+_CRISIS_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", re.ASCII)  # crisis/1's crisis_id
 
 PAGE_HEADERS: Final = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -232,6 +234,8 @@ def register_operator_page(app: FastAPI, operator: Sequence[Any], clock: Callabl
         """The citizens whose latest standing in an active crisis is inside or near, as points (where
         they were when last warned); for no other crisis and nobody else (data minimisation)."""
         now = clock()
+        if not _CRISIS_ID.fullmatch(crisis_id):  # no such id can exist; and a NUL would never reach PostgreSQL
+            raise ApiError(404, "not_found", f"no crisis {crisis_id[:130]!r}")
         try:
             found = await read(lambda s: s.citizens(crisis_id, now))
         except NotActive:

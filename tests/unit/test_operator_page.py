@@ -35,6 +35,7 @@ class MemoryOperatorStore:
         self.crises: dict[str, dict[str, Any]] = {}
         self.points: dict[str, list[dict[str, Any]]] = {}
         self.cancelled: set[str] = set()
+        self.asked: list[str] = []
         self.down = False
 
     def overview(self, now: datetime) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class MemoryOperatorStore:
 
     def citizens(self, crisis_id: str, now: datetime) -> list[dict[str, Any]] | None:
         self._check()
+        self.asked.append(crisis_id)
         if crisis_id in self.cancelled:
             raise NotActive(crisis_id)
         return self.points.get(crisis_id) if crisis_id in self.crises else None
@@ -137,6 +139,10 @@ def test_overview_and_citizens_of_an_active_crisis_only() -> None:
     assert api.get("/v1/crises/c/2/citizens", headers=OPERATOR).json()["citizens"] == []  # ids may hold "/"
     missing = api.get("/v1/crises/nope/citizens", headers=OPERATOR)
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    asked = len(store.asked)
+    for impossible in ("%00x", "-leading-dash", "x" * 129, "caf%C3%A9"):  # never a crisis/1 id: not looked up
+        assert api.get(f"/v1/crises/{impossible}/citizens", headers=OPERATOR).status_code == 404, impossible
+    assert len(store.asked) == asked
     gone = api.get("/v1/crises/c-gone/citizens", headers=OPERATOR)
     assert gone.status_code == 409 and "no longer shown" in gone.json()["reason"]
 
