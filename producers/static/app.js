@@ -23,10 +23,11 @@
   // --- talking to the API -------------------------------------------------------------------
 
   class Refused extends Error {
-    constructor(status, body) {
+    constructor(status, body, retryAfter) {
       const reason = body && body.reason ? body.reason : "HTTP " + status;
       super(body && body.field ? reason + " (" + body.field + ")" : reason);
       this.status = status;
+      this.retryAfter = Number(retryAfter) || 5;  // seconds; a 429 or 503 says how long to wait
     }
   }
 
@@ -39,7 +40,7 @@
     });
     let parsed = null;
     try { parsed = await response.json(); } catch (e) { parsed = null; }
-    if (!response.ok) throw new Refused(response.status, parsed);
+    if (!response.ok) throw new Refused(response.status, parsed, response.headers.get("Retry-After"));
     return parsed;
   }
 
@@ -208,7 +209,7 @@
       if (e.status === 401 || e.status === 403) { logOut("The token was refused; log in again."); return; }
       $("updated").textContent = "Not updated: " + e.message + " — retrying";
       $("updated").classList.add("stale");
-      schedule(5);
+      schedule(Math.min(Math.max(e.retryAfter || 5, 1), 60));
     }
   }
 
