@@ -2,10 +2,11 @@
 driven by Selenium) against the whole stack: embedded broker, a PostgreSQL database of this module's
 own, worker, sink, dispatcher and the API as ``crisiswatch up`` runs them.
 
-What an operator would notice: a wrong token is refused and the right one is kept out of the URL;
-an area drawn with mouse clicks on the map becomes a crisis on the map with its proximity band; its
-counts change as check-ins arrive; opening it shows exactly the citizens inside and near as points;
-a refused area shows the API's reason; cancelling takes it off the map. The page runs under its
+What an operator would notice: a wrong token is refused and the right one is kept out of the URL
+(and in the tab across a reload, until logging out); an area drawn with mouse clicks on the map
+becomes a crisis on the map with its proximity band; its counts change as check-ins arrive; opening
+it shows exactly the citizens inside and near as points; a refused area shows the API's reason; an
+update changes it in place; cancelling takes it off the map. The page runs under its
 strict Content-Security-Policy without a single violation.
 
 Without Chromium, chromedriver or Selenium the tests are skipped with the reason (``make test``
@@ -147,6 +148,9 @@ def test_declare_by_drawing_watch_counts_open_and_cancel(browser: Any, stack: St
     assert OPERATOR not in driver.current_url
     assert driver.execute_script(f"return sessionStorage.getItem('{TOKEN_KEY}')") == OPERATOR
     wait_for(lambda: count("path.country") > 100, "the Natural Earth base layer")
+    driver.refresh()  # a reload in the same tab stays logged in
+    wait_for(lambda: find(By.ID, "main").is_displayed(), "the page after a reload")
+    wait_for(lambda: count("path.country") > 100, "the base layer after a reload")
 
     # Citizens who agreed to location tracking.
     people = [f"page-{tag}-{n}" for n in range(5)]
@@ -227,6 +231,18 @@ def test_declare_by_drawing_watch_counts_open_and_cancel(browser: Any, stack: St
     wait_for(lambda: refused.json()["reason"] in text("#form-message"), "the API's reason on the page")
     assert text(cell % "inside") == "3"  # nothing changed
 
+    # Updating: the same crisis under a new title (its area as it was).
+    geometry_box.clear()
+    geometry_box.send_keys(json.dumps(drawn))
+    find(By.ID, "title").clear()
+    find(By.ID, "title").send_keys(title + " (updated)")
+    find(By.ID, "submit-crisis").click()
+    wait_for(lambda: "Updated" in text("#form-message"), "the API's acceptance of the update")
+    wait_for(lambda: text(f'#crises tr[data-crisis-id="{crisis_id}"] .title') == title + " (updated)", "the new title")
+    assert count(row_selector) == 1 and count("path.crisis-area") == 1
+    find(By.CSS_SELECTOR, f'#crises tr[data-crisis-id="{crisis_id}"] button.edit').click()
+    wait_for(lambda: find(By.ID, "cancel-crisis").is_displayed(), "the form in update mode again")
+
     # Cancelling takes it off the map, its points too, and its people are no longer shown one by one.
     find(By.ID, "cancel-crisis").click()
     driver.switch_to.alert.accept()
@@ -235,6 +251,11 @@ def test_declare_by_drawing_watch_counts_open_and_cancel(browser: Any, stack: St
     wait_for(lambda: count("path.crisis-area") == 0 and count("path.citizen") == 0, "the area and points gone from the map")
     gone = api.get(f"/v1/crises/{crisis_id}/citizens", headers={"Authorization": f"Bearer {OPERATOR}"})
     assert gone.status_code == 409, gone.text
+
+    # Logging out forgets the token.
+    find(By.ID, "logout").click()
+    assert find(By.ID, "login").is_displayed()
+    assert driver.execute_script(f"return sessionStorage.getItem('{TOKEN_KEY}')") is None
 
     # No Content-Security-Policy violation and no uncaught error in the whole session.
     logs = [entry["message"] for entry in driver.get_log("browser")]
