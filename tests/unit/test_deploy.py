@@ -805,6 +805,17 @@ def test_dashboard_shows_what_the_crisis_centre_watches() -> None:
         assert any(needed in t["expr"] for p in dashboard_panels() for t in p.get("targets", [])), needed
 
 
+def test_dashboard_and_alerts_watch_every_stage_the_lag_and_the_dependencies() -> None:
+    panel_names = {n for p in dashboard_panels() for t in p.get("targets", []) for n in deploy_queries.metric_names(t["expr"])}
+    alert_names = {n for where, expr in promql_expressions() if where.startswith("alert ")
+                   for n in deploy_queries.metric_names(expr)}
+    stages = {"crisiswatch_api_publish_seconds_bucket", "crisiswatch_checkin_to_warning_latency_seconds_bucket",
+              "crisiswatch_crisis_to_first_warning_seconds_bucket", "crisiswatch_warning_to_delivered_seconds_bucket"}
+    assert stages <= panel_names and stages <= alert_names
+    assert {"crisiswatch_consumer_lag", "crisiswatch_consumer_lag_last_success_timestamp_seconds",
+            "crisiswatch_dependency_up"} <= panel_names & alert_names
+
+
 def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
     board = dashboard()
     assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)
