@@ -1,8 +1,10 @@
 """Every metric the Grafana dashboard and the Prometheus alert rules query is served by a running
 process: ``crisiswatch up --feeds`` starts the whole stack (embedded broker and PostgreSQL, worker,
-sink, ingest API, dispatcher, feed pollers and whatever else it starts), a check-in goes through the
-API, and each process's ``/metrics`` (every ``/metrics`` address the banner prints) is read over
-HTTP. A name queried by deploy/ and declared by no process would be a panel that stays empty, or an
+sink, ingest API, dispatcher, feed pollers and whatever else it starts); a citizen with a webhook on
+loopback checks in, a crisis is declared around them, the warning reaches the webhook; then each
+process's ``/metrics`` (every ``/metrics`` address the banner prints) is read over HTTP, and every
+stage latency (ingest -> Kafka, check-in -> warning, crisis -> first warning, warning -> delivered)
+has measured something. A name queried by deploy/ and declared by no process would be a panel that stays empty, or an
 alert that never fires, in production.
 
 A metric counts as exported when a process declares its family (``# TYPE``), with or without
@@ -16,11 +18,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -56,6 +61,7 @@ class Stack:
         self.metrics_urls = dict(re.findall(r"^\s+(\w[\w ]*?)\s+(http://[\d.]+:\d+)(?:/metrics|\s)", self.banner, re.M))
         self.api = self.metrics_urls["ingest API"]
         self.ingest_token = re.search(r"ingest\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
+        self.operator_token = re.search(r"operator\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -110,12 +116,9 @@ def values(stack: Stack, process: str, sample_name: str) -> list[float]:
             if sample.name == sample_name]
 
 
-def post_checkin(stack: Stack) -> int:
-    body = json.dumps({"citizen_id": "metrics-e2e-1", "lat": 48.85, "lon": 2.35, "observed_at": "2026-01-01T00:00:00Z",
-                       "source": "app"}).encode()
-    request = urllib.request.Request(f"{stack.api}/v1/checkins", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {stack.ingest_token}",
-                                              "Content-Type": "application/json"})
+def post(stack: Stack, path: str, token: str, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(f"{stack.api}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
             return int(response.status)
@@ -123,9 +126,70 @@ def post_checkin(stack: Stack) -> int:
         return int(exc.code)
 
 
+class Receiver:
+    """A citizen's webhook on loopback: answers 200 and counts what it received."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f}s"
+        time.sleep(0.5)
+
+
+def a_crisis_unfolds(stack: Stack, receiver: Receiver) -> None:
+    """Two citizens register with a webhook; one checks in in Paris, a crisis is declared around them
+    (the sweep warns them), then the other walks in (the check-in warns them)."""
+    for n in (1, 2):
+        citizen = {"schema": "citizen/1", "citizen_id": f"metrics-e2e-{n}", "name": "Camille Test", "nationality": "FR",
+                   "language": "fr", "channels": [{"type": "webhook", "address": receiver.url}], "emergency_contacts": [],
+                   "consent": {"location_tracking": True}}
+        assert post(stack, "/v1/citizens", stack.ingest_token, citizen) == 202
+    wait_for("the citizens in PostgreSQL", lambda: sum(values(stack, "sink", "crisiswatch_sink_rows_written_total")) >= 2)
+
+    def checkin(n: int) -> int:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return post(stack, "/v1/checkins", stack.ingest_token,
+                    {"citizen_id": f"metrics-e2e-{n}", "lat": 48.857, "lon": 2.352, "observed_at": now, "source": "app"})
+
+    assert checkin(1) == 202
+    wait_for("the worker holding the citizen", lambda: sum(values(stack, "worker", "crisiswatch_citizens_tracked")) >= 1)
+    zone = {"type": "Polygon", "coordinates": [[[2.2, 48.8], [2.5, 48.8], [2.5, 48.95], [2.2, 48.95], [2.2, 48.8]]]}
+    assert post(stack, "/v1/crises", stack.operator_token,
+                {"crisis_id": "metrics-e2e-zone", "title": "Flooding", "geometry": zone}) == 202
+    wait_for("the sweep's warning at the webhook", lambda: len(receiver.received) >= 1, timeout_s=120)
+    assert checkin(2) == 202
+    wait_for("the check-in's warning at the webhook", lambda: len(receiver.received) >= 2, timeout_s=120)
+
+
 def test_every_metric_the_dashboard_and_alerts_query_is_served_by_a_running_process(stack: Stack) -> None:
     assert {"ingest API", "worker", "sink", "dispatch", "feeds"} <= set(stack.metrics_urls), stack.banner
-    assert post_checkin(stack) == 202
+    receiver = Receiver()
+    try:
+        a_crisis_unfolds(stack, receiver)
+    finally:
+        receiver.close()
 
     wanted = {name for _, expr in deploy_queries.queries() for name in deploy_queries.metric_names(expr)}
     wanted -= deploy_queries.SYNTHETIC
@@ -141,13 +205,13 @@ def test_every_metric_the_dashboard_and_alerts_query_is_served_by_a_running_proc
         missing = wanted - set().union(*served.values())
         # Samples too, where the stack has had the chance to make them: the check-in was published, the
         # feed polled, the lag read. A family declared but never measured would be an empty panel.
-        measured = {
-            "crisiswatch_api_publish_seconds_count": any(v > 0 for v in values(stack, "ingest API",
-                                                                                "crisiswatch_api_publish_seconds_count")),
-            "crisiswatch_feed_last_success_timestamp_seconds": any(
-                v > 0 for v in values(stack, "feeds", "crisiswatch_feed_last_success_timestamp_seconds")),
-            "crisiswatch_consumer_lag": bool(values(stack, "sink", "crisiswatch_consumer_lag")),
-        }
+        measured = {f"{name} on {process}": any(v > 0 for v in values(stack, process, name)) for process, name in (
+            ("ingest API", "crisiswatch_api_publish_seconds_count"),
+            ("worker", "crisiswatch_checkin_to_warning_latency_seconds_count"),
+            ("worker", "crisiswatch_crisis_to_first_warning_seconds_count"),
+            ("dispatch", "crisiswatch_warning_to_delivered_seconds_count"),
+            ("feeds", "crisiswatch_feed_last_success_timestamp_seconds"))}
+        measured["crisiswatch_consumer_lag on sink"] = bool(values(stack, "sink", "crisiswatch_consumer_lag"))
         unmeasured = {name for name, ok in measured.items() if not ok}
         if (not missing and not unmeasured) or time.monotonic() > deadline:
             break
