@@ -268,7 +268,10 @@ def catalogue() -> list[CatalogueEntry]:
             cls(registry)
         for family in registry.collect():
             name = family.name + "_total" if family.type == "counter" else family.name
-            labels = tuple(label for label in getattr(registry._names_to_collectors[name], "_labelnames", ()))
+            # prometheus-client publishes no label names for a family without samples (every labelled
+            # metric before its first use); the collector keeps them in ``_labelnames`` (read here, written against 0.26;
+            # test_metrics_catalogue fails if it moves).
+            labels = tuple(getattr(registry._names_to_collectors[name], "_labelnames", ()))
             entry = found.get(name)
             processes = (*entry.processes, process) if entry else (process,)
             found[name] = CatalogueEntry(name, family.type, labels, processes, family.documentation)
