@@ -639,8 +639,8 @@ PROMTOOL = shutil.which("promtool")
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)")
 @pytest.mark.parametrize("what, path", [("rules", "alerts.yml"), ("config", "prometheus.yml"),
-                                        ("config", "prometheus-kubernetes.yml")])
-def test_promtool_accepts_the_rules_and_scrape_configs(what: str, path: str, tmp_path: Path) -> None:
+                                        ("config", "prometheus-kubernetes.yml"), ("test", "alerts.test.yml")])
+def test_promtool_accepts_the_rules_scrape_configs_and_alert_tests(what: str, path: str, tmp_path: Path) -> None:
     source = DEPLOY / "prometheus" / path
     if what == "config":
         # rule_files name the path inside the Prometheus container; promtool resolves them next to the config.
@@ -649,7 +649,8 @@ def test_promtool_accepts_the_rules_and_scrape_configs(what: str, path: str, tmp
         config["rule_files"] = ["alerts.yml"]
         source = tmp_path / path
         source.write_text(yaml.safe_dump(config), "utf-8")
-    result = subprocess.run([str(PROMTOOL), "check", what, str(source)], capture_output=True, text=True, timeout=60)
+    command = [str(PROMTOOL), "test", "rules", path] if what == "test" else [str(PROMTOOL), "check", what, str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=source.parent)
     if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
         pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is): cannot check it")
     assert result.returncode == 0, result.stdout + result.stderr
