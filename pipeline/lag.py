@@ -50,14 +50,23 @@ MONITORED_GROUPS: Final[Mapping[str, tuple[str, ...]]] = {**STACK_GROUPS, DISPAT
 
 def committed_offsets(bootstrap: str, group: str, client_options: Mapping[str, Any] | None = None) -> dict[Position, int]:
     """The offsets ``group`` committed, per topic and partition."""
+    return groups_committed(bootstrap, [group], client_options)[group]
+
+
+def groups_committed(bootstrap: str, groups: Iterable[str],
+                     client_options: Mapping[str, Any] | None = None) -> dict[str, dict[Position, int]]:
+    """The offsets each of ``groups`` committed, per topic and partition, through one admin client."""
     from kafka.admin import KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crisiswatch-lag", request_timeout_ms=10_000,
                              **(client_options or {}))
     try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-        return {(tp.topic, tp.partition): int(meta.offset) for tp, meta in offsets.items()
-                if meta.offset is not None and meta.offset >= 0}
+        out: dict[str, dict[Position, int]] = {}
+        for group in groups:
+            offsets = admin.list_group_offsets({group: None}).get(group, {})
+            out[group] = {(tp.topic, tp.partition): int(meta.offset) for tp, meta in offsets.items()
+                          if meta.offset is not None and meta.offset >= 0}
+        return out
     finally:
         admin.close()
 
@@ -106,7 +115,7 @@ def topic_lags(bootstrap: str, groups: Mapping[str, Iterable[str]] = MONITORED_G
     """:func:`lags_by_topic` as the broker has it now. Topics that do not exist yet count 0."""
     wanted = {group: tuple(names) for group, names in groups.items()}
     ends = end_offsets(bootstrap, {t for names in wanted.values() for t in names}, client_options)
-    committed = {group: committed_offsets(bootstrap, group, client_options) for group in wanted}
+    committed = groups_committed(bootstrap, wanted, client_options)
     return lags_by_topic(ends, committed, wanted)
 
 
