@@ -498,6 +498,7 @@ class Dispatcher:
             self.healthy = True
             for outcome in run.results:
                 self.metrics.warnings.labels(outcome=outcome).inc()
+                self.metrics.handled(outcome, warning.emitted_at, self.clock())
             if run.failures:
                 self._dead_letter(message, run.failures[0], stop)
 

@@ -18,7 +18,8 @@ from consumers.router import WarningRouter
 from consumers.service import serve_until_stopped
 from consumers.sink import PostgresSink
 from pipeline.health import probe_for
-from pipeline.metrics import SinkMetrics
+from pipeline.lag import LagMonitor
+from pipeline.metrics import LagMetrics, SinkMetrics
 from pipeline.observability import serve_metrics
 from pipeline.settings import Settings
 
@@ -67,6 +68,7 @@ def run_sink(settings: Settings, stop_event: threading.Event, *, registry: Colle
 
     server = None
     probe = None
+    lag = None
     if serve_http:
         probe = probe_for(settings, kafka=True, postgresql=True, registry=registry).start()
         port = settings.sink_metrics_port if metrics_port is None else metrics_port
@@ -76,6 +78,7 @@ def run_sink(settings: Settings, stop_event: threading.Event, *, registry: Colle
             probe.stop()
             raise
         log.info("sink metrics at http://%s:%d/metrics", settings.api_host, port)
+        lag = LagMonitor.for_settings(settings.kafka_bootstrap, settings.kafka_client_options(), LagMetrics(registry)).start()
     for thread in threads:
         thread.start()
     try:
@@ -90,6 +93,8 @@ def run_sink(settings: Settings, stop_event: threading.Event, *, registry: Colle
             server.server_close()
         if probe is not None:
             probe.stop()
+        if lag is not None:
+            lag.stop()
     return 1 if failed else 0
 
 

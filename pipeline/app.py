@@ -349,6 +349,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                 verdict = runtime.admit_crisis(message, READER)
                 if isinstance(verdict, Crisis):
                     admitted.append(verdict)
+                    if follow.is_set() and crises_loaded.is_set():  # live, not the backlog: time its first warning
+                        metrics.first_warning.seen(verdict.crisis_id, verdict.op, message.timestamp)
                 else:  # the crisis agent dead-letters it: same verdict, one member of the group
                     runtime.skip(verdict)
             if not follow.is_set() or not crises_loaded.is_set():
@@ -363,6 +365,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                 continue
             for crisis in admitted:
                 await runtime.apply_crisis(crisis)
+                metrics.first_warning.settled(crisis.crisis_id)
 
     async def crisis_reader() -> None:
         await finish_or_exit(follow_crises(), "following crisis-events")

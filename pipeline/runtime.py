@@ -158,6 +158,7 @@ class GeofenceRuntime:
             await self.emitter.warnings(outcome.warnings)
             for warning in outcome.warnings:
                 self.metrics.warnings.labels(kind=warning.kind).inc()
+            self.metrics.first_warning.sent((w.crisis_id for w in outcome.warnings), time.time())
         for citizen_id, state in outcome.states.items():
             self.states[citizen_id] = state.to_dict()
         if isinstance(self.states, DurableStates):

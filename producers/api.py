@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -559,10 +560,12 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         kafka_down = health.down().get(KAFKA) if health is not None else None
         if kafka_down is not None:  # known to be away: answer now rather than after the publish timeout
             raise ApiError(503, "broker_unavailable", f"Kafka is unreachable: {kafka_down}", headers={"Retry-After": "5"})
+        started = time.perf_counter()
         try:
             await run_in_threadpool(publisher.publish, messages)
         except BrokerUnavailable as exc:
             raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        metrics.publish_seconds.observe(time.perf_counter() - started)
         for message in messages:
             metrics.published.labels(message.topic).inc()
 

@@ -13,6 +13,8 @@ import argparse
 import importlib
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from pipeline import embedded, metrics, topics
 from pipeline.cli import VERBS
 from pipeline.settings import ENV_VARS, Settings
 from producers.feeds.config import load_config
+from tests import deploy_queries
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -181,10 +184,10 @@ def verb_parser(verb: str) -> argparse.ArgumentParser:
 def metric_types() -> dict[str, str]:
     """Every series name a crisiswatch process exposes, mapped to its metric type."""
     out: dict[str, str] = {}
-    for cls in (metrics.WorkerMetrics, metrics.ApiMetrics, metrics.SinkMetrics, metrics.FeedMetrics, metrics.DependencyMetrics,
-                metrics.DispatchMetrics):
+    for classes in metrics.PROCESSES.values():
         registry = CollectorRegistry()
-        cls(registry)
+        for cls in classes:
+            cls(registry)
         for family in registry.collect():
             if family.type == "counter":
                 out[family.name + "_total"] = "counter"
@@ -201,11 +204,7 @@ METRIC_TOKEN = re.compile(r"\bcrisiswatch_[a-z0-9_]+\b")
 
 def promql_expressions() -> list[tuple[str, str]]:
     """(where, expr) for every PromQL expression in alerts.yml and the dashboard."""
-    out = [(f"alert {r['alert']}", r["expr"]) for g in load_yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"]
-           for r in g["rules"]]
-    for panel in dashboard_panels():
-        out += [(f"panel {panel['title']!r}", t["expr"]) for t in panel.get("targets", [])]
-    return out
+    return deploy_queries.queries()
 
 
 def dashboard() -> dict[str, Any]:
@@ -505,6 +504,158 @@ def test_k8s_workers_never_outnumber_partitions() -> None:
     assert services()["worker"]["deploy"]["replicas"] <= int(DEFAULTS["CRISISWATCH_PARTITIONS"])
 
 
+# ---------------------------------------------------------------- every process everywhere, network policies
+
+def test_every_long_running_process_is_in_compose_k8s_and_prometheus() -> None:
+    # A process added in one place and forgotten in another is caught here, whichever it is.
+    compose_processes = {name for name, s in services().items() if is_crisiswatch(s) and s.get("restart") != "no"}
+    k8s_processes = {name.removeprefix("crisiswatch-") for name in k8s_by_kind("Deployment")}
+    scrape = {job["job_name"].removeprefix("crisiswatch-")
+              for job in load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
+              if job["job_name"].startswith("crisiswatch-")}
+    assert compose_processes == k8s_processes == scrape == set(LONG_RUNNING)
+    assert set(LONG_RUNNING) == set(metrics.PROCESSES), "each process's metrics are in the catalogue (metrics.PROCESSES)"
+
+
+def policies() -> list[dict[str, Any]]:
+    return list(k8s_by_kind("NetworkPolicy").values())
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a LabelSelector matches ``labels`` (matchLabels and the In/NotIn/Exists operators)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value, operator = labels.get(expression["key"]), expression["operator"]
+        if (operator == "In" and value not in expression["values"]) or (operator == "NotIn" and value in expression["values"]) \
+                or (operator == "Exists" and value is None) or (operator == "DoesNotExist" and value is not None):
+            return False
+    return True
+
+
+def pod_templates() -> dict[str, dict[str, Any]]:
+    """Every pod template (Deployments and Jobs) by workload name."""
+    return {o["metadata"]["name"]: o["spec"]["template"] for o in k8s_objects() if o["kind"] in ("Deployment", "Job")}
+
+
+def rules_for(labels: dict[str, str], direction: str) -> list[dict[str, Any]]:
+    """The ingress or egress rules of every policy that selects a pod with ``labels``."""
+    return [rule for policy in policies() if selects(policy["spec"]["podSelector"], labels)
+            for rule in policy["spec"].get(direction, [])]
+
+
+def allowed_ports(rules: list[dict[str, Any]], container: dict[str, Any]) -> set[int]:
+    """The container-side port numbers ``rules`` open (named ports resolved against the container)."""
+    names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    out: set[int] = set()
+    for rule in rules:
+        for port in rule.get("ports", []):
+            number = names.get(port["port"]) if isinstance(port["port"], str) else port["port"]
+            if number is not None:
+                out.add(number)
+    return out
+
+
+def peer_namespaces(rule: dict[str, Any], key: str) -> set[str]:
+    return {value for peer in rule.get(key, []) for e in peer.get("namespaceSelector", {}).get("matchExpressions", [])
+            if e["key"] == "kubernetes.io/metadata.name" for value in e["values"]}
+
+
+def test_every_pod_is_denied_by_default_both_ways() -> None:
+    deny = [p for p in policies() if not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    for name, template in pod_templates().items():
+        labels = template["metadata"]["labels"]
+        covering = [p for p in deny if selects(p["spec"]["podSelector"], labels)]
+        assert covering, f"{name}: no default-deny policy selects it"
+        assert {t for p in covering for t in p["spec"]["policyTypes"]} == {"Ingress", "Egress"}, name
+
+
+def test_every_pod_reaches_dns_kafka_and_postgresql_and_nothing_else_by_default() -> None:
+    env = k8s_environment()
+    kafka_ports = {int(address.rsplit(":", 1)[1]) for address in env["CRISISWATCH_KAFKA_BOOTSTRAP"].split(",")}
+    postgresql_port = int(re.search(r"@[^/:]+:(\d+)/", env["CRISISWATCH_DATABASE_URL"]).group(1))  # type: ignore[union-attr]
+    for name, template in pod_templates().items():
+        labels, container = template["metadata"]["labels"], template["spec"]["containers"][0]
+        egress = allowed_ports(rules_for(labels, "egress"), container)
+        assert {53, postgresql_port, *kafka_ports} <= egress, name
+        component = labels["app.kubernetes.io/component"]
+        extra = egress - {53, postgresql_port, *kafka_ports}
+        assert not extra or component in ("dispatch", "feeds"), f"{name} may reach {sorted(extra)}"
+
+
+def test_prometheus_may_scrape_every_metrics_port_and_only_the_api_takes_outside_traffic() -> None:
+    scrape = next(p for p in policies() if p["metadata"]["name"] == "crisiswatch-prometheus-scrape")
+    prometheus_namespaces = peer_namespaces(scrape["spec"]["ingress"][0], "from")
+    for name, template in pod_templates().items():
+        if template["spec"].get("restartPolicy") == "OnFailure":
+            continue  # the migrate job serves nothing
+        labels, container = template["metadata"]["labels"], template["spec"]["containers"][0]
+        metrics_port = int(template["metadata"]["annotations"]["prometheus.io/port"])
+        from_prometheus = [r for r in rules_for(labels, "ingress") if peer_namespaces(r, "from") == prometheus_namespaces]
+        assert metrics_port in allowed_ports(from_prometheus, container), name
+        others = [r for r in rules_for(labels, "ingress") if r not in from_prometheus]
+        if labels["app.kubernetes.io/component"] == "api":
+            assert allowed_ports(others, container) == {PORTS["api"]}, "the API (and its page) from the ingress controller"
+        else:
+            assert others == [], f"{name} takes traffic from outside Prometheus"
+
+
+def test_dispatch_reaches_its_providers_and_feeds_their_sources() -> None:
+    env = k8s_environment()
+    smtp_port = int(re.search(r":(\d+)(?:\?|$)", env["CRISISWATCH_SMTP_URL"]).group(1))  # type: ignore[union-attr]
+    dispatch = pod_templates()["crisiswatch-dispatch"]
+    assert {443, smtp_port} <= allowed_ports(rules_for(dispatch["metadata"]["labels"], "egress"),
+                                               dispatch["spec"]["containers"][0])
+    feeds = pod_templates()["crisiswatch-feeds"]
+    container = feeds["spec"]["containers"][0]
+    config_map = k8s_by_kind("ConfigMap")["crisiswatch-feeds"]["data"]["feeds.toml"]
+    wanted = {443 if url.startswith("https:") else 80 for url in re.findall(r'url = "([^"]+)"', config_map)}
+    assert wanted and wanted <= allowed_ports(rules_for(feeds["metadata"]["labels"], "egress"), container)
+
+
+def test_policy_peers_survive_kustomize_labels() -> None:
+    # kustomize (labels with includeSelectors) adds app.kubernetes.io/name=crisiswatch to every matchLabels
+    # in a NetworkPolicy, peers included: a peer selected by matchLabels would no longer match Prometheus.
+    for policy in policies():
+        for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", []):
+            for peer in rule.get("from", []) + rule.get("to", []):
+                for selector in (peer.get("podSelector", {}), peer.get("namespaceSelector", {})):
+                    assert "matchLabels" not in selector, policy["metadata"]["name"]
+
+
+def test_the_policy_checks_notice_an_uncovered_pod() -> None:
+    labels = {"app.kubernetes.io/component": "newcomer"}
+    assert rules_for(labels, "ingress") == [] or all("from" in r for r in rules_for(labels, "ingress"))
+    assert not selects({"matchLabels": {"app.kubernetes.io/component": "api"}}, labels)
+    assert selects({"matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In", "values": ["newcomer"]}]},
+                   labels)
+    assert not selects({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, labels)
+
+
+# ---------------------------------------------------------------- promtool
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)")
+@pytest.mark.parametrize("what, path", [("rules", "alerts.yml"), ("config", "prometheus.yml"),
+                                        ("config", "prometheus-kubernetes.yml"), ("test", "alerts.test.yml")])
+def test_promtool_accepts_the_rules_scrape_configs_and_alert_tests(what: str, path: str, tmp_path: Path) -> None:
+    source = DEPLOY / "prometheus" / path
+    if what == "config":
+        # rule_files name the path inside the Prometheus container; promtool resolves them next to the config.
+        config = load_yaml(source)
+        (tmp_path / "alerts.yml").write_text((DEPLOY / "prometheus" / "alerts.yml").read_text("utf-8"), "utf-8")
+        config["rule_files"] = ["alerts.yml"]
+        source = tmp_path / path
+        source.write_text(yaml.safe_dump(config), "utf-8")
+    command = [str(PROMTOOL), "test", "rules", path] if what == "test" else [str(PROMTOOL), "check", what, str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=source.parent)
+    if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is): cannot check it")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------- ports and the image
 
 def test_ports_agree_between_settings_compose_prometheus_k8s_and_image() -> None:
@@ -616,20 +767,31 @@ def test_every_metric_used_in_alerts_and_dashboard_exists_with_the_right_type() 
     assert {n for n in metrics.METRIC_NAMES} <= set(types)
     problems: list[str] = []
     for where, expr in promql_expressions():
-        for name in METRIC_TOKEN.findall(expr):
-            if name not in types:
-                problems.append(f"{where}: unknown metric {name}")
-        for name in re.findall(r"\brate\((crisiswatch_[a-z0-9_]+)", expr):
-            if types.get(name) == "gauge":
-                problems.append(f"{where}: rate() of gauge {name}")
-        for name in re.findall(r"histogram_quantile\([^,]+,[^)]*?\((?:rate|irate)\((crisiswatch_[a-z0-9_]+)", expr):
-            if not name.endswith("_bucket"):
-                problems.append(f"{where}: histogram_quantile over {name}, not a _bucket series")
-        if expr.count("(") != expr.count(")") or expr.count("{") != expr.count("}") or expr.count("[") != expr.count("]"):
-            problems.append(f"{where}: unbalanced brackets")
+        try:
+            names = deploy_queries.metric_names(expr)
+        except ValueError as exc:
+            problems.append(f"{where}: does not parse: {exc}")
+            continue
+        problems += [f"{where}: unknown metric {name}" for name in sorted(names - deploy_queries.SYNTHETIC)
+                     if name not in types]
+        for function, arguments in deploy_queries.functions(expr):
+            for name in sorted(arguments):
+                if function in ("rate", "irate", "increase") and types.get(name) == "gauge":
+                    problems.append(f"{where}: {function}() of gauge {name}")
+                if function == "histogram_quantile" and not name.endswith("_bucket"):
+                    problems.append(f"{where}: histogram_quantile over {name}, not a _bucket series")
     alerts_text = (DEPLOY / "prometheus" / "alerts.yml").read_text("utf-8")
     problems += [f"alerts.yml: unknown metric {n}" for n in METRIC_TOKEN.findall(alerts_text) if n not in types]
     assert problems == []
+
+
+def test_the_metric_check_catches_an_unknown_name_and_a_broken_expression() -> None:
+    assert deploy_queries.metric_names('sum(rate(crisiswatch_nope_total{x="crisiswatch_label_value"}[$__rate_interval]))') == {
+        "crisiswatch_nope_total"}
+    with pytest.raises(ValueError):
+        deploy_queries.metric_names("sum(rate(crisiswatch_dlq_messages_total[5m])")
+    assert deploy_queries.functions("histogram_quantile(0.5, rate(crisiswatch_dispatch_seconds_sum[5m]))")[0] == (
+        "histogram_quantile", {"crisiswatch_dispatch_seconds_sum"})
 
 
 def test_dashboard_shows_what_the_crisis_centre_watches() -> None:
@@ -642,6 +804,17 @@ def test_dashboard_shows_what_the_crisis_centre_watches() -> None:
                    "crisiswatch_feed_last_success_timestamp_seconds",
                    "sum by (channel, outcome) (rate(crisiswatch_dispatch_attempts_total"):
         assert any(needed in t["expr"] for p in dashboard_panels() for t in p.get("targets", [])), needed
+
+
+def test_dashboard_and_alerts_watch_every_stage_the_lag_and_the_dependencies() -> None:
+    panel_names = {n for p in dashboard_panels() for t in p.get("targets", []) for n in deploy_queries.metric_names(t["expr"])}
+    alert_names = {n for where, expr in promql_expressions() if where.startswith("alert ")
+                   for n in deploy_queries.metric_names(expr)}
+    stages = {"crisiswatch_api_publish_seconds_bucket", "crisiswatch_checkin_to_warning_latency_seconds_bucket",
+              "crisiswatch_crisis_to_first_warning_seconds_bucket", "crisiswatch_warning_to_delivered_seconds_bucket"}
+    assert stages <= panel_names and stages <= alert_names
+    assert {"crisiswatch_consumer_lag", "crisiswatch_consumer_lag_last_success_timestamp_seconds",
+            "crisiswatch_dependency_up"} <= panel_names & alert_names
 
 
 def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
