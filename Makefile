@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck up bench clean browser
+.PHONY: demo test check lint typecheck up bench clean test-tools
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -23,11 +23,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The operator page's browser tests need chromium: installed where possible, else skipped with the reason (-rs).
-browser:
-	@.ci/browser
+# Debian packages some tests use (chromium, promtool): installed where possible, else those tests skip with the reason (-rs).
+test-tools:
+	@.ci/test-tools
 
-test: $(STAMP) lint browser
+test: $(STAMP) lint test-tools
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 bench: $(STAMP)

@@ -10,7 +10,7 @@ update changes it in place; cancelling takes it off the map. The page runs under
 strict Content-Security-Policy without a single violation.
 
 Without Chromium, chromedriver or Selenium the tests are skipped with the reason (``make test``
-installs the browser where it runs as root with apt: ``.ci/browser``).
+installs the browser where it runs as root with apt: ``.ci/test-tools``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def browser_or_reason() -> tuple[Any, str]:
     driver_path = shutil.which("chromedriver")
     if binary is None or driver_path is None:
         return None, ("no Chromium and chromedriver on this machine: install Debian's chromium and chromium-driver "
-                      "(`make test` does it when it runs as root with apt: .ci/browser)")
+                      "(`make test` does it when it runs as root with apt: .ci/test-tools)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,900",
