@@ -41,6 +41,7 @@ from pipeline.domain.escalation import parse_rules
 from pipeline.domain.ids import warning_id
 from pipeline.embedded import EmbeddedBroker, apply_migrations, create_topics, ensure_topics, free_port
 from pipeline.metrics import DispatchMetrics
+from pipeline.observability import read_metric
 from pipeline.settings import Secret, Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
 from pipeline.testing import VerbProcess, make_crisis, square
@@ -207,6 +208,8 @@ def test_warnings_deliveries_and_replies_become_the_status_the_endpoint_serves(s
         wait_for(lambda: stored_counts(stack.database_url, crisis.crisis_id) == expected, 150,
                  "the agent's status, stored by the sink")
     assert sql_counts(stack.database_url, crisis.crisis_id) == expected
+    # The accountability process serves its own /metrics (and /health, awaited at its start).
+    assert read_metric(stack.accountability.metrics, "crisiswatch_dependency_up", 'dependency="kafka"') == 1.0
 
     store = PostgresCrisisStore(stack.database_url)
     client = TestClient(create_app(stack.settings, stack.publisher, CollectorRegistry(), lambda: NOW,
