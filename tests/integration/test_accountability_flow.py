@@ -47,7 +47,7 @@ from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
 from pipeline.testing import VerbProcess, make_crisis, square
 from producers.api import create_app
 from producers.crisis_store import PostgresCrisisStore
-from producers.publisher import Publisher, outgoing
+from producers.publisher import Outgoing, Publisher, outgoing
 from schemas import Ack, Channel, Citizen, Crisis, Warning
 from schemas.models import WarningKind
 
@@ -317,3 +317,19 @@ def test_the_silent_are_resent_then_escalated_and_travellers_warned_once(
         cases = our_case(read_topic(stack.settings.kafka_bootstrap, topic, lambda seen: bool(our_case(seen)), 30))
         assert [(c["kind"], c["citizen_id"], c["crisis_id"], c["state"]) for c in cases] == [
             ("escalation", silent.citizen_id, crisis.crisis_id, "open")]
+
+
+def test_a_bad_delivery_is_dead_lettered_by_the_accountability_process_which_goes_on(stack: Stack) -> None:
+    # Only the accountability process reads deliveries: a delivery/1 it cannot read is its dead letter.
+    tag = uuid.uuid4().hex[:8]
+    bad = json.dumps({"schema": "delivery/1", "warning_id": f"w-{tag}", "citizen_id": f"d{tag}"}).encode()
+    stack.publisher.publish([Outgoing(topics.DELIVERIES, f"d{tag}".encode(), bad)])
+
+    def ours(messages: list[Any]) -> list[Any]:
+        return [m for m in messages if m.value == bad]
+
+    [letter] = ours(read_topic(stack.settings.kafka_bootstrap, topics.DLQ, lambda seen: bool(ours(seen)), 60))
+    headers = dict(letter.headers)
+    assert headers[topics.DLQ_STAGE_HEADER] == b"accountability"
+    assert headers[topics.DLQ_SOURCE_TOPIC_HEADER] == topics.DELIVERIES.encode()
+    assert stack.accountability.healthy()  # raises if the process died of it
