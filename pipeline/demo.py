@@ -14,7 +14,7 @@ The scenario (a few thousand simulated travellers around real cities, from GeoNa
    the app (``POST /v1/acks``), an SMS keyword (``AMAN``/``TOLONG`` to the inbound-SMS webhook, matched
    to the sender's registered number) and the one-tap link in the message they received (the reply
    page) — and the flood's ``crisis-status`` counts move by exactly those replies;
-7. a small, moderate crisis (a gas leak in Shinjuku) with the demo's escalation delays (seconds, not
+7. a small, moderate crisis (a gas leak around a traveller in central Tokyo) with the demo's escalation delays (seconds, not
    the production hours): a few warned travellers answer, the silent ones get the warning again
    through their next channel after T1 and are escalated to the embassy (a case) after T2; then it
    is cancelled.
@@ -417,8 +417,8 @@ class Scenario:
         return dict(zip(COUNT_NAMES, (int(v) for v in row or (0,) * len(COUNT_NAMES)), strict=True))
 
     def served_status(self, crisis_id: str) -> dict[str, Any]:
-        body: dict[str, Any] = api_get(self.api, f"/v1/crises/{urllib.parse.quote(crisis_id, safe='')}/status",
-                       self.settings.operator_token.get())
+        path = f"/v1/crises/{urllib.parse.quote(crisis_id, safe='')}/status"
+        body: dict[str, Any] = api_get(self.api, path, self.settings.operator_token.get())
         return body
 
     def settled_status(self, crisis_id: str, condition: Callable[[dict[str, int]], bool] = lambda counts: True,
@@ -530,7 +530,7 @@ class Scenario:
         centre = self.mirror.states[self.rng.choice(around)] if around else None
         lat, lon = (centre.lat, centre.lon) if centre is not None else (35.69, 139.70)
         body = api_post(self.api, "/v1/crises", self.settings.operator_token.get(), {
-            "crisis_id": f"op-{self.run_id}-gas", "title": "Gas leak: Shinjuku", "category": "infra",
+            "crisis_id": f"op-{self.run_id}-gas", "title": "Gas leak: central Tokyo", "category": "infra",
             "severity": "moderate", "buffer_km": 0.5, "country_codes": ["JP"], "geometry": square_around(lat, lon, 0.008),
             "instruction": "Keep away from the area; do not use open flames.",
             "expires": (datetime.now(UTC) + timedelta(minutes=15)).isoformat(timespec="seconds")})
