@@ -1,21 +1,20 @@
 """The accountability agent's work, without Faust: facts in, per-crisis ``crisis-status/1`` out.
 
-The agent (two Faust agents in :mod:`pipeline.app`) reads ``warnings``, ``deliveries``, ``acks`` and
-``cases``, all keyed by citizen, and re-keys them by crisis so that one partition — one worker —
-owns each crisis. The re-keying is explicit (:func:`rekey`, then a send to
+The agent (two Faust agents in :mod:`pipeline.accountability_app`, run by ``crisiswatch
+accountability``, a process of its own) reads ``warnings``, ``deliveries``, ``acks`` and ``cases``, all
+keyed by citizen, and re-keys them by crisis so that one partition — one accountability process — owns
+each crisis. The re-keying is explicit (:func:`rekey`, then a send to
 ``crisiswatch-accountability-by-crisis-repartition``) rather than Faust's ``group_by``, whose key
 function runs where bad data has no path but a crash: here a message is decoded once, a bad one is
 skipped or dead-lettered before it goes anywhere, and what is forwarded is the fact's own compact
 encoding. The second agent folds the re-keyed facts: its citizens' standings (:class:`pipeline.domain.accountability.Standing`)
 live in the ``accountability`` table under ``<crisis>\\x1f<citizen>``, next to each other, and the
-crisis's counts are derived from them. Why in the worker app and not a Faust app of its own: the
-worker is already supervised by ``up``, exposes ``/metrics`` and ``/health``, and owns a changelogged
-table the same way; a second app would be a second consumer group, a second web server and a second
-process to run for a fold of four topics.
+crisis's counts are derived from them. Why not in the worker, where it first ran: see
+:mod:`pipeline.accountability_app` (it slowed every check-in down).
 
 Counts are *derived*, never kept as running totals: when a crisis is due (changed, and not published
 for ``CRISISWATCH_STATUS_INTERVAL_S``), its standings are counted from the table. A restarted or
-rebalanced worker recovers the table and counts the same numbers; nothing else needs recovering
+rebalanced accountability process recovers the table and counts the same numbers; nothing else needs recovering
 (every crisis it owns is marked due after a recovery, so the stored status catches up).
 
 Which fact a message is comes from the ``schema`` it names (every event names one; ``cases`` carries
@@ -159,7 +158,7 @@ class AccountabilityRuntime:
         return iter({key.split(SEPARATOR, 1)[0] for key in list(self.states)})
 
     def mark_all(self) -> None:
-        """After a recovery: every crisis this worker holds is published again (once due)."""
+        """After a recovery: every crisis this process holds is published again (once due)."""
         self.dirty.update(self.crises())
 
     def status(self, crisis_id: str, as_of: datetime) -> CrisisStatus:
@@ -170,7 +169,7 @@ class AccountabilityRuntime:
     def due(self, as_of: datetime) -> list[CrisisStatus]:
         """The statuses to publish now: crises changed since their last status and not rate-limited.
         They count as sent at once (a fact arriving while they are sent makes the crisis due again);
-        a status that cannot be sent ends the worker (:func:`pipeline.app.finish_or_exit`), and the
+        a status that cannot be sent ends the process (:func:`pipeline.app.finish_or_exit`), and the
         recovery marks every crisis due again."""
         now = self.monotonic()
         ready = [c for c in sorted(self.dirty) if self.limit.due(c, now)]

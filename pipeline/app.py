@@ -19,9 +19,6 @@
 - after every table recovery (start, rebalance) the worker reconciles: every owned citizen
   against every active crisis, sending only what the stored state says is missing.
 - a timer ends expired crises (``all_clear``).
-- **accountability agents** (``warnings``, ``deliveries``, ``acks``, ``cases`` → re-keyed by crisis →
-  the ``accountability`` table; :mod:`pipeline.accountability`): per-crisis counts published on
-  ``crisis-status`` by a timer, at most once per crisis per ``CRISISWATCH_STATUS_INTERVAL_S``.
 - ``/health`` is 200 once crises and citizens are loaded and, with a health probe
   (:mod:`pipeline.health`, given by ``crisiswatch worker``), while Kafka answers it; else 503, the
   body naming what is missing or down.
@@ -42,8 +39,7 @@ import asyncio
 import json
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,37 +51,26 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pipeline import dlq, topics
-from pipeline.accountability import STAGE as ACCOUNTABILITY_STAGE
-from pipeline.accountability import AccountabilityRuntime, Rekeyed, rekey
-from pipeline.accountability import Topics as AccountabilityTopics
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
-from pipeline.stage import describe, label
 from schemas import Crisis, Warning, encode
 
 log = logging.getLogger(__name__)
 
 APP_ID = "crisiswatch"
 STATE_TABLE = "citizen-state"
-ACCOUNTABILITY_TABLE = "accountability"
 
 
 def changelog_topic(app_id: str = APP_ID) -> str:
     return f"{app_id}-{STATE_TABLE}-changelog"
 
 
-def regrouped_topic(app_id: str = APP_ID) -> str:
-    """The accountability facts re-keyed by crisis."""
-    return f"{app_id}-{ACCOUNTABILITY_TABLE}-by-crisis-repartition"
-
-
 def internal_topics(app_id: str = APP_ID) -> list[str]:
-    """The worker's own topics, created with the core ones (``up``): the tables' changelogs and the
-    accountability agent's re-keyed stream."""
-    return [changelog_topic(app_id), f"{app_id}-{ACCOUNTABILITY_TABLE}-changelog", regrouped_topic(app_id)]
+    """The worker's own topics, created with the core ones (``up``): its table's changelog."""
+    return [changelog_topic(app_id)]
 
 
 def utc_now() -> datetime:
@@ -384,8 +369,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     app.timer(interval=5.0)(expire_crises)
 
-    accountability_runtime(app, settings, clock, metrics)
-
     @app.page("/metrics")
     async def metrics_page(self: View, request: Request) -> Response:
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition
@@ -404,95 +387,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         return self.json(body, status=status)
 
     return app, runtime
-
-
-def accountability_runtime(app: faust.App, settings: Settings, clock: Callable[[], datetime],
-                           metrics: WorkerMetrics, names: AccountabilityTopics | None = None,
-                           status_topic: str = topics.CRISIS_STATUS) -> AccountabilityRuntime:
-    """The accountability agents (:mod:`pipeline.accountability`): facts re-keyed by crisis (the first),
-    standings in the ``accountability`` table (the second), statuses out on ``crisis-status`` from a
-    timer, rate-limited.
-
-    A standing is written to the table's store and its changelog record sent (to the partition of the
-    event, which is the crisis's partition of the re-keyed stream) and acknowledged before the event
-    is: as for the citizen states (:class:`_TableView`), nothing Faust would commit is left unsaved."""
-    names = names or AccountabilityTopics()
-    sources = app.topic(*names.all(), key_serializer="raw", value_serializer="raw")
-    regrouped = app.topic(regrouped_topic(app.conf.id), key_serializer="raw", value_serializer="raw",
-                          partitions=settings.partitions, internal=True)
-    table = app.Table(ACCOUNTABILITY_TABLE, default=None, partitions=settings.partitions, key_type=bytes)
-    runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic)
-    changelog: str = table.changelog_topic.get_topic_name()
-
-    @app.agent(sources, name="accountability-rekey")
-    async def rekeying(stream: Any) -> None:
-        async for event in stream.events():
-            fact = rekey(event.value, clock())
-            if isinstance(fact, Rekeyed):
-                await finish_or_exit(send_all(app, regrouped.get_topic_name(), [(fact.key, fact.value, None)]),
-                                     "a re-keyed accountability fact")
-            elif fact is not None:
-                metrics.stage_skipped.labels(stage=ACCOUNTABILITY_STAGE, reason=label(fact)).inc()
-                log.warning("not an accountability fact; skipped", extra={"topic": event.message.topic,
-                                                                          "reason": describe(fact)})
-                if event.message.topic == names.deliveries:  # only this agent reads deliveries: the dead letter is ours
-                    letter = DeadLetter.of(raw_message(event), fact, ACCOUNTABILITY_STAGE)
-                    await finish_or_exit(KafkaEmitter(app, settings.dlq_max_payload_bytes).dead_letters([letter]),
-                                         "a dead letter")
-
-    @app.agent(regrouped, name="accountability")
-    async def accountability(stream: Any) -> None:
-        async for event in stream.events():
-            changed = runtime.observe(event.value, clock())
-            if isinstance(changed, Exception):  # cannot be: the re-keying agent forwards valid facts only
-                log.error("a re-keyed fact refused; skipped", extra={"reason": describe(changed)})
-            elif changed is not None:
-                key, value = changed
-                record = json.dumps(value, separators=(",", ":")).encode("utf-8")
-                await finish_or_exit(_send_to(app, changelog, key.encode("utf-8"), record, event.message.partition),
-                                     "an accountability state")
-
-    async def publish_statuses() -> None:
-        statuses = runtime.due(clock())
-        if statuses:
-            await finish_or_exit(send_all(app, status_topic, [(s.crisis_id.encode("utf-8"), encode(s), None)
-                                                              for s in statuses]), "crisis statuses")
-
-    app.timer(interval=max(0.2, min(1.0, settings.status_interval_s)))(publish_statuses)
-
-    @table.on_recover
-    async def recovered() -> None:
-        runtime.mark_all()
-
-    return runtime
-
-
-async def _send_to(app: faust.App, topic: str, key: bytes, value: bytes, partition: int) -> None:
-    future = await app.producer.send(topic, key, value, partition, None, None)
-    await future
-
-
-class _StandingsView(MutableMapping[str, Any]):
-    """The accountability table's store seen as a mapping of ``<crisis>\x1f<citizen>`` to a standing's
-    JSON; the changelog record is sent by the agent (see :func:`accountability_runtime`)."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-
-    def __getitem__(self, key: str) -> Any:
-        return self.table.data[key.encode("utf-8")]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.table.data[key.encode("utf-8")] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.table.data[key.encode("utf-8")]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.data.keys())])
-
-    def __len__(self) -> int:
-        return len(self.table.data)
 
 
 class _TableView(DurableStates):

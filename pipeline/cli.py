@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "up": ("pipeline.stack_cmd", "start the whole stack (embedded broker and PostgreSQL unless configured)"),
     "demo": ("pipeline.demo", "start the stack, play a scripted crisis scenario, print a summary, exit"),
     "worker": ("pipeline.worker_cmd", "run one Faust worker (locate and crisis agents); run several to scale"),
+    "accountability": ("pipeline.accountability_cmd", "run the accountability agents: per-crisis counts on crisis-status"),
     "api": ("producers.api_cmd", "run the ingest API (check-ins, citizens, crises, acks)"),
     "sink": ("consumers.sink_cmd", "run the PostgreSQL sink and the per-country warning router"),
     "dispatch": ("consumers.dispatch_cmd", "deliver warnings to citizens (webhook, email, SMS/push), once per channel"),

@@ -66,6 +66,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_REPLY_TTL_S", "604800", "How long a reply link works after the message was sent (seconds)."),
     EnvVar("CRISISWATCH_MAX_BODY_BYTES", "2000000", "Largest request body the ingest API accepts (413 above)."),
     EnvVar("CRISISWATCH_WORKER_WEB_PORT", "6066", "Worker's HTTP port (/metrics, /health); workers on one host need different ports."),
+    EnvVar("CRISISWATCH_ACCOUNTABILITY_WEB_PORT", "6067", "Accountability process's HTTP port (/metrics, /health)."),
     EnvVar("CRISISWATCH_SINK_METRICS_PORT", "9102", "Postgres sink's /metrics and /health port."),
     EnvVar("CRISISWATCH_DISPATCH_METRICS_PORT", "9104", "Dispatcher's /metrics and /health port."),
     EnvVar("CRISISWATCH_WEBHOOK_SECRET", "",
@@ -194,6 +195,7 @@ class Settings:
     reply_ttl_s: float = 604_800.0
     cap_sender: str = "crisiswatch@localhost"
     worker_web_port: int = 6066
+    accountability_web_port: int = 6067
     sink_metrics_port: int = 9102
     dispatch_metrics_port: int = 9104
     webhook_secret: Secret = Secret("")
@@ -268,6 +270,7 @@ class Settings:
             reply_ttl_s=_float("CRISISWATCH_REPLY_TTL_S", get("CRISISWATCH_REPLY_TTL_S"), 60.0),
             max_body_bytes=_int("CRISISWATCH_MAX_BODY_BYTES", get("CRISISWATCH_MAX_BODY_BYTES"), 1024),
             worker_web_port=_int("CRISISWATCH_WORKER_WEB_PORT", get("CRISISWATCH_WORKER_WEB_PORT")),
+            accountability_web_port=_int("CRISISWATCH_ACCOUNTABILITY_WEB_PORT", get("CRISISWATCH_ACCOUNTABILITY_WEB_PORT")),
             sink_metrics_port=_int("CRISISWATCH_SINK_METRICS_PORT", get("CRISISWATCH_SINK_METRICS_PORT")),
             dispatch_metrics_port=_int("CRISISWATCH_DISPATCH_METRICS_PORT", get("CRISISWATCH_DISPATCH_METRICS_PORT")),
             webhook_secret=Secret(get("CRISISWATCH_WEBHOOK_SECRET")),
@@ -348,6 +351,7 @@ class Settings:
             "CRISISWATCH_REPLY_TTL_S": str(self.reply_ttl_s),
             "CRISISWATCH_CAP_SENDER": self.cap_sender,
             "CRISISWATCH_WORKER_WEB_PORT": str(self.worker_web_port),
+            "CRISISWATCH_ACCOUNTABILITY_WEB_PORT": str(self.accountability_web_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(self.sink_metrics_port),
             "CRISISWATCH_DISPATCH_METRICS_PORT": str(self.dispatch_metrics_port),
             "CRISISWATCH_WEBHOOK_SECRET": self.webhook_secret.get(),

@@ -1,5 +1,5 @@
 """The whole stack on one machine: embedded servers where nothing is configured, then the
-processes (worker, sink + router, ingest API, optionally feed pollers) as supervised children.
+processes (worker, accountability, sink + router, dispatcher, ingest API, optionally feed pollers) as supervised children.
 
 Used by ``crisiswatch up`` and ``crisiswatch demo``. Children get the settings through their
 environment (``Settings.env()``), log to ``<data dir>/logs/<name>.log``, and are stopped with
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final
 
-from pipeline.app import internal_topics
+from pipeline.accountability_app import internal_topics as accountability_topics
+from pipeline.app import internal_topics as worker_topics
 from pipeline.embedded import (
     EmbeddedBroker,
     EmbeddedError,
@@ -65,6 +66,11 @@ EMBEDDED_PRODUCER_MAX_BATCH_BYTES = 1
 START_TIMEOUT_S: Final = 60.0
 DRAIN_TIMEOUT_S: Final = 30.0  # how long a stop waits for the pipeline to finish what was acknowledged
 INPUT_CHILDREN: Final = frozenset({"api", "feeds"})  # stopped first: nothing new comes in while the rest drains
+
+
+def internal_topics() -> list[str]:
+    """The Faust apps' own topics (changelogs, the re-keyed stream), created with the core ones."""
+    return [*worker_topics(), *accountability_topics()]
 
 
 class StackError(RuntimeError):
@@ -230,6 +236,7 @@ class Stack:
         except TokenFileError as exc:
             raise StackError(str(exc)) from None
         self.settings = replace(s, api_port=self._port(s.api_port), worker_web_port=self._port(s.worker_web_port),
+                                accountability_web_port=self._port(s.accountability_web_port),
                                 sink_metrics_port=self._port(s.sink_metrics_port),
                                 dispatch_metrics_port=self._port(s.dispatch_metrics_port))
         try:
@@ -250,6 +257,8 @@ class Stack:
         children = [
             Child("worker", ["worker"], f"http://{host}:{s.worker_web_port}/health", self.logs / "worker.log",
                   restart_with_broker=True),
+            Child("accountability", ["accountability"], f"http://{host}:{s.accountability_web_port}/health",
+                  self.logs / "accountability.log", restart_with_broker=True),
             Child("sink", ["sink"], f"http://{host}:{s.sink_metrics_port}/health", self.logs / "sink.log",
                   restart_with_broker=True, uses_database=True),
             Child("dispatch", ["dispatch"], f"http://{host}:{s.dispatch_metrics_port}/health", self.logs / "dispatch.log",
@@ -443,6 +452,7 @@ class Stack:
         lines += [f"  kafka        {kafka}", f"  postgresql   {db}",
                   f"  ingest API   http://{host}:{s.api_port}   (OpenAPI: /docs, metrics: /metrics)",
                   f"  worker       http://{host}:{s.worker_web_port}/metrics   /health",
+                  f"  accountability http://{host}:{s.accountability_web_port}/metrics   /health",
                   f"  sink         http://{host}:{s.sink_metrics_port}/metrics   /health",
                   f"  dispatch     http://{host}:{s.dispatch_metrics_port}/metrics   /health"]
         for child in self.children:

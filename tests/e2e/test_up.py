@@ -56,7 +56,7 @@ class Up:
             self.banner += line
             assert time.monotonic() < deadline, self.banner
         self.ports = {name: int(port) for name, port in
-                      re.findall(r"^\s+(ingest API|worker|sink|dispatch)\s+http://127\.0\.0\.1:(\d+)", self.banner, re.M)}
+                      re.findall(r"^\s+(ingest API|worker|accountability|sink|dispatch)\s+http://127\.0\.0\.1:(\d+)", self.banner, re.M)}
         self.kafka_port = int(re.search(r"kafka\s+127\.0\.0\.1:(\d+)", self.banner).group(1))  # type: ignore[union-attr]
         self.ingest_token = re.search(r"ingest\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
         self.operator_token = re.search(r"operator\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
@@ -133,9 +133,9 @@ def wait_closed(ports: list[int], timeout_s: float = 30) -> list[int]:
 
 
 def test_up_serves_the_api_and_stops_cleanly_on_sigterm(up: Up) -> None:
-    assert set(up.ports) == {"ingest API", "worker", "sink", "dispatch"}
+    assert set(up.ports) == {"ingest API", "worker", "accountability", "sink", "dispatch"}
     assert up.post_checkin() == 202
-    for name in ("worker", "sink", "dispatch"):
+    for name in ("worker", "accountability", "sink", "dispatch"):
         with urllib.request.urlopen(f"http://127.0.0.1:{up.ports[name]}/health", timeout=5) as response:
             assert response.status == 200
     up.process.send_signal(signal.SIGTERM)

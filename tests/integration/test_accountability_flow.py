@@ -1,5 +1,6 @@
 """Accountability and escalation on real servers: an embedded broker of this module's own, the
-session's PostgreSQL, the worker and the sink as child processes, the dispatcher in this process
+session's PostgreSQL, the accountability process (``crisiswatch accountability``) and the sink as
+child processes, the dispatcher in this process
 with an HTTP receiver on loopback.
 
 What an operator would notice: warnings delivered (or not), replies, and the crisis's counts on
@@ -34,19 +35,19 @@ from consumers.escalate import Escalator
 from consumers.kafka_io import read_topic
 from consumers.sink import CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, citizen_row, crisis_row, warning_row
 from pipeline import topics
-from pipeline.app import internal_topics
 from pipeline.domain.accountability import COUNT_NAMES, COUNTS_SQL
 from pipeline.domain.delivery import IDEMPOTENCY_HEADER
 from pipeline.domain.escalation import parse_rules
 from pipeline.domain.ids import warning_id
 from pipeline.embedded import EmbeddedBroker, apply_migrations, create_topics, ensure_topics, free_port
 from pipeline.metrics import DispatchMetrics
+from pipeline.observability import read_metric
 from pipeline.settings import Secret, Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
+from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
 from pipeline.testing import VerbProcess, make_crisis, square
 from producers.api import create_app
 from producers.crisis_store import PostgresCrisisStore
-from producers.publisher import Publisher, outgoing
+from producers.publisher import Outgoing, Publisher, outgoing
 from schemas import Ack, Channel, Citizen, Crisis, Warning
 from schemas.models import WarningKind
 
@@ -99,17 +100,17 @@ def receiver() -> Iterator[Receiver]:
 
 class Stack:
     def __init__(self, bootstrap: str, database_url: str, data_dir: Path) -> None:
-        worker_port, sink_port = free_port(), free_port()
+        accountability_port, sink_port = free_port(), free_port()
         self.settings = Settings.from_env({
             "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
-            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
+            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_ACCOUNTABILITY_WEB_PORT": str(accountability_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_STATUS_INTERVAL_S": "0.5",
             "CRISISWATCH_OPERATOR_TOKEN": OPERATOR, "CRISISWATCH_DISPATCH_MAX_ATTEMPTS": "2",
             "CRISISWATCH_DISPATCH_RETRY_INITIAL_S": "0.05", "CRISISWATCH_DISPATCH_RETRY_MAX_S": "0.1",
             "CRISISWATCH_WEBHOOK_SECRET": "test-secret",
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
         env = {**os.environ, **self.settings.env()}
-        self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
+        self.accountability = VerbProcess("accountability", env, data_dir / "accountability.log", accountability_port)
         self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)
         self.publisher = Publisher(self.settings)
         self.database_url = database_url
@@ -123,11 +124,11 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     s = Stack(broker.bootstrap, database_url, data_dir)
     try:
         s.sink.start()
-        s.worker.start()
+        s.accountability.start()
         yield s
     finally:
         s.publisher.close()
-        s.worker.stop()
+        s.accountability.stop()
         s.sink.stop()
         broker.stop()
 
@@ -195,7 +196,7 @@ def test_warnings_deliveries_and_replies_become_the_status_the_endpoint_serves(s
     # citizen 5 then left the area
     warnings.append(warning_for(people[5].citizen_id, crisis, "exited", NOW - timedelta(minutes=10)))
     dispatch_topic = fresh_topic("acc-warnings")
-    stack.publisher.publish([outgoing(w) for w in warnings])  # the worker's accountability agent and the sink
+    stack.publisher.publish([outgoing(w) for w in warnings])  # the accountability process and the sink
     stack.publisher.publish([outgoing(w, dispatch_topic) for w in warnings])  # the dispatcher under test
     replies = [Ack(people[0].citizen_id, crisis.crisis_id, "safe", NOW - timedelta(minutes=5), "app"),
                Ack(people[1].citizen_id, crisis.crisis_id, "safe", NOW - timedelta(minutes=6), "app"),
@@ -207,6 +208,8 @@ def test_warnings_deliveries_and_replies_become_the_status_the_endpoint_serves(s
         wait_for(lambda: stored_counts(stack.database_url, crisis.crisis_id) == expected, 150,
                  "the agent's status, stored by the sink")
     assert sql_counts(stack.database_url, crisis.crisis_id) == expected
+    # The accountability process serves its own /metrics (and /health, awaited at its start).
+    assert read_metric(stack.accountability.metrics, "crisiswatch_dependency_up", 'dependency="kafka"') == 1.0
 
     store = PostgresCrisisStore(stack.database_url)
     client = TestClient(create_app(stack.settings, stack.publisher, CollectorRegistry(), lambda: NOW,
@@ -314,3 +317,19 @@ def test_the_silent_are_resent_then_escalated_and_travellers_warned_once(
         cases = our_case(read_topic(stack.settings.kafka_bootstrap, topic, lambda seen: bool(our_case(seen)), 30))
         assert [(c["kind"], c["citizen_id"], c["crisis_id"], c["state"]) for c in cases] == [
             ("escalation", silent.citizen_id, crisis.crisis_id, "open")]
+
+
+def test_a_bad_delivery_is_dead_lettered_by_the_accountability_process_which_goes_on(stack: Stack) -> None:
+    # Only the accountability process reads deliveries: a delivery/1 it cannot read is its dead letter.
+    tag = uuid.uuid4().hex[:8]
+    bad = json.dumps({"schema": "delivery/1", "warning_id": f"w-{tag}", "citizen_id": f"d{tag}"}).encode()
+    stack.publisher.publish([Outgoing(topics.DELIVERIES, f"d{tag}".encode(), bad)])
+
+    def ours(messages: list[Any]) -> list[Any]:
+        return [m for m in messages if m.value == bad]
+
+    [letter] = ours(read_topic(stack.settings.kafka_bootstrap, topics.DLQ, lambda seen: bool(ours(seen)), 60))
+    headers = dict(letter.headers)
+    assert headers[topics.DLQ_STAGE_HEADER] == b"accountability"
+    assert headers[topics.DLQ_SOURCE_TOPIC_HEADER] == topics.DELIVERIES.encode()
+    assert stack.accountability.healthy()  # raises if the process died of it

@@ -44,12 +44,13 @@ DEFAULTS = {v.name: v.default for v in ENV_VARS}
 # Each process's HTTP port (/metrics, /health). The feed pollers take theirs as a flag.
 PORTS = {
     "worker": int(DEFAULTS["CRISISWATCH_WORKER_WEB_PORT"]),
+    "accountability": int(DEFAULTS["CRISISWATCH_ACCOUNTABILITY_WEB_PORT"]),
     "api": int(DEFAULTS["CRISISWATCH_API_PORT"]),
     "sink": int(DEFAULTS["CRISISWATCH_SINK_METRICS_PORT"]),
     "feeds": 9103,
     "dispatch": int(DEFAULTS["CRISISWATCH_DISPATCH_METRICS_PORT"]),
 }
-LONG_RUNNING = ("worker", "api", "sink", "feeds", "dispatch")
+LONG_RUNNING = ("worker", "accountability", "api", "sink", "feeds", "dispatch")
 CRISISWATCH_IMAGE = "crisiswatch"
 
 
@@ -259,11 +260,11 @@ def test_compose_schema_check_rejects_a_broken_file() -> None:
 
 def test_every_crisiswatch_service_runs_a_real_verb() -> None:
     commands = {name: s["command"] for name, s in services().items() if is_crisiswatch(s)}
-    assert {c[0] for c in commands.values()} >= {"worker", "api", "sink", "feeds", "migrate"}
+    assert {c[0] for c in commands.values()} >= {"worker", "accountability", "api", "sink", "feeds", "migrate"}
     assert all(c[0] in VERBS for c in commands.values()), commands
 
 
-@pytest.mark.parametrize("service_name", ["worker", "api", "sink", "feeds", "migrate"])
+@pytest.mark.parametrize("service_name", ["worker", "accountability", "api", "sink", "feeds", "migrate"])
 def test_compose_command_line_is_accepted_by_the_verb(service_name: str) -> None:
     verb, *args = services()[service_name]["command"]
     verb_parser(verb).parse_args(args)
@@ -478,8 +479,9 @@ def test_k8s_environment_builds_valid_settings() -> None:
     assert settings.kafka_bootstrap, "Kafka is external in Kubernetes: the ConfigMap must name it"
     assert settings.database_url.get().startswith("postgresql://")
     assert settings.api_host == "0.0.0.0"
-    assert (settings.api_port, settings.worker_web_port, settings.sink_metrics_port, settings.dispatch_metrics_port) == (
-        PORTS["api"], PORTS["worker"], PORTS["sink"], PORTS["dispatch"])
+    assert (settings.api_port, settings.worker_web_port, settings.sink_metrics_port, settings.dispatch_metrics_port,
+            settings.accountability_web_port) == (
+        PORTS["api"], PORTS["worker"], PORTS["sink"], PORTS["dispatch"], PORTS["accountability"])
     assert settings.webhook_secret and settings.smtp_url.get().startswith("smtp"), "the dispatcher's secrets are named"
 
 
@@ -661,6 +663,7 @@ def test_promtool_accepts_the_rules_scrape_configs_and_alert_tests(what: str, pa
 def test_ports_agree_between_settings_compose_prometheus_k8s_and_image() -> None:
     svc = services()
     assert svc["worker"]["environment"]["CRISISWATCH_WORKER_WEB_PORT"] == str(PORTS["worker"])
+    assert svc["accountability"]["environment"]["CRISISWATCH_ACCOUNTABILITY_WEB_PORT"] == str(PORTS["accountability"])
     assert svc["api"]["environment"]["CRISISWATCH_API_PORT"] == str(PORTS["api"])
     assert svc["sink"]["environment"]["CRISISWATCH_SINK_METRICS_PORT"] == str(PORTS["sink"])
     assert svc["dispatch"]["environment"]["CRISISWATCH_DISPATCH_METRICS_PORT"] == str(PORTS["dispatch"])
@@ -675,7 +678,8 @@ def test_ports_agree_between_settings_compose_prometheus_k8s_and_image() -> None
     exposed = {int(p) for args in (a for i, a in dockerfile_instructions() if i == "EXPOSE") for p in args.split()}
     assert exposed == set(PORTS.values())
     healthcheck_script = (DEPLOY / "Dockerfile").read_text("utf-8")
-    for name in ("CRISISWATCH_WORKER_WEB_PORT", "CRISISWATCH_API_PORT", "CRISISWATCH_SINK_METRICS_PORT",
+    for name in ("CRISISWATCH_WORKER_WEB_PORT", "CRISISWATCH_ACCOUNTABILITY_WEB_PORT", "CRISISWATCH_API_PORT",
+                 "CRISISWATCH_SINK_METRICS_PORT",
                  "CRISISWATCH_DISPATCH_METRICS_PORT"):
         assert f'os.environ.get("{name}", "{DEFAULTS[name]}")' in healthcheck_script
     assert f'"{PORTS["feeds"]}"' in healthcheck_script
@@ -847,3 +851,10 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     home = services()["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/crisiswatch.json"
+
+
+def test_k8s_accountability_replicas_never_outnumber_partitions() -> None:
+    # Each replica owns some partitions of the re-keyed stream; one beyond the partition count sits idle.
+    partitions = Settings.from_env(k8s_environment()).partitions
+    assert 1 <= k8s_by_kind("Deployment")["crisiswatch-accountability"]["spec"]["replicas"] <= partitions
+    assert services()["accountability"].get("deploy", {}).get("replicas", 1) <= int(DEFAULTS["CRISISWATCH_PARTITIONS"])

@@ -1,0 +1,213 @@
+"""The accountability process's Faust app (``crisiswatch accountability``): facts in, per-crisis
+``crisis-status/1`` out, in a process and consumer group of its own.
+
+Why not in the worker, where it first ran: it re-keys every warning, delivery, reply and case by crisis
+and writes a changelog record per changed standing. In the worker, that work shared one event loop and
+one producer with the locate agent, and every check-in waited behind it: the demo's check-in ->
+warning latency grew several times longer (README, "Known limits"). A process of its own takes nothing
+from the geofencing; it has its own app id, hence its own consumer group and internal topics
+(:func:`internal_topics`), its own ``/metrics`` and ``/health``, and ``up`` supervises it like the
+worker. Several may run: the re-keyed stream's partitions, and so the crises, are shared among them.
+
+The work itself is :mod:`pipeline.accountability`'s (no Faust there); the agents below only move bytes:
+
+- **accountability-rekey** (``warnings``, ``deliveries``, ``acks``, ``cases``): each message as a fact
+  keyed by its crisis, sent to ``<app id>-by-crisis-repartition``; what is no fact is skipped and
+  counted, and a bad ``delivery/1`` (only this process reads deliveries) is dead-lettered.
+- **accountability** (the re-keyed stream): folds the facts into the citizens' standings, kept in the
+  ``accountability`` table (memory store, changelog in Kafka).
+- a timer publishes the due statuses on ``crisis-status``, at most once per crisis per
+  ``CRISISWATCH_STATUS_INTERVAL_S``.
+
+At-least-once, as in the worker (:mod:`pipeline.app`): a standing's changelog record and a status are
+acknowledged by Kafka before the event is; work that cannot be finished ends the process before
+anything is committed (:func:`pipeline.app.finish_or_exit`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from datetime import datetime
+from typing import Any, Final
+
+import faust
+from faust.web import Request, Response, View
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pipeline import topics
+from pipeline.accountability import STAGE, AccountabilityRuntime, Rekeyed, Topics, rekey
+from pipeline.app import (
+    FETCH_MAX_WAIT_MS,
+    KafkaEmitter,
+    _bound_fetch_wait,
+    _rewind_uncommitted,
+    broker_credentials,
+    finish_or_exit,
+    raw_message,
+    send_all,
+    utc_now,
+)
+from pipeline.health import HealthProbe
+from pipeline.metrics import DlqMetrics
+from pipeline.runtime import DeadLetter
+from pipeline.settings import Settings
+from pipeline.stage import describe, label
+from schemas import encode
+
+log = logging.getLogger(__name__)
+
+APP_ID: Final = "crisiswatch-accountability"
+TABLE: Final = "accountability"
+
+
+def regrouped_topic(app_id: str = APP_ID) -> str:
+    """The accountability facts re-keyed by crisis."""
+    return f"{app_id}-by-crisis-repartition"
+
+
+def table_changelog_topic(app_id: str = APP_ID) -> str:
+    return f"{app_id}-{TABLE}-changelog"
+
+
+def internal_topics(app_id: str = APP_ID) -> list[str]:
+    """This app's own topics, created with the core ones (``up``, ``crisiswatch accountability``): the
+    standings' changelog and the re-keyed stream."""
+    return [table_changelog_topic(app_id), regrouped_topic(app_id)]
+
+
+def create_accountability_app(settings: Settings, *, registry: CollectorRegistry | None = None,
+                              clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID,
+                              health: HealthProbe | None = None, names: Topics | None = None,
+                              status_topic: str = topics.CRISIS_STATUS) -> tuple[faust.App, AccountabilityRuntime]:
+    registry = registry or CollectorRegistry()
+    metrics = DlqMetrics(registry)
+    _bound_fetch_wait(FETCH_MAX_WAIT_MS)
+    _rewind_uncommitted()
+    timeout = settings.rebalance_timeout_s
+    producer_options: dict[str, Any] = {}
+    if settings.producer_max_batch_bytes:
+        producer_options["producer_max_batch_size"] = settings.producer_max_batch_bytes
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()],
+        broker_credentials=broker_credentials(settings),
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_disable_leader=True,
+        table_standby_replicas=0,
+        broker_rebalance_timeout=timeout,
+        broker_session_timeout=max(timeout, 6.0),
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_host=settings.api_host,
+        web_port=settings.accountability_web_port,
+        web_in_thread=False,
+        datadir=str(settings.data_dir / f"accountability-{settings.accountability_web_port}"),
+        **producer_options,
+    )
+    names = names or Topics()
+    sources = app.topic(*names.all(), key_serializer="raw", value_serializer="raw")
+    regrouped = app.topic(regrouped_topic(app_id), key_serializer="raw", value_serializer="raw",
+                          partitions=settings.partitions, internal=True)
+    table = app.Table(TABLE, default=None, partitions=settings.partitions, key_type=bytes)
+    runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic)
+    changelog: str = table.changelog_topic.get_topic_name()
+    emitter = KafkaEmitter(app, settings.dlq_max_payload_bytes)
+    recovered = False
+
+    @app.agent(sources, name="accountability-rekey")
+    async def rekeying(stream: Any) -> None:
+        async for event in stream.events():
+            fact = rekey(event.value, clock())
+            if isinstance(fact, Rekeyed):
+                await finish_or_exit(send_all(app, regrouped.get_topic_name(), [(fact.key, fact.value, None)]),
+                                     "a re-keyed accountability fact")
+            elif fact is not None:
+                metrics.stage_skipped.labels(stage=STAGE, reason=label(fact)).inc()
+                log.warning("not an accountability fact; skipped", extra={"topic": event.message.topic,
+                                                                          "reason": describe(fact)})
+                if event.message.topic == names.deliveries:  # only this app reads deliveries: the dead letter is ours
+                    letter = DeadLetter.of(raw_message(event), fact, STAGE)
+                    await finish_or_exit(emitter.dead_letters([letter]), "a dead letter")
+
+    @app.agent(regrouped, name="accountability")
+    async def accountability(stream: Any) -> None:
+        async for event in stream.events():
+            changed = runtime.observe(event.value, clock())
+            if isinstance(changed, Exception):  # cannot be: the re-keying agent forwards valid facts only
+                log.error("a re-keyed fact refused; skipped", extra={"reason": describe(changed)})
+            elif changed is not None:
+                key, value = changed
+                record = json.dumps(value, separators=(",", ":")).encode("utf-8")
+                await finish_or_exit(_send_to(app, changelog, key.encode("utf-8"), record, event.message.partition),
+                                     "an accountability state")
+
+    async def publish_statuses() -> None:
+        statuses = runtime.due(clock())
+        if statuses:
+            await finish_or_exit(send_all(app, status_topic, [(s.crisis_id.encode("utf-8"), encode(s), None)
+                                                              for s in statuses]), "crisis statuses")
+
+    app.timer(interval=max(0.2, min(1.0, settings.status_interval_s)))(publish_statuses)
+
+    @table.on_recover
+    async def on_recovered() -> None:
+        nonlocal recovered
+        recovered = True
+        runtime.mark_all()
+
+    @app.page("/metrics")
+    async def metrics_page(self: View, request: Request) -> Response:
+        # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 by definition
+        return self.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split("; charset")[0])
+
+    @app.page("/health")
+    async def health_page(self: View, request: Request) -> Response:
+        owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == regrouped.get_topic_name())
+        details = {"table_recovered": recovered, "crisis_partitions": owned}
+        if health is None:
+            return self.json({"status": "ok" if recovered else "starting", **details}, status=200 if recovered else 503)
+        status, body = health.report(recovered, **details)
+        if not recovered and body["status"] == "unhealthy":
+            body["status"] = "starting"
+        return self.json(body, status=status)
+
+    return app, runtime
+
+
+async def _send_to(app: faust.App, topic: str, key: bytes, value: bytes, partition: int) -> None:
+    future = await app.producer.send(topic, key, value, partition, None, None)
+    await future
+
+
+class _StandingsView(MutableMapping[str, Any]):
+    """The accountability table's store seen as a mapping of ``<crisis>\\x1f<citizen>`` to a standing's
+    JSON; the changelog record is sent by the agent (see :func:`create_accountability_app`), and
+    acknowledged before the event is: nothing Faust would commit is left unsaved."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table.data[key.encode("utf-8")]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table.data[key.encode("utf-8")] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table.data[key.encode("utf-8")]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.data.keys())])
+
+    def __len__(self) -> int:
+        return len(self.table.data)

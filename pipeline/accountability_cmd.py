@@ -1,0 +1,63 @@
+"""``crisiswatch accountability``: the accountability agents in a Faust app of their own
+(:mod:`pipeline.accountability_app`): per-crisis counts from warnings, deliveries, replies and cases,
+published on ``crisis-status``.
+
+``crisiswatch up`` and the demo start one; run more (each with its own
+``CRISISWATCH_ACCOUNTABILITY_WEB_PORT`` on one host) to share the crises, up to the partition count.
+Needs ``CRISISWATCH_KAFKA_BOOTSTRAP``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from pipeline.settings import Settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--web-port", type=int, default=None,
+                        help="port of /metrics and /health [env: CRISISWATCH_ACCOUNTABILITY_WEB_PORT]")
+    parser.add_argument("--loglevel", default=None, help="log level [env: CRISISWATCH_LOG_LEVEL]")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.web_port is not None:
+        settings = replace(settings, accountability_web_port=args.web_port)
+    if not settings.kafka_bootstrap:
+        print("crisiswatch accountability: CRISISWATCH_KAFKA_BOOTSTRAP is not set (or use `crisiswatch up`)",
+              file=sys.stderr)
+        return 2
+    return run_accountability(settings, (args.loglevel or settings.log_level).lower())
+
+
+def run_accountability(settings: Settings, loglevel: str = "info", app_id: str | None = None) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.accountability_app import APP_ID, create_accountability_app, internal_topics
+    from pipeline.embedded import create_topics
+    from pipeline.health import probe_for
+    from pipeline.worker_cmd import service_worker
+
+    app_id = app_id or APP_ID
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Created here with the configured partitions: the re-keyed stream must have as many as the crises'
+    # keys are hashed over, and the changelog as many as the table.
+    create_topics(settings.kafka_bootstrap, internal_topics(app_id), settings.partitions, settings.kafka_client_options())
+    registry = CollectorRegistry()
+    probe = probe_for(settings, kafka=True, registry=registry)
+    app, _ = create_accountability_app(settings, app_id=app_id, registry=registry, health=probe)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    probe.start()
+    try:
+        service_worker(app, loglevel).execute_from_commandline()
+    finally:
+        probe.stop()
+    return 0
