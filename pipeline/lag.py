@@ -44,7 +44,12 @@ STACK_GROUPS: Final[Mapping[str, tuple[str, ...]]] = {
 
 DISPATCH_GROUP: Final = "crisiswatch-dispatch"  # consumers.dispatch.GROUP_ID (a test keeps them equal)
 
-MONITORED_GROUPS: Final[Mapping[str, tuple[str, ...]]] = {**STACK_GROUPS, DISPATCH_GROUP: (topics.WARNINGS,)}
+ACCOUNTABILITY_GROUP: Final = "crisiswatch-accountability"  # pipeline.accountability_app.APP_ID (a test keeps them equal)
+
+MONITORED_GROUPS: Final[Mapping[str, tuple[str, ...]]] = {
+    **STACK_GROUPS, DISPATCH_GROUP: (topics.WARNINGS,),
+    ACCOUNTABILITY_GROUP: (topics.WARNINGS, topics.DELIVERIES, topics.ACKS, topics.CASES),
+}
 """The groups whose lag the sink process exports."""
 
 

@@ -246,6 +246,7 @@ PROCESSES: Final[Mapping[str, tuple[Callable[[CollectorRegistry], object], ...]]
     "sink": (SinkMetrics, LagMetrics, DependencyMetrics),
     "dispatch": (DispatchMetrics, DependencyMetrics),
     "feeds": (FeedMetrics, DependencyMetrics),
+    "accountability": (DlqMetrics, DependencyMetrics),
 }
 """Which metric classes each long-running process registers (the ``crisiswatch <verb>`` it runs)."""
 

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.dispatch import GROUP_ID
-from pipeline import lag, metrics, topics
+from pipeline import accountability_app, lag, metrics, topics
+from pipeline.accountability import Topics as AccountabilityTopics
 
 REPO = Path(__file__).resolve().parents[2]
 CATALOGUE = REPO / "docs" / "metrics.md"
@@ -176,6 +177,8 @@ def test_lag_monitor_exports_the_gauges_and_keeps_them_through_an_outage() -> No
     assert registry.get_sample_value("crisiswatch_consumer_lag_last_success_timestamp_seconds") == 1234.0
 
 
-def test_monitored_groups_are_the_stack_groups_and_the_dispatcher() -> None:
+def test_monitored_groups_are_the_stack_groups_the_dispatcher_and_accountability() -> None:
     assert lag.DISPATCH_GROUP == GROUP_ID
-    assert dict(lag.MONITORED_GROUPS) == {**lag.STACK_GROUPS, GROUP_ID: (topics.WARNINGS,)}
+    assert lag.ACCOUNTABILITY_GROUP == accountability_app.APP_ID
+    assert dict(lag.MONITORED_GROUPS) == {**lag.STACK_GROUPS, GROUP_ID: (topics.WARNINGS,),
+                                          accountability_app.APP_ID: AccountabilityTopics().all()}
