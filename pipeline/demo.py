@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from pipeline import topics
@@ -58,6 +59,9 @@ TOKYO_AREA = {"type": "Polygon", "coordinates": [[[139.66, 35.66], [139.74, 35.6
                                                   [139.66, 35.72], [139.66, 35.66]]]}
 YOKOHAMA = (35.4437, 139.6380)
 EMAIL_EVERY = 4  # one traveller in four registered an email address, the others a webhook
+
+
+DEMO_DATA_DIR = Path(".crisiswatch-demo")  # unless CRISISWATCH_DATA_DIR says otherwise
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -347,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_with(args: argparse.Namespace, receivers: Receivers, started: float) -> int:
     settings = Settings.from_env()
+    if "CRISISWATCH_DATA_DIR" not in settings.configured:  # its simulated citizens stay out of `up`'s database
+        settings = replace(settings, data_dir=DEMO_DATA_DIR)
     # The dispatcher delivers to the demo's own receivers; the local mail server takes mail as fast as it comes.
     settings = replace(settings, dwell_seconds=min(settings.dwell_seconds, 2.0), smtp_url=Secret(receivers.mail.url),
                        webhook_secret=Secret(receivers.secret), rate_limit_email_per_s=0.0)
