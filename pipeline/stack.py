@@ -231,9 +231,13 @@ class Stack:
         ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=internal_topics())
 
     def start_servers(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        s = self.settings  # ports first: a busy port the user set stops `up` before anything starts
+        s = replace(s, api_port=self._port("CRISISWATCH_API_PORT", s.api_port),
+                    worker_web_port=self._port("CRISISWATCH_WORKER_WEB_PORT", s.worker_web_port),
+                    sink_metrics_port=self._port("CRISISWATCH_SINK_METRICS_PORT", s.sink_metrics_port),
+                    dispatch_metrics_port=self._port("CRISISWATCH_DISPATCH_METRICS_PORT", s.dispatch_metrics_port))
+        s.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        s = self.settings
         if s.embedded_kafka:
             self.broker = EmbeddedBroker.start(log_path=self.broker_log)
             s = replace(s, kafka_bootstrap=self.broker.bootstrap,
@@ -247,11 +251,7 @@ class Stack:
             s, self.tokens_file = with_kept_tokens(s)
         except TokenFileError as exc:
             raise StackError(str(exc)) from None
-        self.settings = replace(s, api_port=self._port("CRISISWATCH_API_PORT", s.api_port),
-                                worker_web_port=self._port("CRISISWATCH_WORKER_WEB_PORT", s.worker_web_port),
-                                sink_metrics_port=self._port("CRISISWATCH_SINK_METRICS_PORT", s.sink_metrics_port),
-                                dispatch_metrics_port=self._port("CRISISWATCH_DISPATCH_METRICS_PORT",
-                                                                 s.dispatch_metrics_port))
+        self.settings = s
         try:
             self.restored = self._restore_broker()
         except RestoreError as exc:
@@ -453,8 +453,8 @@ class Stack:
         every check-in the API answered 202 for is geofenced and in PostgreSQL, and so is every warning.
         With the embedded broker, which keeps nothing once stopped, this is what makes an orderly stop
         lose nothing acknowledged. Returns whether it drained; says in one line if it could not."""
-        if self.broker is not None and not self.broker.alive():
-            return False
+        if not self.children or (self.broker is not None and not self.broker.alive()):
+            return False  # nothing started that could have taken anything in, or the broker is gone
         if not all(c.alive() for c in self.children if c.name not in INPUT_CHILDREN):
             return False  # a part that would drain is down: waiting would change nothing
         deadline = self.clock() + timeout_s
