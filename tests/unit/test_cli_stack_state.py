@@ -14,6 +14,7 @@ import sys
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from consumers.tail import format_line
 from pipeline import state_file
 from pipeline.cli import VERBS, build_parser, env_help
-from pipeline.settings import ENV_VARS, Settings, SettingsError
+from pipeline.settings import ENV_VARS, Secret, Settings, SettingsError
 from pipeline.state_file import Part, StackState
 from producers.api import create_app
 from producers.publisher import Publisher
@@ -239,3 +240,45 @@ def test_the_demo_keeps_out_of_ups_data_directory_unless_told() -> None:
 
     assert in_demo_dir(Settings.from_env({})).data_dir == DEMO_DATA_DIR != Settings().data_dir
     assert in_demo_dir(Settings.from_env({"CRISISWATCH_DATA_DIR": "/srv/cw"})).data_dir == Path("/srv/cw")
+
+
+# -- cancelling a crisis nobody declared ----------------------------------------------------------
+
+
+class _Crises:
+    """An in-memory twin of the crisis store: the ids it knows, or PostgreSQL away."""
+
+    def __init__(self, known: set[str], away: bool = False) -> None:
+        self.known, self.away = known, away
+
+    def versions(self, crisis_id: str) -> list[Any]:
+        from producers.crisis_store import StoreUnavailable
+
+        if self.away:
+            raise StoreUnavailable("connection refused")
+        return [object()] if crisis_id in self.known else []
+
+    def active(self, now: datetime) -> list[Any]:
+        return []
+
+    def statuses(self, now: datetime) -> list[dict[str, Any]]:
+        return []
+
+    def status(self, crisis_id: str) -> dict[str, Any] | None:
+        return None
+
+
+def test_cancelling_a_crisis_the_database_does_not_know_is_a_404() -> None:
+    settings = Settings(operator_token=Secret("op"), kafka_publish_timeout_s=0.1)
+    publisher = Publisher(settings, bootstrap="127.0.0.1:1")  # no broker: nothing may get as far as publishing
+
+    def answer(store: _Crises) -> Any:
+        client = TestClient(create_app(settings, publisher, CollectorRegistry(), lambda: T0, crisis_store=store))
+        return client.post("/v1/crises", json={"op": "cancel", "crisis_id": "nope"}, headers={"Authorization": "Bearer op"})
+
+    refused = answer(_Crises({"flood"}))
+    assert refused.status_code == 404
+    assert (refused.json()["error"], refused.json()["field"]) == ("not_found", "$.crisis_id")
+    assert "no crisis 'nope' to cancel" in refused.json()["reason"]
+    # PostgreSQL away: a cancel is never held up by it (it goes on to Kafka, here absent: 503)
+    assert answer(_Crises(set(), away=True)).status_code == 503
