@@ -386,7 +386,9 @@ def _parse(var: EnvVar, raw: str) -> Any:
         return Secret(raw.strip())
     if kind is Path:
         return Path(raw.strip())
-    return raw.strip()
+    if kind is str:
+        return raw.strip()
+    raise TypeError(f"{var.name}: no parser for a field of type {kind}; give its EnvVar a parse=")
 
 
 _FIELD_TYPES: dict[str, Any] = {f.name: t for f in fields(Settings)
