@@ -138,7 +138,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
            verbs=KAFKA_CLIENTS),
     EnvVar("CRISISWATCH_KAFKA_PUBLISH_TIMEOUT_S", "2", "Longest wait for Kafka to acknowledge a publish; the API answers 503 after it.",
            verbs=PUBLISHERS, minimum=0.1),
-    EnvVar("CRISISWATCH_API_HOST", "127.0.0.1", "Ingest API listen address.",
+    EnvVar("CRISISWATCH_API_HOST", "127.0.0.1", "Listen address of every port crisiswatch opens (API, worker, sink, dispatcher, feeds).",
            verbs=STACK | _verbs("api", "worker", "sink", "dispatch", "feeds", "status")),
     EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port.",
            verbs=STACK | _verbs("api", "status"), maximum=65535),

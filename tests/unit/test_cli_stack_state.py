@@ -282,3 +282,7 @@ def test_cancelling_a_crisis_the_database_does_not_know_is_a_404() -> None:
     assert "no crisis 'nope' to cancel" in refused.json()["reason"]
     # PostgreSQL away: a cancel is never held up by it (it goes on to Kafka, here absent: 503)
     assert answer(_Crises(set(), away=True)).status_code == 503
+
+
+def test_the_defaults_of_the_table_are_the_defaults_of_the_settings() -> None:
+    assert Settings.from_env({}) == Settings()
