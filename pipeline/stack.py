@@ -305,7 +305,13 @@ class Stack:
                                    chosen_ports=self.chosen_ports)
 
     def write_state(self) -> None:
-        state_file.write(self.state(), self.settings.data_dir)
+        """Record what runs where; a stack that cannot write it runs on (the client verbs then need
+        the environment), with one line saying so."""
+        try:
+            state_file.write(self.state(), self.settings.data_dir)
+        except OSError as exc:
+            self.say(f"crisiswatch up: could not write {state_file.state_path(self.settings.data_dir)}: "
+                     f"{exc.strerror or exc}; other verbs will not find this stack by themselves")
 
     def _await_healthy(self, children: Sequence[Child], timeout_s: float, *, restart_dead: bool) -> None:
         """Wait until every one of ``children`` answers ``/health`` with 200. One that dies meanwhile
