@@ -230,6 +230,7 @@ def test_a_busy_port_is_an_error_when_set_and_replaced_with_a_note_when_not() ->
         chosen_by_us = Stack(Settings.from_env({"CRISISWATCH_DATA_DIR": "/nonexistent"}))
         chosen = chosen_by_us._port("CRISISWATCH_WORKER_WEB_PORT", port)
         assert chosen != port and chosen_by_us.chosen_ports == {"CRISISWATCH_WORKER_WEB_PORT": (port, chosen)}
+        assert f"port {chosen} chosen for CRISISWATCH_WORKER_WEB_PORT: {port} was busy" in chosen_by_us.banner()
         set_by_user = Stack(Settings.from_env({"CRISISWATCH_WORKER_WEB_PORT": str(port)}))
         with pytest.raises(StackError, match=f"port {port} on 127.0.0.1 \\(CRISISWATCH_WORKER_WEB_PORT\\) is in use"):
             set_by_user._port("CRISISWATCH_WORKER_WEB_PORT", port)
