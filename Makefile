@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.geofence
 
 clean:
-	rm -rf $(VENV) .crisiswatch .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .crisiswatch .crisiswatch-demo .mypy_cache .ruff_cache .pytest_cache

@@ -1,6 +1,7 @@
 """``crisiswatch tail``: print warnings as they arrive, filtered by crisis, country or kind.
 
-A read-only observer: no consumer group (every partition is assigned, nothing is committed), so
+Finds the broker of the stack ``crisiswatch up`` runs on the data directory by itself
+(:mod:`pipeline.state_file`). A read-only observer: no consumer group (every partition is assigned, nothing is committed), so
 it never takes partitions from a real consumer. Starts at the end unless ``--from-beginning``.
 """
 
@@ -14,13 +15,15 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from types import FrameType
 from typing import Any, TextIO, get_args
 
 from consumers.kafka_io import Message, poll_messages
 from pipeline import topics
 from pipeline.settings import Settings
-from schemas import InvalidEvent, Warning, decode, format_time
+from pipeline.state_file import client_settings, no_stack
+from schemas import InvalidEvent, Warning, decode
 from schemas.models import WarningKind
 
 
@@ -36,11 +39,21 @@ class WarningFilter:
                 and (not self.kinds or warning.kind in self.kinds))
 
 
+# A distance says something only for a citizen outside the area (near it, or just gone out of it);
+# severity means nothing on an all-clear.
+_DISTANCE_KINDS = frozenset({"near", "exited"})
+
+
 def format_line(warning: Warning) -> str:
-    """One human-readable line: time, kind, citizen, crisis and version, severity, distance, title."""
-    return (f"{format_time(warning.emitted_at)}  {warning.kind:<9}  citizen={warning.citizen_id}  "
-            f"crisis={warning.crisis_id} v{warning.crisis_version}  {warning.severity:<8}  "
-            f"{warning.distance_km:7.2f} km  {warning.title}")
+    """One line for a person: time (UTC, to the second), kind, citizen, severity, crisis title and
+    country, the distance where it means something, and the crisis id to filter on (``--crisis``)."""
+    when = warning.emitted_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    severity = "" if warning.kind == "all_clear" else warning.severity
+    where = ",".join(warning.country_codes) or "--"
+    distance = (f", {warning.distance_km:.1f} km away" if warning.kind in _DISTANCE_KINDS and warning.distance_km > 0
+                else "")
+    return (f"{when}  {warning.kind:<9}  {warning.citizen_id}  {severity:<8}  {warning.title} ({where}{distance})"
+            f"  [{warning.crisis_id}]")
 
 
 def format_json(warning: Warning) -> str:
@@ -55,9 +68,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="only this kind (inside, entered, near, exited, all_clear); repeatable")
     parser.add_argument("--from-beginning", action="store_true", help="start at the oldest warning kept, not the end")
     parser.add_argument("--max", type=int, metavar="N", help="exit after printing N warnings")
-    parser.add_argument("--json", action="store_true", help="print warning/1 JSON lines instead of text")
+    parser.add_argument("--json", action="store_true", help="print warning/1 JSON lines (one per warning, for programs)")
     parser.add_argument("--topic", help="read this topic instead (default: warnings, or warnings.<CC> with --country)")
-    parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers [env CRISISWATCH_KAFKA_BOOTSTRAP]")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="Kafka bootstrap servers [env CRISISWATCH_KAFKA_BOOTSTRAP; default: the running stack's]")
     parser.add_argument("--wait-s", type=float, default=None, metavar="S",
                         help="give up (exit 1) when nothing matched for S seconds; default: wait forever")
 
@@ -137,11 +151,10 @@ def tail(bootstrap: str, topic: str, wanted: WarningFilter, *, settings: Setting
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings, _stack = client_settings()
     bootstrap = args.bootstrap or settings.kafka_bootstrap
     if not bootstrap:
-        print("crisiswatch tail: set CRISISWATCH_KAFKA_BOOTSTRAP or --bootstrap (crisiswatch up prints the address)",
-              file=sys.stderr)
+        print(f"crisiswatch tail: {no_stack(settings)} or --bootstrap", file=sys.stderr)
         return 2
     if args.max is not None and args.max < 1:
         print("crisiswatch tail: --max must be at least 1", file=sys.stderr)

@@ -109,6 +109,7 @@ def create_accountability_app(settings: Settings, *, registry: CollectorRegistry
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_host=settings.api_host,
+        web_bind=settings.api_host,
         web_port=settings.accountability_web_port,
         web_in_thread=False,
         datadir=str(settings.data_dir / f"accountability-{settings.accountability_web_port}"),

@@ -286,6 +286,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_host=settings.api_host,
+        web_bind=settings.api_host,  # Faust listens on web_bind (0.0.0.0 unless told); web_host only names it
         web_port=settings.worker_web_port,
         web_in_thread=False,
         datadir=str(settings.data_dir / f"worker-{settings.worker_web_port}"),

@@ -2,7 +2,9 @@
 
 Each verb lives in its own module, imported only when that verb runs, exposing
 ``configure(parser)`` and ``run(args) -> int``. Configuration comes from the environment
-(see ``crisiswatch --help`` for every variable); flags override it per run.
+(``crisiswatch --help`` lists every variable, ``crisiswatch VERB --help`` those the verb uses);
+flags override it per run. Verbs that talk to a running stack find what ``crisiswatch up`` started
+in its state file when nothing is configured (:mod:`pipeline.state_file`).
 """
 
 from __future__ import annotations
@@ -30,15 +32,20 @@ VERBS: dict[str, tuple[str, str]] = {
     "parse": ("producers.feeds.parse_cmd", "parse feed documents (CAP, GDACS, USGS, RSS, advisories) to crisis/1"),
     "feeds": ("producers.feeds.poll_cmd", "poll the configured feeds and publish crisis events"),
     "migrate": ("consumers.migrate_cmd", "apply the SQL migrations in deploy/sql to CRISISWATCH_DATABASE_URL"),
+    "status": ("pipeline.status_cmd", "what the running stack is made of, where, and whether each part is healthy"),
+    "token": ("pipeline.token_cmd", "print the running stack's ingest or operator token (OPERATOR_TOKEN=$(crisiswatch token operator))"),
+    "psql": ("pipeline.psql_cmd", "psql on the running stack's database"),
     "restore": ("pipeline.restore_cmd", "republish active crises, citizens and citizen states from PostgreSQL "
                 "into a Kafka that lost them (before workers start)"),
 }
 
 
-def env_help() -> str:
-    width = max(len(v.name) for v in ENV_VARS)
+def env_help(verb: str | None = None) -> str:
+    """The environment variables ``verb`` uses (every one without a verb), one line each."""
+    used = [v for v in ENV_VARS if verb is None or v.used_by(verb)]
+    width = max(len(v.name) for v in used)
     lines = ["environment (flags override):"]
-    lines += [f"  {v.name:<{width}}  {v.meaning} [default: {v.default or 'empty'}]" for v in ENV_VARS]
+    lines += [f"  {v.name:<{width}}  {v.meaning} [default: {v.default or 'empty'}]" for v in used]
     return "\n".join(lines)
 
 
@@ -62,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, help_text = VERBS[verb]
     module = importlib.import_module(module_name)
     verb_parser = argparse.ArgumentParser(
-        prog=f"crisiswatch {verb}", description=help_text, epilog=env_help(),
+        prog=f"crisiswatch {verb}", description=help_text, epilog=env_help(verb),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     module.configure(verb_parser)
     args = verb_parser.parse_args(args_in[1:])

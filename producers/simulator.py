@@ -26,7 +26,7 @@ from typing import TextIO
 from pipeline import topics
 from pipeline.domain.travellers import TravellerModel
 from pipeline.observability import setup_logging
-from pipeline.settings import Settings
+from pipeline.state_file import client_settings, no_stack
 from producers.cities import DEFAULT_MIN_POPULATION, load_cities, parse_countries
 from producers.publisher import BrokerUnavailable, Publisher
 from schemas import Event
@@ -122,14 +122,13 @@ def build_model(args: argparse.Namespace, start: datetime) -> TravellerModel:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings, _stack = client_settings()
     setup_logging(settings.log_level, "simulate")
     if args.citizens < 1 or args.rate <= 0 or (args.duration is not None and args.duration < 0):
         print("crisiswatch simulate: --citizens must be >= 1, --rate > 0 and --duration >= 0", file=sys.stderr)
         return 2
     if not args.dry_run and not settings.kafka_bootstrap:
-        print("crisiswatch simulate: CRISISWATCH_KAFKA_BOOTSTRAP is empty; start the stack with `crisiswatch up` "
-              "and export its bootstrap, or use --dry-run", file=sys.stderr)
+        print(f"crisiswatch simulate: {no_stack(settings)}; or use --dry-run", file=sys.stderr)
         return 2
     try:
         model = build_model(args, datetime.now(UTC))

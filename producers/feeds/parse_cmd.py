@@ -5,20 +5,24 @@ each passed through the very check the stages apply when they read ``crisis-even
 (:func:`pipeline.domain.validation.prepare_outgoing`: the decoder and the geometry normaliser)
 before it is printed, so what is printed is what the pipeline would use. On stderr, one
 line per item the parser rejected (``FILE: rejected ITEM: REASON``) and per news item held for
-review (``FILE: review ...``); with ``--notes`` also the parser's notes (geometry repairs, swapped
-coordinates, areas left unmapped). Exit 0 when every file parsed (even if some items were rejected),
-2 when any file could not be read or parsed at all, with one ``FILE: REASON`` line each.
+review (``FILE: review ...``), and one line counting the items left out because they are no crisis
+as of ``--at`` (``FILE: left out 3 items: 2 expired as of ..., 1 index entry that only links
+elsewhere``; expiry is judged alike for every format); with ``--notes`` also each item left out and
+the parser's notes (geometry repairs, swapped coordinates, areas left unmapped). Exit 0 when every
+file parsed (even if some items were rejected), 2 when any file could not be read or parsed at all,
+with one ``FILE: REASON`` line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from pipeline.domain.feeds.base import FORMATS, FeedError, ParseContext, ParseResult, parse_document
+from pipeline.domain.feeds.base import FORMATS, FeedError, ParseContext, ParseResult, parse_document, skip_phrase
 from pipeline.domain.feeds.detect import detect_format
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
 from pipeline.settings import Settings
@@ -50,6 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--at", type=_aware_time, default=None, metavar="TIME",
                         help="read the documents as of this RFC 3339 time, e.g. an archived feed as it was when "
                              "published (items expired by then yield no event) [default: now]")
+    parser.add_argument("--include-expired", action="store_true",
+                        help="print the items expired as of --at too (inspecting an archive), whatever the format")
 
 
 def _aware_time(text: str) -> datetime:
@@ -100,7 +106,16 @@ def emit(path: Path, result: ParseResult, args: argparse.Namespace, out: BinaryI
     if not args.include_review:
         for event in result.review:
             print(f"{path}: review {event.crisis_id}: {event.title}", file=err)
+    if result.skipped:
+        when = now or datetime.now(UTC)
+        counts = Counter(s.reason for s in result.skipped)
+        total = len(result.skipped)
+        print(f"{path}: left out {total} item{'s' if total != 1 else ''}: "
+              + ", ".join(skip_phrase(reason, when, n) for reason, n in counts.items()), file=err)
     if args.notes:
+        for skipped in result.skipped:
+            print(f"{path}: left out {skipped.item_ref}: {skip_phrase(skipped.reason, now or datetime.now(UTC))}",
+                  file=err)
         for note in result.notes:
             print(f"{path}: note: {note}", file=err)
 
@@ -118,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ctx = ParseContext(now=args.at or datetime.now(UTC), exercise_mode=args.exercise or settings.exercise_mode,
                        source_name="crisiswatch parse", language=args.language,
-                       geocoder=_LazyGeocoder(args.geocoder), min_confidence=args.min_confidence)
+                       geocoder=_LazyGeocoder(args.geocoder), min_confidence=args.min_confidence,
+                       keep_expired=args.include_expired)
     failed = 0
     out = sys.stdout.buffer
     for path in args.files:

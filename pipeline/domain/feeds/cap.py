@@ -68,7 +68,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pipeline.domain import countries, geometry
 from pipeline.domain.feeds import xmlsafe
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection, Skipped
 from schemas import Crisis
 from schemas.models import SEVERITY_RANK, Certainty, Severity, Urgency
 
@@ -144,7 +144,8 @@ class _Alert:
 
 def parse(data: bytes, ctx: ParseContext) -> ParseResult:
     root = xmlsafe.parse_xml(data, max_bytes=ctx.max_bytes)
-    alerts = _read_document(root)
+    skipped: list[Skipped] = []
+    alerts = _read_document(root, skipped)
     events: list[Crisis] = []
     rejected: list[Rejection] = []
     notes: list[str] = []
@@ -155,13 +156,13 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
             rejected.append(outcome)
         else:
             events.append(outcome)
-    return ParseResult(events=tuple(events), rejected=tuple(rejected), notes=tuple(notes))
+    return ParseResult(events=tuple(events), rejected=tuple(rejected), notes=tuple(notes), skipped=tuple(skipped))
 
 
 # ---- reading the XML --------------------------------------------------------------------------
 
 
-def _read_document(root: ET.Element) -> list[_Alert]:
+def _read_document(root: ET.Element, skipped: list[Skipped]) -> list[_Alert]:
     name = xmlsafe.local_name(root.tag)
     if name == "alert":
         return [_read_alert(root, "alert")]
@@ -175,7 +176,7 @@ def _read_document(root: ET.Element) -> list[_Alert]:
             alert.country_hints |= {h for h in hints if h}
         return alerts
     if name in ("feed", "rss", "RDF"):
-        return _read_feed(root)
+        return _read_feed(root, skipped)
     raise FeedError(f"not a CAP document: root element <{name}>")
 
 
@@ -237,7 +238,9 @@ def _entry_link(entry: ET.Element) -> str:
     return cap_link or next((href for _kind, rel, href in links if rel == "alternate" and href), "")
 
 
-def _read_feed(root: ET.Element) -> list[_Alert]:
+def _read_feed(root: ET.Element, skipped: list[Skipped]) -> list[_Alert]:
+    """The alerts a feed's entries carry; an entry without CAP content is counted in ``skipped``: one
+    that links to a CAP document is an index entry (the alert is elsewhere), any other is news."""
     channel = xmlsafe.child(root, "channel")
     container = channel if channel is not None else root
     feed_author = _author(container) or xmlsafe.text(container, "managingEditor")
@@ -254,7 +257,10 @@ def _read_feed(root: ET.Element) -> list[_Alert]:
             alerts.append(alert)
             continue
         if not any(_is_cap(c) for c in entry.iter()):
-            continue  # an ordinary news entry in a CAP feed: nothing to alert
+            ref = xmlsafe.text(entry, "id") or xmlsafe.text(entry, "guid") or _entry_link(entry) or f"entry #{index + 1}"
+            links_cap = any(link.get("type", "") == "application/cap+xml" for link in xmlsafe.children(entry, "link"))
+            skipped.append(Skipped(ref, "link_only" if links_cap else "no_hazard"))
+            continue
         alert = _read_inline_entry(entry, index, feed_author)
         key = (alert.sender, alert.identifier)
         if key in by_identity:  # MeteoAlarm: one entry per area of the same alert
@@ -263,7 +269,7 @@ def _read_feed(root: ET.Element) -> list[_Alert]:
             continue
         by_identity[key] = alert
         alerts.append(alert)
-    if entries and not alerts:
+    if entries and not alerts and not any(s.reason == "link_only" for s in skipped):
         raise FeedError(f"feed of {len(entries)} entries without any CAP content: not a CAP feed")
     return alerts
 

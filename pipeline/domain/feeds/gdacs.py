@@ -45,7 +45,7 @@ from datetime import UTC, datetime, timedelta
 
 from pipeline.domain import countries, geometry
 from pipeline.domain.feeds import xmlsafe
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection, Skipped
 from schemas import Crisis
 from schemas.models import Certainty, Severity, Urgency
 
@@ -102,6 +102,7 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
     events: list[Crisis] = []
     rejected: list[Rejection] = []
     notes: list[str] = []
+    skipped: list[Skipped] = []
     seen: set[tuple[str, int]] = set()
     for index, item in enumerate(xmlsafe.children(channel, "item")):
         ref = xmlsafe.text(item, "guid") or f"item[{index}]"
@@ -111,14 +112,14 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
             rejected.append(Rejection(ref, str(exc)))
             continue
         if crisis is None:
-            notes.append(f"{ref} expired before {ctx.now.isoformat()}")
+            skipped.append(Skipped(ref, "expired"))
             continue
         if (crisis.crisis_id, crisis.version) in seen:
             notes.append(f"{ref} repeated in the document")
             continue
         seen.add((crisis.crisis_id, crisis.version))
         events.append(crisis)
-    return ParseResult(events=tuple(events), rejected=tuple(rejected), notes=tuple(notes))
+    return ParseResult(events=tuple(events), rejected=tuple(rejected), notes=tuple(notes), skipped=tuple(skipped))
 
 
 def _gdacs(item: ET.Element, name: str) -> ET.Element | None:
@@ -221,7 +222,7 @@ def _crisis(item: ET.Element, ctx: ParseContext) -> Crisis | None:
         return Crisis(crisis_id, "cancel", version, "gdacs", source_ref, title, category, severity, "past", "observed", None, 0.0,
                       (), effective, None, "", url)
     expires = updated + EXPIRES_AFTER.get(event_type, _DEFAULT_EXPIRY)
-    if expires <= ctx.now:
+    if expires <= ctx.now and not ctx.keep_expired:
         return None
     area = _area(item, event_type, level)
     temporary = _field(item, "temporary").lower() == "true"

@@ -56,7 +56,7 @@ from geopy.exc import GeopyError
 
 from pipeline.domain import countries, geometry
 from pipeline.domain.feeds import xmlsafe
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection, Skipped
 from schemas import Crisis
 
 
@@ -149,6 +149,7 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
     review: list[Crisis] = []
     rejected: list[Rejection] = []
     notes: list[str] = []
+    skipped: list[Skipped] = []
     for index, entry in enumerate(parsed.entries):
         ref = str(entry.get("id") or entry.get("link") or f"item #{index + 1}")
         try:
@@ -157,10 +158,13 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
             rejected.append(Rejection(ref, f"unusable news item: {exc}"))
             continue
         if outcome is None:
+            quiet = says_all_quiet(_plain(str(entry.get("title") or "")))
+            skipped.append(Skipped(ref, "all_quiet" if quiet else "no_hazard"))
             continue
         crisis, confident = outcome
         (events if confident else review).append(crisis)
-    return ParseResult(events=tuple(events), rejected=tuple(rejected), review=tuple(review), notes=tuple(notes))
+    return ParseResult(events=tuple(events), rejected=tuple(rejected), review=tuple(review), notes=tuple(notes),
+                       skipped=tuple(skipped))
 
 
 # ---- classification ---------------------------------------------------------------------------
@@ -192,6 +196,12 @@ def hazard_of(title: str) -> Hazard | None:
             if any(not _negated(title, m.start()) for m in pattern.finditer(title)):
                 return hazard
     return None
+
+
+def says_all_quiet(title: str) -> bool:
+    """Whether the title names a hazard only to deny it ("There are no tropical cyclones at this time")."""
+    return any(_negated(title, m.start()) for _hazard, patterns in _HAZARD_PATTERNS for pattern in patterns
+               for m in pattern.finditer(title))
 
 
 def _mentions(text: str, patterns: Sequence[re.Pattern[str]]) -> bool:

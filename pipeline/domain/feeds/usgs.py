@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.domain import countries, geometry
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Rejection, Skipped
 from schemas import Crisis
 from schemas.models import Severity
 
@@ -129,6 +129,7 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
     events: list[Crisis] = []
     rejected: list[Rejection] = []
     notes: list[str] = []
+    skipped: list[Skipped] = []
     for index, feature in enumerate(document["features"]):
         ref = str(feature["id"]) if isinstance(feature, dict) and isinstance(feature.get("id"), str) else f"feature[{index}]"
         try:
@@ -137,10 +138,10 @@ def parse(data: bytes, ctx: ParseContext) -> ParseResult:
             rejected.append(Rejection(ref, f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)))
             continue
         if crisis is None:
-            notes.append(f"usgs:{ref} expired before {ctx.now.isoformat()}")
+            skipped.append(Skipped(f"usgs:{ref}", "expired"))
             continue
         events.append(crisis)
-    return ParseResult(events=tuple(events), rejected=tuple(rejected), notes=tuple(notes))
+    return ParseResult(events=tuple(events), rejected=tuple(rejected), notes=tuple(notes), skipped=tuple(skipped))
 
 
 def _number(value: Any, what: str) -> float:
@@ -177,7 +178,7 @@ def _crisis(feature: Any, ctx: ParseContext) -> Crisis | None:
     updated = _epoch_ms(props.get("updated") if props.get("updated") is not None else props.get("time"), "updated")
     version = max(int(updated.timestamp()), 1)
     expires = origin + EXPIRES_AFTER
-    if expires <= ctx.now:
+    if expires <= ctx.now and not ctx.keep_expired:
         return None
     tsunami = props.get("tsunami") in (1, "1", True)
     alert = props.get("alert") if isinstance(props.get("alert"), str) else None

@@ -10,7 +10,7 @@ import shapely
 from shapely.geometry import Point, shape
 
 from pipeline.domain.feeds import gdacs
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Skipped
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "feeds" / "gdacs"
 SAMPLES = Path(__file__).resolve().parents[4] / "shared" / "samples" / "gdacs"
@@ -52,7 +52,7 @@ def test_current_feed_yields_exactly_the_expected_events() -> None:
 
     assert [(r.item_ref, r.reason) for r in result.rejected] == [
         ("EQ1400002", "gdacs:bbox needs 4 numbers (lonmin lonmax latmin latmax), got '8.0 12.0 6.0'")]
-    assert result.notes == ("DR1016000 expired before 2023-11-15T00:00:00+00:00",)
+    assert result.skipped == (Skipped("DR1016000", "expired"),)  # as of NOW, counted, not an event
 
 
 def test_new_episode_updates_the_same_crisis() -> None:
@@ -79,9 +79,9 @@ def test_2016_format_without_bbox_falls_back_to_a_circle() -> None:
     assert by_id["gdacs:EQ:1043000"].country_codes == ("IN", "MM")  # free-text region: countries under the area
 
 
-def test_expired_items_yield_notes_not_events() -> None:
+def test_expired_items_are_counted_not_events() -> None:
     result = parse(FIXTURES / "rss_2016_archive.xml", now=datetime(2016, 4, 9, tzinfo=UTC))
-    assert result.events == () and len(result.notes) == 4
+    assert result.events == () and [s.reason for s in result.skipped] == ["expired"] * 4
 
 
 def test_entity_bomb_is_refused_with_a_reason() -> None:
@@ -117,7 +117,7 @@ def test_sample_7_day_feed() -> None:
     data = (SAMPLES / "gdacs_rss_7d_2022-11-26_whatisc-up25.xml").read_bytes()
     assert data.startswith(b"\xef\xbb\xbf") and gdacs.sniff(data)
     result = gdacs.parse(data, ParseContext(now=datetime(2022, 11, 26, 21, 27, 3, tzinfo=UTC)))
-    assert (len(result.events), len(result.rejected), len(result.notes)) == (301, 0, 14)
+    assert (len(result.events), len(result.rejected), len(result.skipped)) == (301, 0, 14)  # 14 expired
     assert sum(e.op == "cancel" for e in result.events) == 160  # gdacs:iscurrent false
     by_id = {e.crisis_id: e for e in result.events}
     fiji = by_id["gdacs:EQ:1347632"]  # bbox "-183.4738 -175.4738 -26.0701 -18.0701"

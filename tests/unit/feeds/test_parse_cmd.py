@@ -35,7 +35,7 @@ def events_of(stdout: str) -> list[dict[str, Any]]:
 
 
 def test_cap_documents_print_one_valid_event_per_line() -> None:
-    done = crisiswatch_parse(FIXTURES / "cap" / "cap12_polygon_alert_jakarta_flood.xml",
+    done = crisiswatch_parse("--at", "2024-01-15T12:00:00+07:00", FIXTURES / "cap" / "cap12_polygon_alert_jakarta_flood.xml",
                              FIXTURES / "cap" / "cap12_cancel_without_info.xml")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
@@ -88,7 +88,7 @@ def test_rejected_files_give_exit_2_with_one_line_each_and_the_others_still_prin
     missing = FIXTURES / "does-not-exist.xml"
     bomb = FIXTURES / "hostile" / "billion_laughs.xml"
     good = FIXTURES / "cap" / "cap12_polygon_alert_jakarta_flood.xml"
-    done = crisiswatch_parse(missing, bomb, good)
+    done = crisiswatch_parse("--at", "2024-01-15T12:00:00+07:00", missing, bomb, good)
     assert done.returncode == 2
     assert len(events_of(done.stdout)) == 1
     lines = done.stderr.splitlines()
@@ -114,13 +114,13 @@ def test_forced_format_that_does_not_fit_is_refused() -> None:
 
 def test_news_events_print_and_review_items_are_listed() -> None:
     path = FIXTURES / "news" / "rss_id_berita.xml"
-    done = crisiswatch_parse(path)
+    done = crisiswatch_parse("--at", "2022-11-22T12:00:00+07:00", path)
     assert done.returncode == 0
     assert {e["title"] for e in events_of(done.stdout)} == {
         "Gempa M5,6 guncang Cianjur, 162 orang tewas", "Banjir di Semarang, ribuan warga mengungsi"}
     review_lines = [line for line in done.stderr.splitlines() if ": review rss:" in line]
     assert len(review_lines) == 2
-    with_review = crisiswatch_parse("--include-review", path)
+    with_review = crisiswatch_parse("--at", "2022-11-22T12:00:00+07:00", "--include-review", path)
     assert len(events_of(with_review.stdout)) == 4
 
 
@@ -143,7 +143,7 @@ def test_every_cap_and_news_sample_parses_to_valid_events() -> None:
         (SAMPLES / "news").glob("*.xml"))
     if not paths:
         pytest.skip("shared samples not present")
-    done = crisiswatch_parse(*paths)
+    done = crisiswatch_parse("--include-expired", *paths)  # documents of many dates: judge every item
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     events = events_of(done.stdout)
@@ -159,3 +159,45 @@ def test_at_reads_an_archived_feed_as_it_was() -> None:
     assert "usgs:us7000abcd" in {e["crisis_id"] for e in events_of(then.stdout)}
     refused = crisiswatch_parse("--at", "2023-11-15 noon", week)
     assert refused.returncode == 2 and "RFC 3339" in refused.stderr
+
+
+@pytest.mark.parametrize(("path", "at", "event"), [
+    (FIXTURES / "cap" / "cap12_polygon_alert_jakarta_flood.xml", "2024-01-15T12:00:00+07:00",
+     "cap:alerts@crisiswatch.example:CW-JKT-FL-20240115-001"),
+    (FIXTURES / "usgs" / "week.geojson", "2023-11-15T00:00:00Z", "usgs:us7000abcd"),
+    (FIXTURES / "gdacs" / "rss_current.xml", "2023-11-15T00:00:00Z", "gdacs:TC:1000900"),
+])
+def test_expiry_is_judged_alike_for_every_format_and_counted_on_stderr(path: Path, at: str, event: str) -> None:
+    then = crisiswatch_parse("--at", at, path)
+    assert event in {e["crisis_id"] for e in events_of(then.stdout)}
+    later = crisiswatch_parse("--at", "2030-01-01T00:00:00Z", path)  # long after every item expired
+    assert later.returncode == 0
+    assert [e for e in events_of(later.stdout) if e["op"] == "upsert"] == []
+    [summary] = [line for line in later.stderr.splitlines() if ": left out " in line]
+    assert summary.startswith(f"{path}: left out ") and "expired as of 2030-01-01T00:00:00+00:00" in summary
+    assert event in {e["crisis_id"] for e in events_of(crisiswatch_parse(
+        "--at", "2030-01-01T00:00:00Z", "--include-expired", path).stdout)}
+
+
+def test_items_that_are_no_crisis_are_counted_by_kind() -> None:
+    done = crisiswatch_parse("--at", "2024-10-01T12:00:00Z", FIXTURES / "news" / "rss_quiet_no_cyclones.xml")
+    assert done.returncode == 0 and events_of(done.stdout) == []
+    assert done.stderr.splitlines() == [
+        f"{FIXTURES / 'news' / 'rss_quiet_no_cyclones.xml'}: left out 2 items: 1 item naming no hazard (outlooks, "
+        "explainers), 1 item saying there is nothing to report (e.g. 'no active cyclones')"]
+
+
+def test_a_cap_index_of_links_is_no_error_and_says_what_it_left_out(tmp_path: Path) -> None:
+    index = tmp_path / "index.atom"
+    index.write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom" xmlns:cap="urn:oasis:names:tc:emergency:cap:1.2">
+  <title>Alerts index</title><id>urn:index</id><updated>2024-01-15T00:00:00Z</updated>
+  <entry><id>urn:a1</id><title>Flood warning</title><updated>2024-01-15T00:00:00Z</updated>
+    <link rel="alternate" type="application/cap+xml" href="https://alerts.example/a1.xml"/></entry>
+  <entry><id>urn:a2</id><title>Wind warning</title><updated>2024-01-15T00:00:00Z</updated>
+    <link rel="alternate" type="application/cap+xml" href="https://alerts.example/a2.xml"/></entry>
+</feed>
+""", encoding="utf-8")
+    done = crisiswatch_parse("--format", "cap", index)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"{index}: left out 2 items: 2 index entries that only link elsewhere"]

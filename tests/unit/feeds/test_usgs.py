@@ -9,7 +9,7 @@ import pytest
 from shapely.geometry import Point, shape
 
 from pipeline.domain.feeds import usgs
-from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult
+from pipeline.domain.feeds.base import FeedError, ParseContext, ParseResult, Skipped
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "feeds" / "usgs"
 SAMPLES = Path(__file__).resolve().parents[4] / "shared" / "samples" / "usgs"
@@ -48,7 +48,7 @@ def test_fixture_feed_yields_exactly_the_expected_events() -> None:
     assert by_id["usgs:uu6000blst"].op == "cancel"
 
     assert [(r.item_ref, r.reason) for r in result.rejected] == [("us7000bad1", "magnitude is not a number: 'strong'")]
-    assert result.notes == ("usgs:us7000old1 expired before 2023-11-15T00:00:00+00:00",)
+    assert result.skipped == (Skipped("usgs:us7000old1", "expired"),)  # as of NOW, counted, not an event
 
 
 def test_updated_event_updates_the_same_crisis() -> None:
@@ -111,7 +111,7 @@ def test_sample_4_5_week() -> None:
     assert len(everything.events) == 91 and not everything.rejected
     # as of the moment the feed was generated, only the last 72 hours count
     result = usgs.parse(data, ParseContext(now=datetime.fromtimestamp(1602348208, UTC)))
-    assert (len(result.events), len(result.rejected), len(result.notes)) == (35, 0, 56)
+    assert (len(result.events), len(result.rejected), len(result.skipped)) == (35, 0, 56)  # 56 expired
     by_id = {e.crisis_id: e for e in result.events}
     nikolski = by_id["usgs:us6000c6rg"]
     assert (nikolski.op, nikolski.severity, nikolski.urgency, nikolski.version) == ("upsert", "severe", "immediate", 1602340538)
