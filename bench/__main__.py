@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ KEYS: dict[str, tuple[str, Target | None]] = {
     "dispatch_vs_plain_ratio": ("dispatch", None),
 }
 MODULES = ("geofence", "worker", "api", "latency", "sweep", "dispatch")
-TIMEOUT_S = {True: 170, False: 900}  # per module: quick, full
+TIMEOUT_S = {True: 300, False: 1200}  # per module, quick and full: generous, a loaded machine is slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,9 @@ def run_module(module: str, quick: bool) -> dict[str, list[float]]:
 
 
 def child(module: str, quick: bool) -> None:
-    """In the child process: run one module, print its values as one JSON line (last line of stdout)."""
+    """In the child process: run one module, print its values as one JSON line (last line of stdout).
+    SIGTERM (the harness's timeout) becomes SystemExit, so the module's ``finally`` stops its servers."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     values = run_module(module, quick)
     sys.stdout.flush()
     print("\n" + json.dumps({"values": values}), flush=True)
@@ -100,16 +103,23 @@ def child(module: str, quick: bool) -> None:
 def in_child(module: str, quick: bool, timeout_s: float, verbose: bool) -> Outcome:
     started = time.monotonic()
     command = [sys.executable, "-m", "bench", "--child", module] + (["--quick"] if quick else [])
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the module's own clean-up stops its broker and workers
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
         return Outcome(module, {}, f"timed out after {timeout_s:.0f} s", time.monotonic() - started)
     seconds = time.monotonic() - started
     if verbose:
-        sys.stderr.write(done.stdout + done.stderr)
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{"values"')]
-    if done.returncode != 0 or not lines:
-        return Outcome(module, {}, _reason(done.stderr) or f"exit status {done.returncode}", seconds)
+        sys.stderr.write(stdout + stderr)
+    lines = [line for line in stdout.splitlines() if line.startswith('{"values"')]
+    if proc.returncode != 0 or not lines:
+        return Outcome(module, {}, _reason(stderr) or f"exit status {proc.returncode}", seconds)
     return Outcome(module, json.loads(lines[-1])["values"], None, seconds)
 
 

@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench.workload import Citizens, workload
 from pipeline import topics
 from pipeline.app import FETCH_MAX_WAIT_MS
-from pipeline.embedded import EmbeddedBroker, create_topics, ensure_topics, free_port
+from pipeline.embedded import EmbeddedBroker, create_topics, die_with_parent, ensure_topics, free_port
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import make_checkin
@@ -50,7 +50,7 @@ from schemas import encode
 PARTITIONS = 4
 RELAY_IN, RELAY_OUT = "bench-latency-in", "bench-latency-out"
 FULL = {"rate": 1000, "seconds": 20.0, "rounds": 3, "crises": 1000}
-QUICK = {"rate": 1000, "seconds": 4.0, "rounds": 3, "crises": 200}
+QUICK = {"rate": 1000, "seconds": 4.0, "rounds": 3, "crises": 100}
 START_TIMEOUT_S = 180.0
 
 
@@ -237,7 +237,8 @@ def measure(rate: float, seconds: float, rounds: int, crises: int) -> dict[str, 
             for role in ("worker", "relay"):
                 with (data / f"{role}.log").open("wb") as log:
                     proc = subprocess.Popen([sys.executable, "-m", "bench.latency", f"--as-{role}"], env=env,
-                                            stdout=log, stderr=subprocess.STDOUT)
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=die_with_parent)
                 children.append(proc)
                 roles[proc] = role
             def alive() -> str | None:

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.workload import checkins, workload
 from pipeline import topics
-from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
+from pipeline.embedded import EmbeddedBroker, die_with_parent, ensure_topics, free_port
 from pipeline.observability import read_metric
 from pipeline.settings import Settings
 from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
@@ -76,7 +76,8 @@ def one(n_workers: int, partitions: int, backlog: list[tuple[str, bytes, bytes]]
                 "CRISISWATCH_LOG_LEVEL": "WARNING"})
             with (data / f"worker-{n_workers}-{w}.log").open("wb") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--as-worker"],
-                                        env={**os.environ, **settings.env()}, stdout=log, stderr=subprocess.STDOUT)
+                                        env={**os.environ, **settings.env()}, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=die_with_parent)
             workers.append((proc, port))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not all(_healthy(port) for _, port in workers):
