@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +52,7 @@ PARTITIONS = 4
 RELAY_IN, RELAY_OUT = "bench-latency-in", "bench-latency-out"
 FULL = {"rate": 1000, "seconds": 20.0, "rounds": 3, "crises": 1000}
 QUICK = {"rate": 1000, "seconds": 4.0, "rounds": 3, "crises": 100}
-START_TIMEOUT_S = 180.0
+START_TIMEOUT_S = 600.0  # a worker reading 1,000 crises on a busy 2-core machine is slow to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +178,31 @@ async def preload_crises(bootstrap: str, crises: list[bytes], ids: list[str]) ->
         await producer.stop()
 
 
-async def rounds_against(bootstrap: str, rate: float, seconds: float, rounds: int, crises: int,
+async def wait_healthy(port: int, alive: Callable[[], str | None]) -> float:
+    """Seconds until the worker's ``/health`` says ready (every crisis loaded, its table recovered)."""
+    started = time.monotonic()
+    while not await asyncio.to_thread(_healthy, port):
+        if (dead := alive()) is not None:
+            raise RuntimeError(dead)
+        if time.monotonic() - started > START_TIMEOUT_S:
+            raise TimeoutError(f"worker not ready within {START_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+async def rounds_against(bootstrap: str, rate: float, seconds: float, rounds: int, crises: int, worker_port: int,
                          alive: Callable[[], str | None]) -> dict[str, list[float]]:
     load = workload(crises)
+    ready_s = await wait_healthy(worker_port, alive)
+    print(f"  worker ready after {ready_s:.0f} s", file=sys.stderr, flush=True)
     meter = Meter(bootstrap)
     await meter.start()
     out: dict[str, list[float]] = {"latency_p50_ms": [], "latency_p99_ms": [], "latency_vs_passthrough_p99_ratio": [],
@@ -227,8 +250,9 @@ def measure(rate: float, seconds: float, rounds: int, crises: int) -> dict[str, 
             ensure_topics(broker.bootstrap, PARTITIONS)
             create_topics(broker.bootstrap, [RELAY_IN, RELAY_OUT], PARTITIONS)
             asyncio.run(preload_crises(broker.bootstrap, [encode(c) for c in load.crises], [c.crisis_id for c in load.crises]))
+            worker_port = free_port()
             settings = Settings.from_env({
-                "CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_WORKER_WEB_PORT": str(free_port()),
+                "CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
                 "CRISISWATCH_DATA_DIR": str(data), "CRISISWATCH_PARTITIONS": str(PARTITIONS),
                 "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES),
                 "CRISISWATCH_LOG_LEVEL": "WARNING"})
@@ -245,7 +269,7 @@ def measure(rate: float, seconds: float, rounds: int, crises: int) -> dict[str, 
                 gone = [p for p in children if p.poll() is not None]
                 return None if not gone else f"the {roles[gone[0]]} exited: " + _tail(data / f"{roles[gone[0]]}.log")
 
-            return asyncio.run(rounds_against(broker.bootstrap, rate, seconds, rounds, crises, alive))
+            return asyncio.run(rounds_against(broker.bootstrap, rate, seconds, rounds, crises, worker_port, alive))
         finally:
             for proc in children:
                 proc.terminate()
