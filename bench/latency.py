@@ -16,6 +16,8 @@ handed to the producer to the moment its citizen's first warning (or its relayed
 round sends ``--seconds`` of check-ins to the passthrough, then as many to the worker, each citizen
 new (their first check-in; 10 % inside an area, others near or out: the check-ins that warn nobody
 load the worker but are not measured). p50/p99 per round; their ratio is of the same round.
+``latency_sent_per_s`` is the rate really sent: on a machine too busy to keep the schedule it is
+below ``--rate``, and the latencies describe that lower rate.
 ``--seconds 600`` checks that the p99 does not grow over a ten-minute run (one value per minute
 with ``--rounds 10 --seconds 60``).
 """
@@ -60,6 +62,7 @@ class Round:
     p50_ms: float
     p99_ms: float
     samples: int
+    sent_per_s: float  # the rate really achieved: below the target rate, this machine could not keep the schedule
 
 
 async def relay(bootstrap: str) -> None:
@@ -89,6 +92,7 @@ class Meter:
         self.latencies: dict[str, float] = {}
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
         self._readers: list[asyncio.Task[None]] = []
+        self.sent_per_s = 0.0
 
     async def start(self) -> None:
         await self._producer.start()
@@ -134,7 +138,8 @@ class Meter:
             await consumer.stop()
 
     async def send(self, topic: str, citizens: Citizens, prefix: str, rate: float) -> list[str]:
-        """One check-in per citizen, ``rate`` a second on a fixed schedule; the citizen ids sent."""
+        """One check-in per citizen, ``rate`` a second on a fixed schedule; the citizen ids sent. The
+        rate achieved is in ``self.sent_per_s``."""
         ids = []
         started = time.perf_counter()
         for i, (lat, lon) in enumerate(zip(citizens.lats.tolist(), citizens.lons.tolist(), strict=True)):
@@ -148,15 +153,17 @@ class Meter:
             await self._producer.send(topic, value, key=citizen.encode())
             ids.append(citizen)
         await self._producer.flush()
+        self.sent_per_s = len(ids) / max(time.perf_counter() - started, 1e-9)
         return ids
 
     async def measure(self, topic: str, citizens: Citizens, prefix: str, rate: float, settle_s: float) -> Round:
         ids = await self.send(topic, citizens, prefix, rate)
+        sent_per_s = self.sent_per_s
         await asyncio.sleep(settle_s)  # let the last ones arrive; a later arrival counts as lost here
         found = np.array([self.latencies[c] for c in ids if c in self.latencies]) * 1000.0
         if len(found) == 0:
             raise RuntimeError(f"no output for any of {len(ids)} check-ins on {topic}")
-        return Round(float(np.percentile(found, 50)), float(np.percentile(found, 99)), len(found))
+        return Round(float(np.percentile(found, 50)), float(np.percentile(found, 99)), len(found), sent_per_s)
 
 
 def _warned_citizen(key: bytes | None, value: bytes) -> str:
@@ -206,7 +213,8 @@ async def rounds_against(bootstrap: str, rate: float, seconds: float, rounds: in
     meter = Meter(bootstrap)
     await meter.start()
     out: dict[str, list[float]] = {"latency_p50_ms": [], "latency_p99_ms": [], "latency_vs_passthrough_p99_ratio": [],
-                                   "latency_passthrough_p50_ms": [], "latency_passthrough_p99_ms": []}
+                                   "latency_passthrough_p50_ms": [], "latency_passthrough_p99_ms": [],
+                                   "latency_sent_per_s": []}
     try:
         # Warm up both until they answer: the worker has then read every crisis and joined its group.
         warm = load.citizens(200, inside_share=1.0, seed=99)
@@ -233,7 +241,9 @@ async def rounds_against(bootstrap: str, rate: float, seconds: float, rounds: in
             out["latency_passthrough_p50_ms"].append(relayed.p50_ms)
             out["latency_passthrough_p99_ms"].append(relayed.p99_ms)
             out["latency_vs_passthrough_p99_ratio"].append(warned.p99_ms / relayed.p99_ms)
-            print(f"  round {r + 1}: worker p50 {warned.p50_ms:.1f} ms p99 {warned.p99_ms:.1f} ms ({warned.samples} warned), "
+            out["latency_sent_per_s"].append(min(warned.sent_per_s, relayed.sent_per_s))
+            print(f"  round {r + 1}: worker p50 {warned.p50_ms:.1f} ms p99 {warned.p99_ms:.1f} ms ({warned.samples} warned, "
+                  f"{warned.sent_per_s:.0f} sent/s), "
                   f"passthrough p50 {relayed.p50_ms:.1f} ms p99 {relayed.p99_ms:.1f} ms", file=sys.stderr, flush=True)
     finally:
         await meter.stop()
