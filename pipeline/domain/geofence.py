@@ -1,9 +1,11 @@
 """The crisis index: which active crises contain, or are near, a whole batch of points.
 
-One STRtree over the crisis areas answers "inside" for a batch of points in one vectorised
-call (``STRtree.query(points, predicate="within")``). A second STRtree over each crisis's
-*search area* — the area grown by its proximity band, in degrees, generously — finds the
-candidates for ``near``; only those candidates get an exact distance.
+One STRtree over each crisis's *search area* — the area grown by its proximity band, in degrees,
+generously; the area itself for a crisis without a band — finds the candidate (point, crisis)
+pairs of a whole batch in one vectorised call. One point-in-area test over all the pairs says
+which are inside; the others with a band get an exact distance, all in one pass (one nearest-point
+call, one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
+geofence about four times slower on batches that touch hundreds of crises (docs/benchmarks.md).
 
 Distances are computed on the WGS84 ellipsoid, for a whole array of points at once: the nearest
 point of the area is found in a local equirectangular frame (longitudes scaled by the cosine of
