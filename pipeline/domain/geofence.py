@@ -1,8 +1,8 @@
 """The crisis index: which active crises contain, or are near, a whole batch of points.
 
-One STRtree over each crisis's *search area* — the area grown by its proximity band, in degrees,
-generously; the area itself for a crisis without a band — finds the candidate (point, crisis)
-pairs of a whole batch in one vectorised call. One point-in-area test over all the pairs says
+One STRtree over the bounding box of each crisis's *search area* — the area grown by its
+proximity band, in degrees, generously; the area itself for a crisis without a band — finds the
+candidate (point, crisis) pairs of a whole batch in one vectorised call. One point-in-area test over all the pairs says
 which are inside; the others with a band get an exact distance, all in one pass (one nearest-point
 call, one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
 geofence about four times slower on batches that touch hundreds of crises (docs/benchmarks.md).
@@ -157,7 +157,7 @@ class CrisisIndex:
     """An immutable index over the active crises that have an area.
 
     A batch is geofenced in a fixed number of array calls whatever its size and however many crises
-    it touches: one STRtree query for the candidate (point, crisis) pairs, one vectorised
+    it touches: one STRtree query (bounding boxes) for the candidate (point, crisis) pairs, one vectorised
     point-in-area test over all pairs, one nearest-point call over the pairs outside an area with a
     proximity band, one ellipsoid distance over those. No Python loop runs per pair or per crisis.
     """
@@ -171,8 +171,10 @@ class CrisisIndex:
         self._rings = np.array([i.frame_rings for i in self.items], dtype=object)
         self._scales = np.array([i.lon_scale for i in self.items], dtype=float)
         self._bands = np.array([i.crisis.buffer_km for i in self.items], dtype=float)
-        # The search area of a crisis without a band is its area itself: one tree answers both questions.
-        self._search = shapely.STRtree([_search_area(i) for i in self.items])
+        # Candidates by bounding box alone: a search area with a band is a rectangle already, and for
+        # one without, the point-in-area test that follows decides; a predicate in the query would
+        # only test the same thing twice.
+        self._search = shapely.STRtree([_search_area(i).envelope for i in self.items])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -184,7 +186,7 @@ class CrisisIndex:
             return Matches(empty, empty, np.zeros(0, dtype=float))
         lat_arr = np.asarray(lats, dtype=float)
         lon_arr = np.asarray(lons, dtype=float)
-        point, crisis = self._search.query(shapely.points(lon_arr, lat_arr), predicate="intersects")
+        point, crisis = self._search.query(shapely.points(lon_arr, lat_arr))
         distance = self.pair_distances_km(point, crisis, lat_arr, lon_arr, band_only=True)
         keep = distance <= self._bands[crisis]  # inside (0) always passes; a band of 0 keeps only the inside
         return Matches(point[keep], crisis[keep], distance[keep])
