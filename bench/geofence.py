@@ -26,7 +26,7 @@ import numpy as np
 import shapely
 
 from bench.workload import workload
-from pipeline.domain.geofence import CrisisIndex
+from pipeline.domain.geofence import CrisisIndex, Match
 from pipeline.settings import Settings
 
 FULL = {"points": 1_000_000, "crises": 1000, "rounds": 3, "naive_points": 20}
@@ -49,7 +49,7 @@ def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int
                                    "geofence_vs_naive_ratio": []}
     for round_no in range(rounds):
         started = time.perf_counter()
-        found = [index.match_columns(lats[s], lons[s]) for s in slices]
+        found = [index.match(lats[s], lons[s]) for s in slices]  # what the tracker calls, Match objects and all
         ours = points / (time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -76,19 +76,19 @@ def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int
     return out
 
 
-def _check(index: CrisisIndex, slices: list[slice], found: list, bare: list, naive: set[tuple[int, str]],  # type: ignore[type-arg]
-           sample: set[int]) -> None:
+def _check(index: CrisisIndex, slices: list[slice], found: list[list[Match]], bare: list[np.ndarray],
+           naive: set[tuple[int, str]], sample: set[int]) -> None:
     """The batch answer agrees with bare shapely on "inside" and with the naive loop on its sample."""
     ids = [item.crisis_id for item in index.items]
     ours: set[tuple[int, str]] = set()
     ours_inside: set[tuple[int, str]] = set()
     floor: set[tuple[int, str]] = set()
-    for s, columns, (points, crises) in zip(slices, found, bare, strict=True):
+    for s, matches, (points, crises) in zip(slices, found, bare, strict=True):
         start = s.start
-        for p, c, d in zip(columns.point.tolist(), columns.crisis.tolist(), columns.distance_km.tolist(), strict=True):
-            ours.add((start + p, ids[c]))
-            if d == 0.0:
-                ours_inside.add((start + p, ids[c]))
+        for m in matches:
+            ours.add((start + m.point, m.crisis_id))
+            if m.distance_km == 0.0:
+                ours_inside.add((start + m.point, m.crisis_id))
         floor.update((start + p, ids[c]) for p, c in zip(points.tolist(), crises.tolist(), strict=True))
     if ours_inside != floor:
         raise AssertionError(f"geofence and bare shapely disagree on {len(ours_inside ^ floor)} inside pairs")
