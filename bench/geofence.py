@@ -14,13 +14,19 @@ citizens clustered around them, 10 % inside. Each round times, on the same point
 
 The three answers are checked equal where they overlap (the naive loop's sample; the inside pairs
 of bare shapely), so a fast wrong answer cannot pass. Ratios are of rates measured in the same round.
+Rates are of this process's CPU time: the work is single-threaded and in-process, so time the
+machine gives to other processes does not count (on a shared machine, wall-clock rates of the
+same code moved 2–3× between rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import shapely
@@ -37,6 +43,18 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """As ``timeit`` does: collect first, then no collection while timing, so one variant does not
+    pay for scanning the objects another one left alive."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int) -> dict[str, list[float]]:
     load = workload(crises)
     index = CrisisIndex(load.crises)
@@ -47,24 +65,28 @@ def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int
     out: dict[str, list[float]] = {"geofence_points_per_s": [], "geofence_bare_shapely_points_per_s": [],
                                    "geofence_naive_points_per_s": [], "geofence_vs_bare_shapely_ratio": [],
                                    "geofence_vs_naive_ratio": []}
+    for s in slices[:10]:  # warm-up, not counted: first calls pay for lazily built indexes and caches
+        index.match(lats[s], lons[s])
+        bare_tree.query(shapely.points(lons[s], lats[s]), predicate="within")
     for round_no in range(rounds):
-        started = time.perf_counter()
-        found = [index.match(lats[s], lons[s]) for s in slices]  # what the tracker calls, Match objects and all
-        ours = points / (time.perf_counter() - started)
-
-        started = time.perf_counter()
-        bare = [bare_tree.query(shapely.points(lons[s], lats[s]), predicate="within") for s in slices]
-        floor = points / (time.perf_counter() - started)
+        with _no_gc():
+            started = time.process_time()
+            found = [index.match(lats[s], lons[s]) for s in slices]  # what the tracker calls, Match objects and all
+            ours = points / (time.process_time() - started)
+        with _no_gc():
+            started = time.process_time()
+            bare = [bare_tree.query(shapely.points(lons[s], lats[s]), predicate="within") for s in slices]
+            floor = points / (time.process_time() - started)
 
         sample = np.random.default_rng(round_no).choice(points, naive_points, replace=False)
-        started = time.perf_counter()
+        started = time.process_time()
         naive = set()
         for i in sample.tolist():
             for item in index.items:
                 distance = item.distance_km(float(lats[i]), float(lons[i]))
                 if distance == 0.0 or (item.crisis.buffer_km > 0 and distance <= item.crisis.buffer_km):
                     naive.add((i, item.crisis_id))
-        slow = naive_points / (time.perf_counter() - started)
+        slow = naive_points / (time.process_time() - started)
 
         if round_no == 0:
             _check(index, slices, found, bare, naive, set(sample.tolist()))
