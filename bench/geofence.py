@@ -1,79 +1,151 @@
-"""Geofencing a batch of check-ins: the vectorised index against one call per point and a naive loop.
+"""Geofencing check-ins in the worker's batches, next to bare shapely and a naive loop, in one run.
 
-    python -m bench.geofence [--points 200000] [--crises 200] [--naive-points 200]
+    python -m bench.geofence [--quick] [--points N] [--crises N] [--rounds N]
 
-All three answer the same question (which crises contain each point, and which are within their
-proximity band) over the same random points and crisis areas, and the results are checked equal on
-the points the slow variants see. Prints points/second for each and the ratios.
+The workload is :mod:`bench.workload`'s: 1,000 crisis areas of 20–500 vertices around real cities,
+citizens clustered around them, 10 % inside. Each round times, on the same points:
+
+1. :meth:`CrisisIndex.match` over batches of ``CRISISWATCH_BATCH_SIZE`` points, as a worker calls it
+   (inside and within the proximity band, with distances on the ellipsoid);
+2. bare shapely on the same batches: ``STRtree.query(shapely.points(lons, lats), "within")`` over
+   the crisis areas alone (only "inside", no band, no distances): the floor for any geofence
+   built on shapely on this machine;
+3. a naive loop, on a small sample: every point against every crisis, one distance each.
+
+The three answers are checked equal where they overlap (the naive loop's sample; the inside pairs
+of bare shapely), so a fast wrong answer cannot pass. Ratios are of rates measured in the same round.
+Rates are of this process's CPU time: the work is single-threaded and in-process, so time the
+machine gives to other processes does not count (on a shared machine, wall-clock rates of the
+same code moved 2–3× between rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import shapely
 
-from pipeline.domain.geofence import CrisisIndex
-from pipeline.testing import make_crisis, square
+from bench.workload import workload
+from pipeline.domain.geofence import CrisisIndex, Match
+from pipeline.settings import Settings
+
+FULL = {"points": 1_000_000, "crises": 1000, "rounds": 3, "naive_points": 20}
+QUICK = {"points": 100_000, "crises": 1000, "rounds": 3, "naive_points": 5}
 
 
-def crises(n: int, rng: np.random.Generator) -> list:  # type: ignore[type-arg]
-    out = []
-    for i in range(n):
-        lon, lat = rng.uniform(-170, 170), rng.uniform(-60, 60)
-        out.append(make_crisis(f"c{i}", square(lon, lat, rng.uniform(0.2, 2.0)), buffer_km=float(rng.choice([0, 10, 50]))))
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """As ``timeit`` does: collect first, then no collection while timing, so one variant does not
+    pay for scanning the objects another one left alive."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int) -> dict[str, list[float]]:
+    load = workload(crises)
+    index = CrisisIndex(load.crises)
+    bare_tree = shapely.STRtree([item.area for item in index.items])
+    citizens = load.citizens(points, inside_share=0.1)
+    lats, lons = citizens.lats, citizens.lons
+    slices = _batches(points, batch)
+    out: dict[str, list[float]] = {"geofence_points_per_s": [], "geofence_bare_shapely_points_per_s": [],
+                                   "geofence_naive_points_per_s": [], "geofence_vs_bare_shapely_ratio": [],
+                                   "geofence_vs_naive_ratio": []}
+    for s in slices[:10]:  # warm-up, not counted: first calls pay for lazily built indexes and caches
+        index.match(lats[s], lons[s])
+        bare_tree.query(shapely.points(lons[s], lats[s]), predicate="within")
+    for round_no in range(rounds):
+        with _no_gc():
+            started = time.process_time()
+            found = [index.match(lats[s], lons[s]) for s in slices]  # what the tracker calls, Match objects and all
+            ours = points / (time.process_time() - started)
+        with _no_gc():
+            started = time.process_time()
+            bare = [bare_tree.query(shapely.points(lons[s], lats[s]), predicate="within") for s in slices]
+            floor = points / (time.process_time() - started)
+
+        sample = np.random.default_rng(round_no).choice(points, naive_points, replace=False)
+        started = time.process_time()
+        naive = set()
+        for i in sample.tolist():
+            for item in index.items:
+                distance = item.distance_km(float(lats[i]), float(lons[i]))
+                if distance == 0.0 or (item.crisis.buffer_km > 0 and distance <= item.crisis.buffer_km):
+                    naive.add((i, item.crisis_id))
+        slow = naive_points / (time.process_time() - started)
+
+        if round_no == 0:
+            _check(index, slices, found, bare, naive, set(sample.tolist()))
+        out["geofence_points_per_s"].append(ours)
+        out["geofence_bare_shapely_points_per_s"].append(floor)
+        out["geofence_naive_points_per_s"].append(slow)
+        out["geofence_vs_bare_shapely_ratio"].append(ours / floor)
+        out["geofence_vs_naive_ratio"].append(ours / slow)
     return out
+
+
+def _check(index: CrisisIndex, slices: list[slice], found: list[list[Match]], bare: list[np.ndarray],
+           naive: set[tuple[int, str]], sample: set[int]) -> None:
+    """The batch answer agrees with bare shapely on "inside" and with the naive loop on its sample."""
+    ids = [item.crisis_id for item in index.items]
+    ours: set[tuple[int, str]] = set()
+    ours_inside: set[tuple[int, str]] = set()
+    floor: set[tuple[int, str]] = set()
+    for s, matches, (points, crises) in zip(slices, found, bare, strict=True):
+        start = s.start
+        for m in matches:
+            ours.add((start + m.point, m.crisis_id))
+            if m.distance_km == 0.0:
+                ours_inside.add((start + m.point, m.crisis_id))
+        floor.update((start + p, ids[c]) for p, c in zip(points.tolist(), crises.tolist(), strict=True))
+    if ours_inside != floor:
+        raise AssertionError(f"geofence and bare shapely disagree on {len(ours_inside ^ floor)} inside pairs")
+    mine = {pair for pair in ours if pair[0] in sample}
+    if mine != naive:
+        raise AssertionError(f"geofence and the naive loop disagree on {len(mine ^ naive)} pairs")
+
+
+def run(quick: bool) -> dict[str, list[float]]:
+    """The harness's entry point: per-round values of each key."""
+    sizes = QUICK if quick else FULL
+    return measure(batch=Settings().batch_size, **sizes)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, default=200_000)
-    parser.add_argument("--crises", type=int, default=200)
-    parser.add_argument("--naive-points", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="the harness's quick sizes")
+    parser.add_argument("--points", type=int)
+    parser.add_argument("--crises", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--naive-points", type=int)
+    parser.add_argument("--batch", type=int, default=Settings().batch_size, help="points per match call (the worker's batch)")
+    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rng = np.random.default_rng(args.seed)
-    index = CrisisIndex(crises(args.crises, rng))
-    # points clustered near crisis areas so matches are frequent, plus a uniform background
-    centres = np.array([shapely.get_coordinates(i.area.centroid)[0] for i in index.items])
-    pick = rng.integers(0, len(centres), args.points)
-    lons = np.clip(centres[pick, 0] + rng.normal(0, 1.5, args.points), -180, 180)
-    lats = np.clip(centres[pick, 1] + rng.normal(0, 1.5, args.points), -89, 89)
-
-    t = time.perf_counter()
-    batch = index.match(lats, lons)
-    vectorised_s = time.perf_counter() - t
-
-    n_one = min(args.points, 20 * args.naive_points)
-    t = time.perf_counter()
-    one_by_one = {(i, m.crisis_id) for i in range(n_one) for m in index.match(lats[i:i + 1], lons[i:i + 1])}
-    one_s = time.perf_counter() - t
-
-    n_naive = min(args.points, args.naive_points)
-    t = time.perf_counter()
-    naive = []
-    for i in range(n_naive):
-        for item in index.items:
-            distance = item.distance_km(float(lats[i]), float(lons[i]))
-            if distance == 0.0 or distance <= item.crisis.buffer_km:
-                naive.append((i, item.crisis_id, distance))
-    naive_s = time.perf_counter() - t
-
-    def key(matches: list, limit: int) -> set:  # type: ignore[type-arg]
-        return {(m.point, m.crisis_id) for m in matches if m.point < limit}
-
-    assert key(batch, n_one) == one_by_one
-    assert key(batch, n_naive) == {(p, c) for p, c, _ in naive}
-
-    rates = {"vectorised batch": args.points / vectorised_s, "one call per point": n_one / one_s,
-             "naive loop": n_naive / naive_s}
-    print(f"geofence: {args.crises} crisis areas, {args.points} points ({len(batch)} matches)")
-    for name, rate in rates.items():
-        print(f"  {name:<20} {rate:>12,.0f} points/s")
-    print(f"  ratio vectorised / one-per-point: {rates['vectorised batch'] / rates['one call per point']:.1f}x")
-    print(f"  ratio vectorised / naive loop:    {rates['vectorised batch'] / rates['naive loop']:.1f}x")
+    sizes = dict(QUICK if args.quick else FULL)
+    for key in sizes:
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    result = measure(batch=args.batch, **sizes)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"geofence: {sizes['crises']} crisis areas, {sizes['points']:,} points in batches of {args.batch:,}")
+    for key, values in result.items():
+        print(f"  {key:<38} {float(np.median(values)):>14,.2f}   rounds: {', '.join(f'{v:,.2f}' for v in values)}")
 
 
 if __name__ == "__main__":
