@@ -57,6 +57,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_API_PORT", "8080", "Ingest API port."),
     EnvVar("CRISISWATCH_INGEST_TOKEN", "", "Bearer token for check-ins, citizens and acks. Embedded: generated, kept in the data dir."),
     EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated, kept in the data dir."),
+    EnvVar("CRISISWATCH_ADMIN_TOKEN", "",
+           "Bearer token for the audit log and erasing citizens, and all an operator may. Embedded: generated, kept in the data dir."),
+    EnvVar("CRISISWATCH_API_RATE_LIMITS", "ingest:1000,operator:50,admin:20",
+           "Requests per second each token may make, by role (bursts of one second's worth); above it 429 with Retry-After."),
+    EnvVar("CRISISWATCH_CORS_ORIGINS", "",
+           "Origins (https://host,...) whose pages may call the API from a browser. Empty: none (CORS closed)."),
     EnvVar("CRISISWATCH_CAP_SENDER", "crisiswatch@localhost",
            "The sender of the CAP 1.2 alerts the API publishes (/v1/crises/{id}.cap, /v1/cap.atom), e.g. the ministry's address."),
     EnvVar("CRISISWATCH_PUBLIC_URL", "",
@@ -166,6 +172,25 @@ def _smtp_url(raw: str) -> str:
     return raw
 
 
+def _rate_limits(raw: str) -> str:
+    from pipeline.tokens import parse_rate_limits
+
+    try:
+        parse_rate_limits(raw)
+    except ValueError as exc:
+        raise SettingsError(f"CRISISWATCH_API_RATE_LIMITS: {exc}") from None
+    return raw.strip()
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """Exact origins only: a wildcard would open the operator endpoints to every page on the web."""
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin == "*" or not origin.startswith(("https://", "http://")):
+            raise SettingsError(f"CRISISWATCH_CORS_ORIGINS: expected origins like https://ops.example.org, got {origin!r}")
+    return origins
+
+
 def _public_url(raw: str) -> str:
     if raw and not raw.startswith(("https://", "http://")):
         raise SettingsError(f"CRISISWATCH_PUBLIC_URL: expected an http(s) URL, got {raw!r}")
@@ -188,6 +213,9 @@ class Settings:
     api_port: int = 8080
     ingest_token: Secret = Secret("")
     operator_token: Secret = Secret("")
+    admin_token: Secret = Secret("")
+    api_rate_limits: str = "ingest:1000,operator:50,admin:20"
+    cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 2_000_000
     public_url: str = ""
     reply_secret: Secret = Secret("")
@@ -262,6 +290,9 @@ class Settings:
             api_port=_int("CRISISWATCH_API_PORT", get("CRISISWATCH_API_PORT")),
             ingest_token=Secret(get("CRISISWATCH_INGEST_TOKEN")),
             operator_token=Secret(get("CRISISWATCH_OPERATOR_TOKEN")),
+            admin_token=Secret(get("CRISISWATCH_ADMIN_TOKEN")),
+            api_rate_limits=_rate_limits(get("CRISISWATCH_API_RATE_LIMITS")),
+            cors_origins=_origins(get("CRISISWATCH_CORS_ORIGINS")),
             cap_sender=get("CRISISWATCH_CAP_SENDER").strip() or "crisiswatch@localhost",
             public_url=_public_url(get("CRISISWATCH_PUBLIC_URL").strip()),
             reply_secret=Secret(get("CRISISWATCH_REPLY_SECRET")),
@@ -342,6 +373,9 @@ class Settings:
             "CRISISWATCH_API_PORT": str(self.api_port),
             "CRISISWATCH_INGEST_TOKEN": self.ingest_token.get(),
             "CRISISWATCH_OPERATOR_TOKEN": self.operator_token.get(),
+            "CRISISWATCH_ADMIN_TOKEN": self.admin_token.get(),
+            "CRISISWATCH_API_RATE_LIMITS": self.api_rate_limits,
+            "CRISISWATCH_CORS_ORIGINS": ",".join(self.cors_origins),
             "CRISISWATCH_MAX_BODY_BYTES": str(self.max_body_bytes),
             "CRISISWATCH_PUBLIC_URL": self.public_url,
             "CRISISWATCH_REPLY_SECRET": self.reply_secret.get(),
