@@ -293,11 +293,11 @@ def refusal_reason(exc: BaseException, table: str) -> str:
     diag = getattr(exc, "diag", None)
     sqlstate = str(getattr(exc, "sqlstate", None) or "")
     primary = getattr(diag, "message_primary", None) if sqlstate.startswith("23") else None
-    where = ", ".join(f"{name} {value}" for name, value in (("constraint", getattr(diag, "constraint_name", None)),
-                                                             ("column", getattr(diag, "column_name", None))) if value)
+    named = (("constraint", getattr(diag, "constraint_name", None)), ("column", getattr(diag, "column_name", None)))
+    where = ", ".join(f"{name} {value}" for name, value in named if value and value not in (primary or ""))
     text = f"{type(exc).__name__}: postgresql refused the row for {table}"
     text += f": {primary}" if primary else (f" (SQLSTATE {sqlstate})" if sqlstate else "")
-    text += f" ({where})" if where and not primary else ""
+    text += f" ({where})" if where else ""
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
 
 
