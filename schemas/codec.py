@@ -178,7 +178,7 @@ def described(error: ValidationError) -> str:
     if describe is not None:
         return str(describe(error.validator_value))
     if error.validator in ("required", "additionalProperties", "unevaluatedProperties", "dependentRequired"):
-        return error.message
+        return str(error.message)
     if error.validator == "format":
         return f"is not a valid {error.validator_value}" + ("" if error.cause is None else f": {error.cause}")
     return f"is not valid against the schema ({error.validator})"
