@@ -55,3 +55,8 @@ $$;
 
 CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+
+-- A citizen without consent is warned by the country of their trip instead (pipeline/domain/escalation.py).
+ALTER TABLE warnings DROP CONSTRAINT warnings_kind_check;
+ALTER TABLE warnings ADD CONSTRAINT warnings_kind_check
+    CHECK (kind IN ('inside', 'entered', 'near', 'exited', 'all_clear', 'pre_arrival', 'in_country'));

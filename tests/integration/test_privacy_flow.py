@@ -20,9 +20,11 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from consumers.escalate import Escalator
 from consumers.kafka_io import Message, read_topic
 from consumers.sink import PostgresSink, SinkTopics
 from pipeline import topics
+from pipeline.domain.escalation import parse_rules
 from pipeline.embedded import apply_migrations
 from pipeline.metrics import SinkMetrics
 from pipeline.settings import Secret, Settings
@@ -33,7 +35,7 @@ from producers.citizen_store import PostgresCitizenStore
 from producers.erase import ERASED_TABLES, PostgresEraser
 from producers.publisher import Publisher, outgoing
 from producers.reply_store import PostgresReplyStore
-from schemas import Channel, Checkin, Citizen, Crisis, Warning, encode
+from schemas import Channel, Checkin, Citizen, Crisis, Warning, decode, encode
 
 pytestmark = pytest.mark.integration
 
@@ -326,3 +328,35 @@ def test_declaring_and_cancelling_a_crisis_and_changing_a_case_are_audited(
     assert [r[:3] for r in audit_rows(db, "update", crisis_id)] == [("admin", "admin", "update")]
     assert [r[:3] for r in audit_rows(db, "cancel", crisis_id)] == [("operator", "operator", "cancel")]
     assert count(db, "SELECT count(*) FROM audit_log WHERE action = 'list_cases'") == 1
+
+
+def test_a_citizen_not_tracked_is_warned_by_the_country_of_their_trip_once(
+        kafka_bootstrap: str, db: str, sink_topics: SinkTopics, publisher: Publisher) -> None:
+    untracked, tracked, what, mild = uid("cit"), uid("cit"), uid("crisis"), uid("crisis")
+    with psycopg.connect(db, autocommit=True) as conn:
+        for citizen_id, tracking in ((untracked, False), (tracked, True)):
+            conn.execute("INSERT INTO citizens (citizen_id, name, nationality, language, location_tracking, trip_country, "
+                         "trip_from, trip_until) VALUES (%s, %s, 'ID', 'id', %s, 'ID', %s, %s)",
+                         (citizen_id, NAME, tracking, (NOW - timedelta(days=2)).date(), (NOW + timedelta(days=5)).date()))
+        for crisis_id, severity in ((what, "severe"), (mild, "moderate")):
+            conn.execute("INSERT INTO crises (crisis_id, version, op, source, source_ref, title, category, severity, urgency, "
+                         "certainty, geometry, buffer_km, country_codes, effective, instruction, url) VALUES "
+                         "(%s, 1, 'upsert', 'operator', %s, 'Flooding', 'met', %s, 'immediate', 'observed', %s::jsonb, 0, "
+                         "'{ID}', %s, '', '')", (crisis_id, crisis_id, severity, json.dumps(SQUARE), NOW - timedelta(hours=1)))
+    warnings_topic = sink_topics.warnings
+    escalator = Escalator(db, publisher, parse_rules(""), lambda: NOW, warnings_topic=warnings_topic)
+    try:
+        sweeps = [escalator.sweep(), escalator.sweep()]
+    finally:
+        escalator.close()
+    assert [(s.in_country, s.pre_arrival) for s in sweeps] == [(1, 0), (1, 0)]  # found again until the sink has it
+    sent = [decode(r.value, Warning) for r in records_for(kafka_bootstrap, warnings_topic, {untracked, tracked}, 2)]
+    assert {(w.citizen_id, w.crisis_id, w.kind) for w in sent} == {(untracked, what, "in_country")}
+    assert len({w.warning_id for w in sent}) == 1  # one warning, delivered once
+    assert (sent[0].lat, sent[0].lon) != (LAT, LON) and -6.3 <= sent[0].lat <= -6.1  # a point of the area, not theirs
+    assert "country of your registered trip" in sent[0].instruction
+    with psycopg.connect(db, autocommit=True) as conn:  # the sink can store the new kind
+        conn.execute("INSERT INTO warnings (warning_id, citizen_id, crisis_id, crisis_version, kind, severity, title, "
+                     "instruction, distance_km, lat, lon, observed_at, emitted_at) VALUES "
+                     "(%s, %s, %s, 1, 'in_country', 'severe', 't', 'i', 0, 0, 0, %s, %s)",
+                     (sent[0].warning_id, untracked, what, NOW, NOW))
