@@ -162,7 +162,7 @@ class ConsentGate:
             self.untracked[registered.citizen_id] = True
             await self._persisted()
             forgotten = await self.forget([registered.citizen_id])
-            log.info("citizen registered without location_tracking consent: not tracked",
+            log.debug("citizen registered without location_tracking consent: not tracked",
                      extra={"citizen_id": registered.citizen_id, "state_deleted": bool(forgotten)})
 
     async def _persisted(self) -> None:

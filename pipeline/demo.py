@@ -58,6 +58,11 @@ TOKYO_AREA = {"type": "Polygon", "coordinates": [[[139.66, 35.66], [139.74, 35.6
                                                   [139.66, 35.72], [139.66, 35.66]]]}
 YOKOHAMA = (35.4437, 139.6380)
 EMAIL_EVERY = 4  # one traveller in four registered an email address, the others a webhook
+UNTRACKED_EVERY = 25  # one traveller in 25 registered without location consent: no check-ins, warned by their trip
+# Warnings by registered trip (pre-arrival; in-country for travellers without location consent) come from the
+# dispatcher's periodic sweep, on its own clock: they are not what the offline engine models, so the checks
+# below leave them out (they are delivered all the same).
+TRIP_KINDS = ("pre_arrival", "in_country")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +95,7 @@ class WarningCollector(threading.Thread):
                 now = time.time()
                 for record in records:
                     warning = decode(record.value, Warning)
-                    if warning.citizen_id.startswith(self.prefix):
+                    if warning.citizen_id.startswith(self.prefix) and warning.kind not in TRIP_KINDS:
                         with self.lock:
                             self.received.append((warning, now))
         consumer.close()
@@ -195,17 +200,20 @@ class Scenario:
         self.crises: list[str] = []
         self.acks = 0
         self._mirror: list[Warning] = []
+        self.untracked: set[str] = set()  # travellers without location_tracking consent: their phones do not report
 
     def with_demo_channel(self, index: int, citizen: Citizen) -> Citizen:
         """The citizen's channels replaced by one the demo receives: an email address for one in
-        ``EMAIL_EVERY``, the travel desk's webhook for the others (their language is the model's)."""
+        ``EMAIL_EVERY``, the travel desk's webhook for the others (their language is the model's); one in
+        ``UNTRACKED_EVERY`` registered without location consent."""
         if index % EMAIL_EVERY == 0:
             channel = Channel("email", f"{citizen.citizen_id.lower()}@example.org")
         else:
             channel = Channel("webhook", f"{self.webhook_base}/travel-desk/{citizen.citizen_id}")
-        return replace(citizen, channels=(channel,))
+        return replace(citizen, channels=(channel,), location_tracking=index % UNTRACKED_EVERY != UNTRACKED_EVERY - 1)
 
     def publish_checkins(self, checkins: list[Checkin]) -> None:
+        checkins = [c for c in checkins if c.citizen_id not in self.untracked]
         stamp = time.time()
         self.publisher.publish_events(checkins)
         for c in checkins:
@@ -228,7 +236,9 @@ class Scenario:
         at = self.start
         citizens = [self.with_demo_channel(i, c) for i, c in enumerate(self.model.citizens())]
         self.publisher.publish_events(citizens)
-        print(f"  {len(citizens)} travellers registered", flush=True)
+        self.untracked = {c.citizen_id for c in citizens if not c.location_tracking}
+        print(f"  {len(citizens)} travellers registered, {len(self.untracked)} of them without location consent "
+              "(not tracked: warned by the country of their trip)", flush=True)
         self.publish_checkins([self.model.checkin(c.citizen_id, at) for c in citizens])
         self.settle("first check-ins")
         # The dispatcher reads a citizen's channels from PostgreSQL: the registry is there before any warning.
@@ -292,7 +302,9 @@ class Scenario:
         counts: dict[str, int] = {}
         with psycopg.connect(self.settings.database_url.get()) as conn:
             for table in ("warnings", "citizens", "checkins", "acks"):
-                row = conn.execute(f"SELECT count(*) FROM {table} WHERE citizen_id LIKE %s", (like,)).fetchone()
+                by_trip = " AND kind <> ALL(%s)" if table == "warnings" else ""
+                row = conn.execute(f"SELECT count(*) FROM {table} WHERE citizen_id LIKE %s{by_trip}",
+                                   (like, list(TRIP_KINDS)) if by_trip else (like,)).fetchone()
                 counts[table] = int(row[0]) if row else 0
         return counts
 
@@ -302,7 +314,9 @@ class Scenario:
 
         with psycopg.connect(self.settings.database_url.get()) as conn:
             rows = conn.execute("SELECT channel, status, count(*) FROM deliveries WHERE citizen_id LIKE %s "
-                                "GROUP BY channel, status", (self.run_id + "%",)).fetchall()
+                                "AND warning_id IN (SELECT warning_id FROM warnings WHERE citizen_id LIKE %s "
+                                "AND kind <> ALL(%s)) GROUP BY channel, status",
+                                (self.run_id + "%", self.run_id + "%", list(TRIP_KINDS))).fetchall()
         return Counter({(str(channel), str(status)): int(n) for channel, status, n in rows})
 
     def warning_ids(self) -> set[str]:
