@@ -303,6 +303,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_host=settings.api_host,
+        web_bind=settings.api_host,  # Faust listens on 0.0.0.0 unless told: every port binds to the configured host
         web_port=settings.worker_web_port,
         web_in_thread=False,
         datadir=str(settings.data_dir / f"worker-{settings.worker_web_port}"),

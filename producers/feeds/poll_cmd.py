@@ -40,7 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, metavar="N",
                         help=f"serve /metrics and /health on this port [default: {DEFAULT_METRICS_PORT}; "
                              "with --once, only when given]")
-    parser.add_argument("--metrics-host", default="0.0.0.0", help="listen address for /metrics [default: 0.0.0.0]")
+    parser.add_argument("--metrics-host", default=None,
+                        help="listen address for /metrics [env CRISISWATCH_API_HOST, default 127.0.0.1]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     port = args.metrics_port if args.metrics_port is not None or args.once else DEFAULT_METRICS_PORT
     probe = None if args.once else probe_for(settings, kafka=True, registry=registry).start()
     try:
-        server = serve_metrics(registry, args.metrics_host, port, health=poller.healthy if not args.once else lambda: True,
+        host = args.metrics_host or settings.api_host
+        server = serve_metrics(registry, host, port, health=poller.healthy if not args.once else lambda: True,
                                probe=probe) if port is not None else None
     except OSError:
         if probe is not None:

@@ -101,3 +101,14 @@ def test_an_untracked_citizen_is_not_geofenced_and_an_erased_one_is_forgotten(wo
              "the erasure counted")
     dead = [m for m in read_topic(bootstrap, topics.DLQ, lambda seen: False, 2.0) if (m.key or b"").startswith(prefix.encode())]
     assert dead == []  # tombstones and untracked check-ins are not bad data
+
+
+def test_the_worker_listens_on_the_configured_host_only(worker: Worker) -> None:
+    import psutil
+
+    assert worker.process.process is not None
+    process = psutil.Process(worker.process.process.pid)
+    listening = {(c.laddr.ip, c.laddr.port) for p in (process, *process.children(recursive=True))
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert (worker.settings.api_host, worker.settings.worker_web_port) in listening
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
