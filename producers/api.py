@@ -447,6 +447,15 @@ def security_headers(response: Response, path: str, docs_paths: frozenset[str]) 
                                 CSP_DOCS if path in docs_paths else CSP_HTML if html else CSP_API)
 
 
+def minimised_case(case: Case) -> dict[str, Any]:
+    """A case as operators list it: where the citizen was while the case is open or assigned (someone may
+    have to go there), only the country once it is closed."""
+    shown = case.to_dict()
+    if case.state == "closed":
+        shown.update(lat=None, lon=None, location_withheld="the case is closed")
+    return shown
+
+
 def untracked_field(body: Any, index: int) -> str:
     """The JSON path of the ``citizen_id`` of the ``index``-th check-in of a request body."""
     if isinstance(body, list):
@@ -826,7 +835,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(422, "invalid", exc.reason, exc.field) from None
         citizen_id = await looked_up(lambda store: store.citizen_by_sms(sender))
         if citizen_id is None:
-            raise ApiError(422, "unknown_sender", f"no registered citizen has the sms number {sender}; "
+            raise ApiError(422, "unknown_sender", "no registered citizen has the sms number it came from; "
                            "the reply is not stored", "$.from")
         now = clock()
         crisis_id = await looked_up(lambda store: store.latest_warned_crisis(citizen_id, now))
@@ -929,7 +938,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(422, "invalid", f"state must be one of {', '.join(CASE_STATES)}", "state")
         await audit(request, "list_cases", None, {"state": state}, required=True)
         found = await looked_up(lambda store: store.cases(state))
-        return JSONResponse({"cases": [c.to_dict() for c in found]})
+        return JSONResponse({"cases": [minimised_case(c) for c in found]})
     # Accountability (operator): who is inside or near, warned, reached, safe, needing help, unreached,
     # escalated — the crisis-status/1 the sink stored. ``{crisis_id:path}``: ids may hold "/"; a path
     # ending in ".cap" is the CAP route above, one ending in "/status" this one.

@@ -113,6 +113,9 @@ def serve(settings: Settings) -> None:
 
 
 def _warn_about_tokens(settings: Settings) -> None:
+    if not settings.admin_token:
+        log.warning("CRISISWATCH_ADMIN_TOKEN is not set: the audit log (GET /v1/audit) and erasure "
+                    "(DELETE /v1/citizens/{id}) refuse every request")
     if not settings.operator_token:
         log.warning("CRISISWATCH_OPERATOR_TOKEN is not set: POST /v1/crises refuses every request")
     if not settings.ingest_token and not settings.operator_token:
