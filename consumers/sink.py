@@ -275,7 +275,7 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now:
 def erasure_row(message: Message, model: type[Event]) -> SinkRow | None:
     """An erasure tombstone (a citizen's key, no value) on a topic the sink erases from, as a row."""
     spec = ERASURES.get(model)
-    if spec is None or message.value or not message.key:
+    if spec is None or not message.tombstone or not message.key:
         return None
     try:
         citizen_id = message.key.decode("utf-8")

@@ -79,15 +79,15 @@ def split_checkins(messages: Sequence[RawMessage], untracked: Callable[[str], bo
     """Pure: keep the check-ins of citizens who may be tracked; a tombstone (no value) is an erasure.
 
     A check-in that comes after its citizen's erasure tombstone in the same batch is kept: it is a new
-    check-in (the citizen may register again), and the tombstone is applied before it is geofenced."""
+    check-in (the citizen may register again), and the tombstone is applied before it is geofenced. A
+    message with neither key nor value erases nobody: it is kept, to be dead-lettered as empty."""
     kept: list[RawMessage] = []
     dropped: list[str] = []
     erased: list[str] = []
     for message in messages:
         citizen = citizen_key(message)
-        if message.value is None:
-            if citizen is not None:
-                erased.append(citizen)
+        if message.value is None and citizen is not None:
+            erased.append(citizen)
             continue
         if citizen is not None and untracked(citizen):
             dropped.append(citizen)

@@ -27,9 +27,12 @@ def tombstone(citizen_id: str, topic: str = "checkins") -> RawMessage:
 
 
 def test_split_keeps_the_tracked_drops_the_untracked_and_reads_tombstones_as_erasures() -> None:
-    batch = [checkin("a"), checkin("u"), tombstone("e"), checkin("e"), RawMessage(b"{}", None, "checkins"), tombstone("e")]
+    nothing = RawMessage(None, None, "checkins")
+    batch = [checkin("a"), checkin("u"), tombstone("e"), checkin("e"), RawMessage(b"{}", None, "checkins"), tombstone("e"),
+             nothing]
     admitted = split_checkins(batch, lambda citizen: citizen == "u")
-    assert [m.key for m in admitted.checkins] == [b"a", b"e", None]  # a check-in after an erasure is a new one
+    assert [m.key for m in admitted.checkins] == [b"a", b"e", None, None]  # a check-in after an erasure is a new one
+    assert admitted.checkins[-1] is nothing  # no key, no value: not an erasure, dead-lettered as empty
     assert admitted.untracked == ("u",)
     assert admitted.erased == ("e",)
 
