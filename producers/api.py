@@ -91,6 +91,7 @@ E = TypeVar("E", bound=Event)
 T = TypeVar("T")
 
 MAX_BATCH: Final = 1000
+CONSENT_RETRY_S: Final = 5.0  # after the registry could not be read, how long check-ins go unchecked here
 DATETIME_FIELDS: Final = frozenset({"observed_at", "received_at", "effective", "expires"})
 _REQUIRED: Final = re.compile(r"'([A-Za-z_]+)' is a required property")
 
@@ -623,14 +624,18 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             log.error("audit entry not written", extra={"action": action, "subject": subject, "actor": token.name,
                                                         "reason": str(exc)})
 
+    consent_down_until = [0.0]  # while PostgreSQL is away, check-ins are not held up by a lookup that would wait
+
     async def refuse_untracked(body: Any, checkins: Sequence[Checkin]) -> None:
         """422 for a batch holding a check-in of a citizen registered without location_tracking consent."""
-        if consent is None:
+        if consent is None or monotonic() < consent_down_until[0]:
             return
         try:
             untracked = await run_in_threadpool(consent.untracked, [c.citizen_id for c in checkins])
         except StoreUnavailable as exc:  # the sink and the worker check for themselves
-            log.debug("consent not checked here", extra={"reason": str(exc)})
+            consent_down_until[0] = monotonic() + CONSENT_RETRY_S
+            log.warning("consent not checked at the API while PostgreSQL is away (the sink and the worker still are)",
+                        extra={"reason": str(exc), "retry_in_s": CONSENT_RETRY_S})
             return
         for index, item in enumerate(checkins):
             if item.citizen_id in untracked:

@@ -124,3 +124,37 @@ def test_reading_personal_data_is_refused_when_it_cannot_be_audited(publisher: P
     refused = api.get("/v1/audit", headers=ADMIN)
     assert refused.status_code == 503 and refused.json()["error"] == "audit_unavailable"
     assert client(publisher).get("/v1/audit", headers=ADMIN).status_code == 503  # no audit log at all
+
+
+class Registry:
+    """The registry's consent lookup, away or back."""
+
+    def __init__(self) -> None:
+        self.away = True
+        self.asked = 0
+
+    def untracked(self, citizen_ids: object) -> set[str]:
+        from producers.crisis_store import StoreUnavailable
+
+        self.asked += 1
+        if self.away:
+            raise StoreUnavailable("PostgreSQL is unavailable: test")
+        return {"u"}
+
+
+def test_consent_lookups_pause_while_the_registry_is_away(publisher: Publisher) -> None:
+    from pipeline.testing import make_checkin
+    from producers.api import CONSENT_RETRY_S
+    from schemas import encode
+
+    clock, registry = Clock(), Registry()
+    api = client(publisher, citizen_store=registry, monotonic=clock)
+    body = encode(make_checkin("u", -6.2, 106.8, observed_at=datetime(2025, 3, 1, tzinfo=UTC))).decode()
+    first = api.post("/v1/checkins", content=body, headers=INGEST)  # not checked: goes on to publish (no broker: 503)
+    assert first.status_code == 503 and registry.asked == 1, first.text
+    api.post("/v1/checkins", content=body, headers=INGEST)
+    assert registry.asked == 1  # not asked again meanwhile: no request waits for an absent database
+    registry.away = False
+    clock.now += CONSENT_RETRY_S + 0.1
+    refused = api.post("/v1/checkins", content=body, headers=INGEST)
+    assert refused.status_code == 422 and refused.json()["error"] == "no_consent" and registry.asked == 2
