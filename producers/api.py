@@ -624,6 +624,10 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             log.error("audit entry not written", extra={"action": action, "subject": subject, "actor": token.name,
                                                         "reason": str(exc)})
 
+    # For routes other modules add (the operator's page): the same token checks and the same audit log.
+    app.state.requires = {"ingest": ingest, "operator": operator, "admin": admin}
+    app.state.audit = audit
+
     consent_down_until = [0.0]  # while PostgreSQL is away, check-ins are not held up by a lookup that would wait
 
     async def refuse_untracked(body: Any, checkins: Sequence[Checkin]) -> None:

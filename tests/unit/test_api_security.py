@@ -9,6 +9,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from fastapi import Request
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -158,3 +160,18 @@ def test_consent_lookups_pause_while_the_registry_is_away(publisher: Publisher) 
     clock.now += CONSENT_RETRY_S + 0.1
     refused = api.post("/v1/checkins", content=body, headers=INGEST)
     assert refused.status_code == 422 and refused.json()["error"] == "no_consent" and registry.asked == 2
+
+
+def test_routes_other_modules_add_use_the_same_roles_and_audit_log(publisher: Publisher) -> None:
+    audit = MemoryAuditLog()
+    api = client(publisher, audit_log=audit)
+    app = api.app
+
+    @app.get("/v1/elsewhere", dependencies=app.state.requires["operator"])  # type: ignore[attr-defined]
+    async def elsewhere(request: Request) -> JSONResponse:
+        await request.app.state.audit(request, "export", "k1", required=True)
+        return JSONResponse({"ok": True})
+
+    assert api.get("/v1/elsewhere", headers=INGEST).status_code == 403
+    assert api.get("/v1/elsewhere", headers=OPERATOR).status_code == 200
+    assert [(e.actor, e.action, e.subject) for e in audit.kept] == [("operator", "export", "k1")]
