@@ -18,6 +18,8 @@ need. The decisions are :mod:`pipeline.domain.escalation`'s; the clock is inject
   extreme crisis and has not begun yet (departure after today), and who has no warning of that crisis yet: a ``pre_arrival``
   warning, with the deterministic id of (citizen, crisis) — found again by the next sweep until the
   sink has stored it, it is still one warning, delivered once.
+- **In country.** Likewise, a citizen without location_tracking consent (never geofenced) whose trip
+  is under way in a country of an active severe or extreme crisis: an ``in_country`` warning, once.
 
 Several dispatchers may run: one sweep at a time, whoever holds the PostgreSQL advisory lock.
 An outage (PostgreSQL, Kafka) ends the sweep; the next one starts over from the tables.
@@ -33,7 +35,16 @@ from datetime import datetime
 from typing import Any, Final
 
 from pipeline import topics
-from pipeline.domain.escalation import ESCALATED_KINDS, Rule, due, parse_rules, pre_arrival_due, pre_arrival_id
+from pipeline.domain.escalation import (
+    ESCALATED_KINDS,
+    Rule,
+    due,
+    in_country_due,
+    in_country_id,
+    parse_rules,
+    pre_arrival_due,
+    pre_arrival_id,
+)
 from pipeline.domain.messages import instruction_for
 from producers.cases import open_case
 from producers.publisher import Outgoing, Publisher
@@ -66,12 +77,13 @@ ORDER BY latest.crisis_id, latest.citizen_id
 """
 
 TRAVELLERS_SQL: Final = """
-SELECT ci.citizen_id, ci.trip_country, ci.trip_from, ci.trip_until, k.crisis_id, k.version, k.op, k.source, k.source_ref, k.title,
+SELECT ci.citizen_id, ci.trip_country, ci.trip_from, ci.trip_until, ci.location_tracking,
+       k.crisis_id, k.version, k.op, k.source, k.source_ref, k.title,
        k.category, k.severity, k.urgency, k.certainty, k.geometry, k.buffer_km, k.country_codes, k.effective, k.expires,
        k.instruction, k.url
 FROM crises_current k JOIN citizens ci ON ci.trip_country = ANY(k.country_codes)
 WHERE k.op <> 'cancel' AND (k.expires IS NULL OR k.expires > %(now)s) AND k.severity IN ('severe', 'extreme')
-  AND ci.trip_from > %(today)s AND (ci.trip_until IS NULL OR ci.trip_until >= %(today)s)
+  AND (ci.trip_from > %(today)s OR NOT ci.location_tracking) AND (ci.trip_until IS NULL OR ci.trip_until >= %(today)s)
   AND NOT EXISTS (SELECT 1 FROM warnings w WHERE w.crisis_id = k.crisis_id AND w.citizen_id = ci.citizen_id)
 ORDER BY k.crisis_id, ci.citizen_id
 """
@@ -85,6 +97,7 @@ class Sweep:
     resent: int = 0
     cases: int = 0
     pre_arrival: int = 0
+    in_country: int = 0
 
 
 class Escalator:
@@ -122,7 +135,7 @@ class Escalator:
             try:
                 now = self.clock()
                 resent, cases = self._escalate(conn, now)
-                return Sweep(True, resent, cases, self._pre_arrival(conn, now))
+                return Sweep(True, resent, cases, *self._by_trip(conn, now))
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,))
         except Exception:
@@ -160,18 +173,23 @@ class Escalator:
                         "crisis_id": warning.crisis_id, "citizen_id": warning.citizen_id, "case_id": case.case_id})
         return resent, cases
 
-    def _pre_arrival(self, conn: Any, now: datetime) -> int:
+    def _by_trip(self, conn: Any, now: datetime) -> tuple[int, int]:
+        """The warnings due by registered trips: pre-arrival, and in-country for citizens not tracked."""
         today = now.date()
-        sent = 0
+        pre_arrival = in_country = 0
         for row in conn.execute(TRAVELLERS_SQL, {"now": now, "today": today}).fetchall():
             countries = tuple(row["country_codes"] or ())
-            if not pre_arrival_due(row["severity"], countries, row["trip_country"], row["trip_from"], row["trip_until"],
-                                   today):
+            trip = (row["trip_country"], row["trip_from"], row["trip_until"], today)
+            if pre_arrival_due(row["severity"], countries, *trip):
+                warning = pre_arrival_warning(row["citizen_id"], _crisis(row), now)
+                pre_arrival += 1
+            elif in_country_due(row["severity"], countries, *trip, bool(row["location_tracking"])):
+                warning = in_country_warning(row["citizen_id"], _crisis(row), now)
+                in_country += 1
+            else:
                 continue
-            warning = pre_arrival_warning(row["citizen_id"], _crisis(row), now)
             self.publisher.publish([Outgoing(self.warnings_topic, warning.citizen_id.encode("utf-8"), encode(warning))])
-            sent += 1
-        return sent
+        return pre_arrival, in_country
 
 
 def pre_arrival_warning(citizen_id: str, crisis: Crisis, now: datetime) -> Warning:
@@ -186,6 +204,15 @@ def pre_arrival_warning(citizen_id: str, crisis: Crisis, now: datetime) -> Warni
     return Warning(pre_arrival_id(citizen_id, crisis.crisis_id), citizen_id, crisis.crisis_id, crisis.version,
                    "pre_arrival", crisis.severity, crisis.title, instruction_for(crisis, "pre_arrival", 0.0), 0.0,
                    lat, lon, now, now, crisis.country_codes)
+
+
+def in_country_warning(citizen_id: str, crisis: Crisis, now: datetime) -> Warning:
+    """The in-country warning of a citizen not tracked: like the pre-arrival one, no location of theirs
+    (a point of the crisis's area, distance 0), since none is known."""
+    area = pre_arrival_warning(citizen_id, crisis, now)
+    return Warning(in_country_id(citizen_id, crisis.crisis_id), citizen_id, crisis.crisis_id, crisis.version,
+                   "in_country", crisis.severity, crisis.title, instruction_for(crisis, "in_country", 0.0), 0.0,
+                   area.lat, area.lon, now, now, crisis.country_codes)
 
 
 def _warning(row: dict[str, Any]) -> Warning:
@@ -216,9 +243,9 @@ def run_escalator(escalator: Escalator, interval_s: float, stop: threading.Event
                 on_outage(exc)
                 log.warning("escalation sweep interrupted by an outage", extra={"error": repr(exc)})
             continue
-        if done.resent or done.cases or done.pre_arrival:
+        if done.resent or done.cases or done.pre_arrival or done.in_country:
             log.info("escalation sweep", extra={"resent": done.resent, "cases": done.cases,
-                                                "pre_arrival": done.pre_arrival})
+                                                "pre_arrival": done.pre_arrival, "in_country": done.in_country})
     escalator.close()
 
 

@@ -24,12 +24,13 @@ class Message:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    tombstone: bool = False  # the record had no value at all (``value`` is then b""): an erasure on some topics
 
     @classmethod
     def from_record(cls, record: Any) -> Message:
         headers = tuple((str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ()))
         return cls(record.topic, int(record.partition), int(record.offset), record.key,
-                   record.value if record.value is not None else b"", headers)
+                   record.value if record.value is not None else b"", headers, record.value is None)
 
     def where(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"

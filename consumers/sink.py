@@ -16,15 +16,24 @@ The failure policy is :mod:`pipeline.stage`'s, in three paths:
 
 Offsets are committed only after the database transaction (and any dead-lettering) succeeded,
 so a crash replays the batch, and the deterministic keys make the replay a no-op.
+
+Privacy (docs/privacy.md): a check-in of a citizen registered without location_tracking consent is
+refused by PostgreSQL itself (``deploy/sql/005_privacy.sql``) and dead-lettered *without its
+coordinates* (:func:`redacted_checkin`); a refusal's reason names the constraint and the column, never
+the failing row PostgreSQL would quote (a citizen's name, phone, position: :func:`refusal_reason`). An
+erasure tombstone (a citizen's key with no value) on ``citizens`` or ``checkins`` deletes what is stored
+of them in that table: it comes after everything the citizen's key carried before it on that
+partition, so nothing in flight is written back after it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
@@ -47,7 +56,7 @@ from pipeline.domain.admission import admit_message
 from pipeline.domain.validation import DEFAULT_RULES, EventRules
 from pipeline.metrics import SinkMetrics
 from pipeline.settings import Settings
-from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
+from pipeline.stage import MAX_REASON_CHARS, OutageTypes, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
 from schemas import Ack, Case, Checkin, Citizen, Crisis, CrisisStatus, InvalidEvent, Warning
 from schemas.models import Event
@@ -82,6 +91,7 @@ class TableSpec:
     jsonb: frozenset[str] = frozenset()
     touched: str = "updated_at"
     newest: str | None = None
+    erases: bool = False  # rows are citizen ids whose rows of ``name`` are deleted (erasure tombstones)
 
     def key_of(self, row: Row) -> Row:
         return tuple(row[self.columns.index(c)] for c in self.key)
@@ -114,6 +124,12 @@ CRISIS_STATUS_TABLE: Final = TableSpec(
     "crisis_status", ("crisis_id", "inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated",
                       "as_of"),
     key=("crisis_id",), upsert=True, touched="recorded_at", newest="as_of")
+
+# Erasure tombstones: the citizen's rows of the table are deleted (see the module docstring).
+ERASE_CITIZENS: Final = TableSpec("citizens", ("citizen_id",), key=("citizen_id",), erases=True)
+ERASE_CHECKINS: Final = TableSpec("checkins", ("citizen_id",), key=("citizen_id",), erases=True)
+ERASURES: Final[Mapping[type[Event], TableSpec]] = {Citizen: ERASE_CITIZENS, Checkin: ERASE_CHECKINS}
+CONSENT_CONSTRAINT: Final = "checkins_location_tracking_consent"
 
 TABLES: Final = (CITIZENS_TABLE, CRISES_TABLE, WARNINGS_TABLE, ACKS_TABLE, CHECKINS_TABLE, CASES_TABLE, CRISIS_STATUS_TABLE)
 
@@ -245,6 +261,9 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now:
         model = models.get(message.topic)
         if model is None:
             raise UnknownTopic(f"the sink does not read topic {message.topic!r}")
+        erasure = erasure_row(message, model)
+        if erasure is not None:
+            return erasure
         spec, values = row_for(admit_message(message.value, model, now, rules))
         return SinkRow(spec, values, message)
 
@@ -253,13 +272,69 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now:
                     tuple(Rejected(f.item, f.reason, f.label, f.error_type) for f in admitted.failures))
 
 
+def erasure_row(message: Message, model: type[Event]) -> SinkRow | None:
+    """An erasure tombstone (a citizen's key, no value) on a topic the sink erases from, as a row."""
+    spec = ERASURES.get(model)
+    if spec is None or not message.tombstone or not message.key:
+        return None
+    try:
+        citizen_id = message.key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return SinkRow(spec, (citizen_id,), message)
+
+
+def refusal_reason(exc: BaseException, table: str) -> str:
+    """Why PostgreSQL refused a row, without the row's values: the error's name, its primary message when
+    that names only the schema (integrity violations: the constraint), the constraint and the column.
+    (``str()`` of the error ends with ``DETAIL: Failing row contains (...)``: a citizen's name, phone
+    numbers and position, which must reach neither a dead letter's headers nor a log line; the primary
+    message of a data exception may quote the value.)"""
+    diag = getattr(exc, "diag", None)
+    sqlstate = str(getattr(exc, "sqlstate", None) or "")
+    primary = getattr(diag, "message_primary", None) if sqlstate.startswith("23") else None
+    named = (("constraint", getattr(diag, "constraint_name", None)), ("column", getattr(diag, "column_name", None)))
+    where = ", ".join(f"{name} {value}" for name, value in named if value and value not in (primary or ""))
+    text = f"{type(exc).__name__}: postgresql refused the row for {table}"
+    text += f": {primary}" if primary else (f" (SQLSTATE {sqlstate})" if sqlstate else "")
+    text += f" ({where})" if where else ""
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+
+
+def refused_for_consent(exc: BaseException) -> bool:
+    return getattr(getattr(exc, "diag", None), "constraint_name", None) == CONSENT_CONSTRAINT
+
+
+def redacted_checkin(raw: bytes) -> bytes:
+    """A check-in refused for want of consent, as its dead letter keeps it: who, when and from where it
+    came, never the coordinates (which must not be stored anywhere, the dlq included)."""
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return b'{"redacted": "check-in without location_tracking consent"}'
+    kept = {k: event[k] for k in ("schema", "citizen_id", "observed_at", "source") if isinstance(event, dict) and k in event}
+    return json.dumps({**kept, "redacted": ["lat", "lon", "accuracy_m"]}).encode("utf-8")
+
+
+def refused_rows(refused: Iterable[tuple[SinkRow, Exception]]) -> list[Rejected]:
+    """The rows PostgreSQL refused, as dead letters: reasons without the rows' values, and a check-in
+    refused for want of consent without its coordinates."""
+    out = []
+    for row, exc in refused:
+        source = row.source
+        if refused_for_consent(exc):
+            source = replace(source, value=redacted_checkin(source.value))
+        out.append(Rejected(source, refusal_reason(exc, row.table.name), label(exc), error_type(exc)))
+    return out
+
+
 def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:
     """Rows grouped by table, one per key: the last for upsert tables (latest wins; with ``newest``,
     the greatest of that column, the last of equals), the first for the others (what is already
     there stays). A statement may not touch one key twice."""
     by_table: dict[str, dict[Row, SinkRow]] = {}
     for row in rows:
-        keyed = by_table.setdefault(row.table.name, {})
+        keyed = by_table.setdefault(_group(row.table), {})
         key = row.table.key_of(row.values)
         if row.table.upsert:
             kept = keyed.pop(key, None)
@@ -272,6 +347,10 @@ def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:
         else:
             keyed.setdefault(key, row)
     return {table: list(keyed.values()) for table, keyed in by_table.items()}
+
+
+def _group(spec: TableSpec) -> str:
+    return f"erase:{spec.name}" if spec.erases else spec.name
 
 
 def retention_cutoff(now: datetime, retention_days: int) -> datetime:
@@ -380,6 +459,14 @@ class PostgresStore:
             cur.execute(query, self._adapt(spec, row.values))
             return int(cur.rowcount)
 
+    def _erase(self, conn: Any, spec: TableSpec, rows: Sequence[SinkRow]) -> int:
+        from psycopg import sql
+
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DELETE FROM {} WHERE citizen_id = ANY(%s)").format(sql.Identifier(spec.name)),
+                        ([row.values[0] for row in rows],))
+            return int(cur.rowcount)
+
     def write(self, rows: Iterable[SinkRow]) -> WriteOutcome:
         """Write a batch in one transaction; return rows written per table and the rows PostgreSQL
         refused (each with the reason). Raises an outage error, after which the batch is retried whole."""
@@ -390,6 +477,9 @@ class PostgresStore:
             with conn.transaction():
                 for table_name, table_rows in dedupe(rows).items():
                     spec = table_rows[0].table
+                    if spec.erases:
+                        outcome.written[table_name] = self._erase(conn, spec, table_rows)
+                        continue
                     try:
                         with conn.transaction():
                             outcome.written[table_name] = self._copy_insert(conn, spec, table_rows)
@@ -501,8 +591,7 @@ class PostgresSink:
                 self.metrics.skipped.labels(topic=r.message.topic, reason=r.label).inc()
                 log.warning("invalid, not written (its owner dead-letters it)",
                             extra={"where": r.message.where(), "reason": r.reason})
-        rejected += [Rejected(row.source, describe(exc, f"postgresql refused the row for {row.table.name}"),
-                              label(exc), error_type(exc)) for row, exc in outcome.refused]
+        rejected += refused_rows(outcome.refused)
         rejected += unwritable
         if rejected:
             letters: list[Outgoing] = [

@@ -51,6 +51,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pipeline import dlq, topics
+from pipeline.consent import UNTRACKED_TABLE, ConsentGate, forget_states
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
@@ -69,8 +70,8 @@ def changelog_topic(app_id: str = APP_ID) -> str:
 
 
 def internal_topics(app_id: str = APP_ID) -> list[str]:
-    """The worker's own topics, created with the core ones (``up``): its table's changelog."""
-    return [changelog_topic(app_id)]
+    """The worker's own topics, created with the core ones (``up``): its tables' changelogs."""
+    return [changelog_topic(app_id), f"{app_id}-{UNTRACKED_TABLE}-changelog"]
 
 
 def utc_now() -> datetime:
@@ -312,12 +313,16 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         _TableView(app, table), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
         outages=(ProducerSendError,), rules=settings.event_rules())
     crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
+    consent = consent_gate(app, settings, runtime, metrics, clock)
+
+    async def locate_batch(events: Sequence[Any]) -> None:
+        await runtime.process_checkins(await consent.admit([raw_message(e) for e in events]))
 
     @app.agent(checkins_topic, name="locate")
     async def locate(stream: Any) -> None:
         await crises_loaded.wait()
         async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
-            await finish_or_exit(runtime.process_checkins([raw_message(e) for e in events]), "a batch of check-ins")
+            await finish_or_exit(locate_batch(events), "a batch of check-ins")
 
     @app.agent(crisis_topic, name="crisis")
     async def crisis_agent(stream: Any) -> None:
@@ -388,6 +393,29 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         return self.json(body, status=status)
 
     return app, runtime
+
+
+def consent_gate(app: faust.App, settings: Settings, runtime: GeofenceRuntime, metrics: WorkerMetrics,
+                 clock: Callable[[], datetime]) -> ConsentGate:
+    """Consent and erasure (:mod:`pipeline.consent`): the ``untracked-citizens`` table (co-partitioned with
+    ``checkins``, like the citizens topic it is built from) and the agent reading ``citizens``. The locate
+    agent hands each batch to :meth:`ConsentGate.admit` before geofencing it."""
+    table = app.Table(UNTRACKED_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
+                      key_type=bytes)
+
+    async def forget(citizen_ids: Sequence[str]) -> int:
+        async with runtime.lock:
+            return await forget_states(runtime.states, citizen_ids)
+
+    gate = ConsentGate(_TableView(app, table), forget, metrics, clock, settings.event_rules())
+    citizens_topic = app.topic(topics.CITIZENS, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(citizens_topic, name="consent")
+    async def consent(stream: Any) -> None:
+        async for event in stream.events():
+            await finish_or_exit(gate.on_citizen(raw_message(event)), "a citizen's consent")
+
+    return gate
 
 
 class _TableView(DurableStates):

@@ -79,6 +79,11 @@ DEMO_ESCALATION: Final = "extreme:15m,1h;severe:1h,6h;moderate:10s,20s"
 REPLIES_PER_PATH: Final = 20
 REPLY_LINK = re.compile(r"https?://\S+/r/[A-Za-z0-9_.\-]+")
 ZONE_KINDS: Final = frozenset({"inside", "entered", "near"})
+UNTRACKED_EVERY = 25  # one traveller in 25 registered without location consent: no check-ins, warned by their trip
+# Warnings by registered trip (pre-arrival; in-country for travellers without location consent) come from the
+# dispatcher's periodic sweep, on its own clock: they are not what the offline engine models, so the checks
+# below leave them out (they are delivered all the same).
+TRIP_KINDS = ("pre_arrival", "in_country")
 
 
 DEMO_DATA_DIR = Path(".crisiswatch-demo")  # unless CRISISWATCH_DATA_DIR says otherwise
@@ -122,7 +127,7 @@ class WarningCollector(threading.Thread):
                 now = time.time()
                 for record in records:
                     warning = decode(record.value, Warning)
-                    if warning.citizen_id.startswith(self.prefix):
+                    if warning.citizen_id.startswith(self.prefix) and warning.kind not in TRIP_KINDS:
                         with self.lock:
                             if (topics.RESEND_HEADER, topics.RESEND_NEXT_CHANNEL) in (record.headers or []):
                                 self.resent.append(warning)
@@ -287,19 +292,23 @@ class Scenario:
         self.sms_numbers: dict[str, str] = {}
         self.cancelled = 0
         self.flood_id = ""
+        self.untracked: set[str] = set()  # travellers without location_tracking consent: their phones do not report
 
     def with_demo_channel(self, index: int, citizen: Citizen) -> Citizen:
         """The citizen's channels replaced by ones the demo receives: the travel desk's webhook first and
         an email address second, or (one in ``EMAIL_EVERY``) the other way round; then an SMS number, which
-        only their replies use (their language is the model's)."""
+        only their replies use (their language is the model's). One in ``UNTRACKED_EVERY`` registered without
+        location consent."""
         email = Channel("email", f"{citizen.citizen_id.lower()}@example.org")
         webhook = Channel("webhook", f"{self.webhook_base}/travel-desk/{citizen.citizen_id}")
         number = f"+628{self.run_id[-5:]}{index:05d}"  # E.164, one per traveller and run
         self.sms_numbers[citizen.citizen_id] = number
         first, second = (email, webhook) if index % EMAIL_EVERY == 0 else (webhook, email)
-        return replace(citizen, channels=(first, second, Channel("sms", number)))
+        return replace(citizen, channels=(first, second, Channel("sms", number)),
+                       location_tracking=index % UNTRACKED_EVERY != UNTRACKED_EVERY - 1)
 
     def publish_checkins(self, checkins: list[Checkin]) -> None:
+        checkins = [c for c in checkins if c.citizen_id not in self.untracked]
         stamp = time.time()
         self.publisher.publish_events(checkins)
         for c in checkins:
@@ -323,7 +332,9 @@ class Scenario:
         at = self.start
         citizens = [self.with_demo_channel(i, c) for i, c in enumerate(self.model.citizens())]
         self.publisher.publish_events(citizens)
-        print(f"  {len(citizens)} travellers registered", flush=True)
+        self.untracked = {c.citizen_id for c in citizens if not c.location_tracking}
+        print(f"  {len(citizens)} travellers registered, {len(self.untracked)} of them without location consent "
+              "(not tracked: warned by the country of their trip)", flush=True)
         self.publish_checkins([self.model.checkin(c.citizen_id, at) for c in citizens])
         self.settle("first check-ins")
         # The dispatcher reads a citizen's channels from PostgreSQL: the registry is there before any warning.
@@ -381,7 +392,9 @@ class Scenario:
         counts: dict[str, int] = {}
         with psycopg.connect(self.settings.database_url.get()) as conn:
             for table in ("warnings", "citizens", "checkins", "acks"):
-                row = conn.execute(f"SELECT count(*) FROM {table} WHERE citizen_id LIKE %s", (like,)).fetchone()
+                by_trip = " AND kind <> ALL(%s)" if table == "warnings" else ""
+                row = conn.execute(f"SELECT count(*) FROM {table} WHERE citizen_id LIKE %s{by_trip}",
+                                   (like, list(TRIP_KINDS)) if by_trip else (like,)).fetchone()
                 counts[table] = int(row[0]) if row else 0
         return counts
 
@@ -391,7 +404,9 @@ class Scenario:
 
         with psycopg.connect(self.settings.database_url.get()) as conn:
             rows = conn.execute("SELECT channel, status, count(*) FROM deliveries WHERE citizen_id LIKE %s "
-                                "GROUP BY channel, status", (self.run_id + "%",)).fetchall()
+                                "AND warning_id IN (SELECT warning_id FROM warnings WHERE citizen_id LIKE %s "
+                                "AND kind <> ALL(%s)) GROUP BY channel, status",
+                                (self.run_id + "%", self.run_id + "%", list(TRIP_KINDS))).fetchall()
         return Counter({(str(channel), str(status)): int(n) for channel, status, n in rows})
 
     def warning_ids(self) -> set[str]:

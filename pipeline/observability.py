@@ -97,15 +97,35 @@ def limit_repeats(logger: logging.Logger, interval_s: float = 10.0) -> None:
             handler.addFilter(RepeatedLogFilter(interval_s))
 
 
+# The libraries that deliver messages name every recipient in their lines — at INFO each request's URL (a
+# citizen's webhook) or "sent to <phone number>" — and a citizen's contact details stay out of the logs: they
+# log at WARNING and above only, and what they log then has phone numbers, e-mail addresses and URL paths
+# blanked out (docs/privacy.md).
+DELIVERY_LOGGERS: Final = ("httpx", "httpcore", "apprise")
+_CONTACTS: Final = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|\+?\d[\d ().-]{6,}\d|(?<=[\w\]])/[^\s\"'<>]+")
+
+
+class ContactRedactionFilter(logging.Filter):
+    """Blanks contact details out of the lines of :data:`DELIVERY_LOGGERS` (see there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in DELIVERY_LOGGERS:
+            record.msg, record.args = _CONTACTS.sub("[redacted]", record.getMessage()), None
+        return True
+
+
 def setup_logging(level: str = "INFO", process: str = "crisiswatch") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter())
+    handler.addFilter(ContactRedactionFilter())
     handler.addFilter(RepeatedLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    for name in DELIVERY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     logging.LoggerAdapter(logging.getLogger(process), {}).debug("logging configured")
 
 

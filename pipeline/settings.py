@@ -108,6 +108,25 @@ def _public_url(name: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _rate_limits(name: str, raw: str) -> str:
+    from pipeline.tokens import parse_rate_limits
+
+    try:
+        parse_rate_limits(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return raw.strip()
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    """Exact origins only: a wildcard would open the operator endpoints to every page on the web."""
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin == "*" or not origin.startswith(("https://", "http://")):
+            raise SettingsError(f"{name}: expected origins like https://ops.example.org, got {origin!r}")
+    return origins
+
+
 def _or_default(default: str) -> Parse:
     return lambda _name, raw: raw.strip() or default
 
@@ -146,6 +165,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            verbs=STACK | _verbs("api", "token")),
     EnvVar("CRISISWATCH_OPERATOR_TOKEN", "", "Bearer token for declaring crises. Embedded: generated, kept in the data dir.",
            verbs=STACK | _verbs("api", "token")),
+    EnvVar("CRISISWATCH_ADMIN_TOKEN", "",
+           "Bearer token for the audit log and erasing citizens, and all an operator may. Embedded: generated, kept in the data dir.",
+           verbs=STACK | _verbs("api", "token")),
+    EnvVar("CRISISWATCH_API_RATE_LIMITS", "ingest:1000,operator:50,admin:20",
+           "Requests per second each token may make, by role (bursts of one second's worth); above it 429 with Retry-After.",
+           verbs=STACK | _verbs("api"), parse=_rate_limits),
+    EnvVar("CRISISWATCH_CORS_ORIGINS", "",
+           "Origins (https://host,...) whose pages may call the API from a browser. Empty: none (CORS closed).",
+           verbs=STACK | _verbs("api"), parse=_origins),
     EnvVar("CRISISWATCH_CAP_SENDER", "crisiswatch@localhost",
            "The sender of the CAP 1.2 alerts the API publishes (/v1/crises/{id}.cap, /v1/cap.atom), e.g. the ministry's address.",
            verbs=STACK | _verbs("api"), parse=_or_default("crisiswatch@localhost")),
@@ -252,6 +280,9 @@ class Settings:
     api_port: int = 8080
     ingest_token: Secret = Secret("")
     operator_token: Secret = Secret("")
+    admin_token: Secret = Secret("")
+    api_rate_limits: str = "ingest:1000,operator:50,admin:20"
+    cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 2_000_000
     public_url: str = ""
     reply_secret: Secret = Secret("")
@@ -342,6 +373,8 @@ def _text(value: Any) -> str:
         return value.get()
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
     return "" if value is None else str(value)
 
 

@@ -203,11 +203,12 @@ class Stack:
     clock: Callable[[], float] = time.monotonic
     budget: RestartBudget = field(init=False)
     chosen_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # variable -> (busy default, chosen)
-    _configured_tokens: tuple[bool, bool] = field(init=False)
+    _configured_tokens: tuple[bool, bool, bool] = field(init=False)
 
     def __post_init__(self) -> None:
         self.budget = RestartBudget(self.restart_limit, self.clock)
-        self._configured_tokens = (bool(self.settings.ingest_token), bool(self.settings.operator_token))
+        self._configured_tokens = (bool(self.settings.ingest_token), bool(self.settings.operator_token),
+                                   bool(self.settings.admin_token))
 
     @property
     def logs(self) -> Path:
@@ -510,10 +511,11 @@ class Stack:
         if self.restored is not None:
             lines += ["", f"  {self.restored.line()}"]
         if self.tokens_file is not None:
-            ingest_set, operator_set = self._configured_tokens
+            ingest_set, operator_set, admin_set = self._configured_tokens
             lines += ["", f"  tokens (kept in {self.tokens_file}, reused by the next `crisiswatch up`):",
                       f"    ingest     {'(from CRISISWATCH_INGEST_TOKEN)' if ingest_set else s.ingest_token.get()}",
-                      f"    operator   {'(from CRISISWATCH_OPERATOR_TOKEN)' if operator_set else s.operator_token.get()}"]
+                      f"    operator   {'(from CRISISWATCH_OPERATOR_TOKEN)' if operator_set else s.operator_token.get()}",
+                      f"    admin      {'(from CRISISWATCH_ADMIN_TOKEN)' if admin_set else s.admin_token.get()}"]
         lines += ["", "  try:  crisiswatch status   |   crisiswatch tail   |   crisiswatch simulate --duration 60",
                   "        curl -H \"Authorization: Bearer $(crisiswatch token ingest)\" "
                   f"-d '{_example_checkin()}' http://{host}:{s.api_port}/v1/checkins", "", "Ctrl-C stops everything."]

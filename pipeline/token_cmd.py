@@ -1,4 +1,4 @@
-"""``crisiswatch token ingest|operator``: print one API token of the running stack, for scripts
+"""``crisiswatch token ingest|operator|admin``: print one API token of the running stack, for scripts
 (``OPERATOR_TOKEN=$(crisiswatch token operator)``): the configured one
 (``CRISISWATCH_INGEST_TOKEN``/``CRISISWATCH_OPERATOR_TOKEN``), else the one ``crisiswatch up`` generated
 and keeps in its data directory. Exit 1, with a line on stderr, when there is none."""
@@ -12,13 +12,14 @@ from pipeline.state_file import client_settings, no_stack
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("role", choices=("ingest", "operator"),
-                        help="ingest: check-ins, citizens, replies; operator: crises (and ingest)")
+    parser.add_argument("role", choices=("ingest", "operator", "admin"),
+                        help="ingest: check-ins, citizens, replies; operator: crises, cases (and ingest); "
+                             "admin: audit log, erasure (and operator)")
 
 
 def run(args: argparse.Namespace) -> int:
     settings, state = client_settings()
-    token = settings.ingest_token if args.role == "ingest" else settings.operator_token
+    token = {"ingest": settings.ingest_token, "operator": settings.operator_token, "admin": settings.admin_token}[args.role]
     if not token:
         variable = f"CRISISWATCH_{args.role.upper()}_TOKEN"
         why = no_stack(settings) if state is None else f"the stack on {state.data_dir} has no {args.role} token"

@@ -19,17 +19,27 @@ to blame. Nothing is answered ``500``: an unexpected exception while validating 
 input's fault (``422`` with the exception as the reason), anywhere else it is ``503``; both are
 counted in ``crisiswatch_api_unexpected_errors_total`` and logged with their traceback.
 
-Tokens: ``CRISISWATCH_INGEST_TOKEN`` opens check-ins, citizens and acks; ``CRISISWATCH_OPERATOR_TOKEN``
-opens crises and, as the stronger token, the ingest endpoints too. A token that is not configured
-opens nothing.
+Tokens (:mod:`pipeline.tokens`): each has a role — ``ingest`` opens check-ins, citizens and acks;
+``operator`` crises, cases, the accountability views and looking up a citizen, and the ingest endpoints
+too; ``admin`` all that, the audit log and erasing a citizen. A token that is not configured opens
+nothing. Each token may make ``CRISISWATCH_API_RATE_LIMITS`` requests per second (429 with
+``Retry-After`` beyond).
+
+Privacy (docs/privacy.md): check-ins of a citizen the registry holds without location_tracking consent
+are refused (422, ``no_consent``); an operator sees a citizen's location only while they are inside or
+near an active crisis (:mod:`producers.citizen_store`); every operator action is written to the audit
+log (:mod:`producers.audit`) — reading or erasing personal data is refused when it cannot be;
+``DELETE /v1/citizens/{id}`` erases a citizen (:mod:`producers.erase`). Every response carries security
+headers (nosniff, no framing, no referrer, a Content-Security-Policy), and no browser page of another
+origin may call the API unless ``CRISISWATCH_CORS_ORIGINS`` names it.
 """
 
 from __future__ import annotations
 
 import copy
-import hmac
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -42,6 +52,7 @@ from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
@@ -50,6 +61,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from pipeline import topics
+from pipeline.consent import ConsentCache
 from pipeline.domain.admission import rehearse
 from pipeline.domain.cap_out import ATOM_MEDIA_TYPE, CAP_MEDIA_TYPE, atom_feed, cap_alert
 from pipeline.domain.cases import CaseChangeError, change, country_at, new_case
@@ -60,10 +72,14 @@ from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoi
 from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
 from pipeline.reply_links import ReplyToken, ReplyTokenError, reply_links
-from pipeline.settings import Secret, Settings
+from pipeline.settings import Settings
 from pipeline.stage import describe
+from pipeline.tokens import ApiToken, RateLimiter, Role, configured_tokens, find_token, parse_rate_limits
+from producers.audit import MAX_LISTED_ENTRIES, AuditEntry, AuditLog
 from producers.cases import case_messages
+from producers.citizen_store import CitizenStore
 from producers.crisis_store import CrisisStore, StoreUnavailable
+from producers.erase import Erased, Eraser, tombstones
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
 from producers.reply_pages import SECURITY_HEADERS, ask_page, problem_page, thanks_page
 from producers.reply_store import ReplyStore
@@ -79,6 +95,7 @@ E = TypeVar("E", bound=Event)
 T = TypeVar("T")
 
 MAX_BATCH: Final = 1000
+CONSENT_RETRY_S: Final = 5.0  # after the registry could not be read, how long check-ins go unchecked here
 DATETIME_FIELDS: Final = frozenset({"observed_at", "received_at", "effective", "expires"})
 _REQUIRED: Final = re.compile(r"'([A-Za-z_]+)' is a required property")
 
@@ -373,43 +390,84 @@ class ApiTopics:
 
 
 @dataclass(frozen=True, slots=True)
-class _TokenCheck:
-    """Which configured tokens open an endpoint; the other known tokens get 403 instead of 401."""
+class _Auth:
+    """Bearer tokens with roles and per-token rate limits: 401 for no token or an unknown one, 403 for a
+    token whose role is not enough, 429 (with ``Retry-After``) for one over its rate. The token that
+    passed is left in ``request.state.api_token`` for the audit log."""
 
-    allowed: tuple[Secret, ...]
-    known: tuple[Secret, ...]
-    disabled_reason: str
+    tokens: tuple[ApiToken, ...]
+    limiter: RateLimiter
     realm: str = "crisiswatch"
     _scheme: HTTPBearer = field(default_factory=lambda: HTTPBearer(auto_error=False))
 
-    def dependency(self) -> Callable[[HTTPAuthorizationCredentials | None], Awaitable[None]]:
-        async def check(credentials: HTTPAuthorizationCredentials | None = Depends(self._scheme)) -> None:  # noqa: B008
-            self.verify(None if credentials is None else credentials.credentials)
+    def dependency(self, role: Role, disabled_reason: str) -> Callable[..., Awaitable[None]]:
+        async def check(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(self._scheme)) -> None:  # noqa: B008
+            request.state.api_token = self.verify(None if credentials is None else credentials.credentials, role,
+                                                  disabled_reason)
 
         return check
 
-    def verify(self, presented: str | None) -> None:
+    def verify(self, presented: str | None, role: Role, disabled_reason: str) -> ApiToken:
         if not presented:
             raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)",
                            headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'})
-        if not any(self.allowed):
-            raise ApiError(401, "unauthorized", self.disabled_reason,
+        if not any(token.may(role) for token in self.tokens):
+            raise ApiError(401, "unauthorized", disabled_reason,
                            headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="invalid_token"'})
-        # Compare against every token, always, so the time taken says nothing about which one matched.
-        allowed = [_same(presented, secret) for secret in self.allowed]
-        known = [_same(presented, secret) for secret in self.known]
-        if any(allowed):
-            return
-        if any(known):
-            raise ApiError(403, "forbidden", "this token may not use this endpoint",
+        token = find_token(self.tokens, presented)
+        if token is None:
+            raise ApiError(401, "unauthorized", "invalid bearer token",
+                           headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="invalid_token"'})
+        if not token.may(role):
+            raise ApiError(403, "forbidden", f"this token ({token.role}) may not use this endpoint (needs {role})",
                            headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="insufficient_scope"'})
-        raise ApiError(401, "unauthorized", "invalid bearer token",
-                       headers={"WWW-Authenticate": f'Bearer realm="{self.realm}", error="invalid_token"'})
+        wait = self.limiter.admit(token)
+        if wait is not None:
+            rate = self.limiter.limits[token.role]
+            raise ApiError(429, "rate_limited", f"more than {rate:g} requests per second with this token "
+                           "(CRISISWATCH_API_RATE_LIMITS); retry after the time in Retry-After",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return token
 
 
-def _same(presented: str, secret: Secret) -> bool:
-    """Constant-time comparison; an unset token matches nothing, not even an empty one."""
-    return bool(secret) and hmac.compare_digest(presented.encode("utf-8"), secret.get().encode("utf-8"))
+# Security headers on every response (a page's own Content-Security-Policy, set by its route, wins).
+SECURITY_HEADERS_ALL: Final[Mapping[str, str]] = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+CSP_API: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+CSP_HTML: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+                   "object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+# FastAPI's /docs and /redoc pages start with an inline script and style.
+CSP_DOCS: Final = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                   "img-src 'self' data:; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def security_headers(response: Response, path: str, docs_paths: frozenset[str]) -> None:
+    for name, value in SECURITY_HEADERS_ALL.items():
+        response.headers.setdefault(name, value)
+    html = response.headers.get("content-type", "").startswith("text/html")
+    response.headers.setdefault("Content-Security-Policy",
+                                CSP_DOCS if path in docs_paths else CSP_HTML if html else CSP_API)
+
+
+def minimised_case(case: Case) -> dict[str, Any]:
+    """A case as operators list it: where the citizen was while the case is open or assigned (someone may
+    have to go there), only the country once it is closed."""
+    shown = case.to_dict()
+    if case.state == "closed":
+        shown.update(lat=None, lon=None, location_withheld="the case is closed")
+    return shown
+
+
+def untracked_field(body: Any, index: int) -> str:
+    """The JSON path of the ``citizen_id`` of the ``index``-th check-in of a request body."""
+    if isinstance(body, list):
+        return f"$[{index}].citizen_id"
+    if isinstance(body, Mapping) and "checkins" in body:
+        return f"$.checkins[{index}].citizen_id"
+    return "$.citizen_id"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -488,6 +546,7 @@ _CRISIS_OPTIONAL = (*OPERATOR_DEFAULTS, "crisis_id", "version", "title", "source
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {401: "missing or invalid bearer token", 403: "token not allowed on this endpoint",
                404: "no such crisis (a cancel names one PostgreSQL does not know)",
+               429: "too many requests with this token: retry after Retry-After seconds",
                413: "body or batch too large", 422: "invalid input: the field (JSON path) and the reason",
                503: "Kafka unreachable: not accepted, retry later (a retry may store a duplicate, which is harmless)"}
     return {s: {"model": ErrorBody, "description": meaning[s]} for s in statuses}
@@ -496,28 +555,39 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegistry, clock: Callable[[], datetime],
                *, api_topics: ApiTopics | None = None, new_crisis_id: Callable[[], str] | None = None,
                health: HealthProbe | None = None, crisis_store: CrisisStore | None = None,
-               reply_store: ReplyStore | None = None, operator_store: OperatorStore | None = None) -> FastAPI:
+               reply_store: ReplyStore | None = None, operator_store: OperatorStore | None = None,
+               audit_log: AuditLog | None = None, citizen_store: CitizenStore | None = None, eraser: Eraser | None = None,
+               monotonic: Callable[[], float] = time.monotonic) -> FastAPI:
     """The ingest API. Nothing global: settings, publisher, metrics registry, clock and the health
     probe (``/health``; without one, ``/health`` only says the process serves) come in, the crisis
-    store the public CAP feed reads (without one, the CAP endpoints answer 503) and the store replies,
-    SOS and cases are checked against (without one, those endpoints answer 503), and the store the
-    operator's page reads (:mod:`producers.operator_page`; without one, its data endpoints answer 503)."""
+    store the public CAP feed reads (without one, the CAP endpoints answer 503), the store replies,
+    SOS and cases are checked against (without one, those endpoints answer 503), the store the
+    operator's page reads (:mod:`producers.operator_page`; without one, its data endpoints answer 503),
+    the audit log, the registry's citizens (consent, minimised views) and the eraser (without them, what
+    needs them answers 503; check-ins are then not checked for consent here, the sink and the worker
+    still are). ``monotonic`` times the rate limits."""
     routes = api_topics or ApiTopics()
     make_crisis_id = new_crisis_id or (lambda: f"op-{uuid.uuid4()}")
     metrics = ApiMetrics(registry)
     rules = settings.event_rules()
-    known = (settings.ingest_token, settings.operator_token)
-    ingest_auth = _TokenCheck((settings.ingest_token, settings.operator_token), known,
-                              "no token is configured for this endpoint (CRISISWATCH_INGEST_TOKEN); it is disabled")
-    operator_auth = _TokenCheck((settings.operator_token,), known,
-                                "no operator token is configured (CRISISWATCH_OPERATOR_TOKEN); this endpoint is disabled")
-    ingest = [Depends(ingest_auth.dependency())]
-    operator = [Depends(operator_auth.dependency())]
+    auth = _Auth(configured_tokens(settings), RateLimiter(parse_rate_limits(settings.api_rate_limits), monotonic))
+    ingest = [Depends(auth.dependency(
+        "ingest", "no token is configured for this endpoint (CRISISWATCH_INGEST_TOKEN); it is disabled"))]
+    operator = [Depends(auth.dependency(
+        "operator", "no operator token is configured (CRISISWATCH_OPERATOR_TOKEN); this endpoint is disabled"))]
+    admin = [Depends(auth.dependency(
+        "admin", "no admin token is configured (CRISISWATCH_ADMIN_TOKEN); this endpoint is disabled"))]
+    consent = ConsentCache(citizen_store.untracked) if citizen_store is not None else None
 
     # FastAPIOffline: /docs and /redoc served with their JS and CSS from the package, no CDN (works offline)
     app = FastAPIOffline(title="crisiswatch ingest API", version="1",
                   description="Check-ins, citizens' self-reports, operator crises and citizens' replies, into Kafka. "
                               "202 means Kafka acknowledged every event.")
+    docs_paths = frozenset(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)
+    if settings.cors_origins:  # closed unless configured: no CORS headers, so browsers keep other origins out
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                           max_age=600)
 
     @app.exception_handler(ApiError)
     async def refused(request: Request, exc: ApiError) -> JSONResponse:
@@ -541,7 +611,48 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             response = JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         endpoint = request.url.path if request.url.path in paths else "other"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        security_headers(response, request.url.path, docs_paths)
         return response
+
+    async def audit(request: Request, action: str, subject: str | None, detail: Mapping[str, Any] | None = None, *,
+                    required: bool) -> None:
+        """Record an operator action. ``required``: the action is refused (503) unless the entry is written
+        (reading or erasing personal data); otherwise a failure is logged at ERROR and the action goes on."""
+        token: ApiToken = request.state.api_token
+        entry = AuditEntry(token.name, token.role, action, subject, dict(detail or {}))
+        try:
+            if audit_log is None:
+                raise StoreUnavailable("no audit log is configured for this API (CRISISWATCH_DATABASE_URL)")
+            await run_in_threadpool(audit_log.record, entry)
+        except StoreUnavailable as exc:
+            if required:
+                raise ApiError(503, "audit_unavailable", f"not done: it could not be recorded in the audit log ({exc})",
+                               headers={"Retry-After": "5"}) from None
+            log.error("audit entry not written", extra={"action": action, "subject": subject, "actor": token.name,
+                                                        "reason": str(exc)})
+
+    # For routes other modules add (the operator's page): the same token checks and the same audit log.
+    app.state.requires = {"ingest": ingest, "operator": operator, "admin": admin}
+    app.state.audit = audit
+
+    consent_down_until = [0.0]  # while PostgreSQL is away, check-ins are not held up by a lookup that would wait
+
+    async def refuse_untracked(body: Any, checkins: Sequence[Checkin]) -> None:
+        """422 for a batch holding a check-in of a citizen registered without location_tracking consent."""
+        if consent is None or monotonic() < consent_down_until[0]:
+            return
+        try:
+            untracked = await run_in_threadpool(consent.untracked, [c.citizen_id for c in checkins])
+        except StoreUnavailable as exc:  # the sink and the worker check for themselves
+            consent_down_until[0] = monotonic() + CONSENT_RETRY_S
+            log.warning("consent not checked at the API while PostgreSQL is away (the sink and the worker still are)",
+                        extra={"reason": str(exc), "retry_in_s": CONSENT_RETRY_S})
+            return
+        for index, item in enumerate(checkins):
+            if item.citizen_id in untracked:
+                raise ApiError(422, "no_consent", f"citizen {item.citizen_id!r} has not consented to location tracking "
+                               "(consent.location_tracking is false); no check-in of this request is stored",
+                               untracked_field(body, index))
 
     def unexpected_input_error(exc: Exception) -> ApiError:
         """An exception nobody foresaw while reading or checking this input: the input's fault, with a reason."""
@@ -602,6 +713,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     async def post_checkins(request: Request) -> JSONResponse:
         body = await body_json(request)
         checkins = await validated(lambda: parse_checkins(body, clock(), rules))
+        await refuse_untracked(body, checkins)
         await publish(_messages(checkins, routes.checkins))
         return JSONResponse({"accepted": len(checkins)}, status_code=202)
 
@@ -612,6 +724,8 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         body = await body_json(request)
         citizens = await validated(lambda: parse_citizen(body, clock(), rules))
         await publish(_messages(citizens, routes.citizens))
+        if consent is not None:
+            consent.note(citizens[0].citizen_id, citizens[0].location_tracking)
         return JSONResponse({"accepted": 1}, status_code=202)
 
     @app.post("/v1/acks", status_code=202, response_model=Accepted, dependencies=ingest, tags=["ingest"],
@@ -638,6 +752,9 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         await publish(_messages(crises, routes.crises))
         log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
                                              "version": crises[0].version})
+        action = "cancel" if crises[0].op == "cancel" else "update" if "crisis_id" in body else "declare"
+        await audit(request, action, crises[0].crisis_id, {"version": crises[0].version, "severity": crises[0].severity},
+                    required=False)
         return JSONResponse(crises[0].to_dict(), status_code=202)
 
     async def known_crisis(crisis_id: str) -> bool:
@@ -750,7 +867,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise ApiError(422, "invalid", exc.reason, exc.field) from None
         citizen_id = await looked_up(lambda store: store.citizen_by_sms(sender))
         if citizen_id is None:
-            raise ApiError(422, "unknown_sender", f"no registered citizen has the sms number {sender}; "
+            raise ApiError(422, "unknown_sender", "no registered citizen has the sms number it came from; "
                            "the reply is not stored", "$.from")
         now = clock()
         crisis_id = await looked_up(lambda store: store.latest_warned_crisis(citizen_id, now))
@@ -841,16 +958,19 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         [changed] = await validated(lambda: parse_case_change(body, current, clock(), rules))
         await publish_with_case([], changed)
         log.info("case changed", extra={"case_id": case_id, "state": changed.state})
+        await audit(request, "case_change", case_id, {"state": changed.state, "citizen_id": changed.citizen_id},
+                    required=False)
         return JSONResponse(changed.to_dict(), status_code=202)
 
     @app.get("/v1/cases", dependencies=operator, tags=["operator"],
              responses={200: {"description": '{"cases": [case/1, ...]}, most recently changed first'},
                         **_errors(401, 403, 422, 503)})
-    async def list_cases(state: str | None = None) -> JSONResponse:
+    async def list_cases(request: Request, state: str | None = None) -> JSONResponse:
         if state is not None and state not in CASE_STATES:
             raise ApiError(422, "invalid", f"state must be one of {', '.join(CASE_STATES)}", "state")
+        await audit(request, "list_cases", None, {"state": state}, required=True)
         found = await looked_up(lambda store: store.cases(state))
-        return JSONResponse({"cases": [c.to_dict() for c in found]})
+        return JSONResponse({"cases": [minimised_case(c) for c in found]})
     # Accountability (operator): who is inside or near, warned, reached, safe, needing help, unreached,
     # escalated — the crisis-status/1 the sink stored. ``{crisis_id:path}``: ids may hold "/"; a path
     # ending in ".cap" is the CAP route above, one ending in "/status" this one.
@@ -871,6 +991,82 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
         if found is None:
             raise ApiError(404, "not_found", f"no crisis {crisis_id!r}")
         return JSONResponse(found)
+
+    # Citizens (operator: minimised view; admin: erasure) and the audit log (admin). Each is audited first.
+
+    def registry_store() -> CitizenStore:
+        if citizen_store is None:
+            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL)",
+                           headers={"Retry-After": "30"})
+        return citizen_store
+
+    async def read_registry(read: Callable[[CitizenStore], T]) -> T:
+        store = registry_store()
+        try:
+            return await run_in_threadpool(read, store)
+        except StoreUnavailable as exc:
+            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+
+    @app.get("/v1/citizens/{citizen_id}", dependencies=operator, tags=["operator"],
+             responses={200: {"description": "the registration; the location only while inside or near an active crisis"},
+                        404: {"model": ErrorBody}, **_errors(401, 403, 429, 503)})
+    async def view_citizen(citizen_id: str, request: Request) -> JSONResponse:
+        """One citizen as registered. Where they are is shown only while they are inside or near an active
+        crisis (``location``, ``crises``); otherwise ``location`` is null and ``location_withheld`` says why."""
+        registry_store()
+        await audit(request, "view_citizen", citizen_id, required=True)
+        found = await read_registry(lambda store: store.citizen(citizen_id, clock()))
+        if found is None:
+            raise ApiError(404, "not_found", f"no registered citizen {citizen_id!r}")
+        return JSONResponse(found, headers={"Cache-Control": "no-store"})
+
+    @app.delete("/v1/citizens/{citizen_id}", dependencies=admin, tags=["admin"],
+                responses={200: {"description": "what was deleted per table, and the topics a tombstone went to"},
+                           **_errors(401, 403, 429, 503)})
+    async def erase_citizen(citizen_id: str, request: Request) -> JSONResponse:
+        """Erase a citizen everywhere: every PostgreSQL row about them, a tombstone for their key on the
+        citizens and checkins topics (the worker deletes its state for them). Idempotent."""
+        if eraser is None:
+            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL)",
+                           headers={"Retry-After": "30"})
+        store = eraser
+        await audit(request, "erase", citizen_id, required=True)
+        try:
+            deleted = await run_in_threadpool(store.erase, citizen_id)
+        except StoreUnavailable as exc:
+            raise ApiError(503, "database_unavailable", f"{exc}; nothing was erased", headers={"Retry-After": "5"}) from None
+        if consent is not None:
+            consent.forget(citizen_id)
+        marks = (routes.citizens, routes.checkins)
+        try:
+            await publish(tombstones(citizen_id, marks))
+        except ApiError as exc:
+            raise ApiError(exc.status, exc.error, f"erased in PostgreSQL, but the Kafka tombstones were not published "
+                           f"({exc.reason}); erase again to publish them", headers=exc.headers) from None
+        log.info("citizen erased", extra={"citizen_id": citizen_id, "rows": sum(deleted.values())})
+        return JSONResponse(Erased(citizen_id, deleted, marks).to_dict())
+
+    @app.get("/v1/audit", dependencies=admin, tags=["admin"],
+             responses={200: {"description": '{"entries": [{at, actor, role, action, subject, detail}]}, newest first'},
+                        **_errors(401, 403, 422, 429, 503)})
+    async def read_audit(request: Request, since: str | None = None, action: str | None = None,
+                         subject: str | None = None, limit: int = 200) -> JSONResponse:
+        """The audit log of operator actions; reading it is itself recorded."""
+        try:
+            after = None if since is None else parse_time(since)
+        except (InvalidEvent, ValueError):
+            raise ApiError(422, "invalid", "since must be an RFC 3339 date-time with an offset", "since") from None
+        if not 1 <= limit <= MAX_LISTED_ENTRIES:
+            raise ApiError(422, "invalid", f"limit must be between 1 and {MAX_LISTED_ENTRIES}", "limit")
+        await audit(request, "read_audit", subject, {"action": action} if action else None, required=True)
+        assert audit_log is not None  # audit() above refused otherwise
+        reader = audit_log
+        try:
+            entries = await run_in_threadpool(lambda: reader.entries(since=after, action=action, subject=subject,
+                                                                     limit=limit))
+        except StoreUnavailable as exc:
+            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        return JSONResponse({"entries": [e.to_dict() for e in entries]}, headers={"Cache-Control": "no-store"})
 
     from producers.operator_page import register_operator_page  # imported here: the page uses this module's ApiError
     register_operator_page(app, operator, clock, operator_store)

@@ -33,7 +33,10 @@ from pipeline.health import HealthProbe, probe_for
 from pipeline.observability import setup_logging
 from pipeline.settings import Settings
 from producers.api import create_app
+from producers.audit import PostgresAuditLog
+from producers.citizen_store import PostgresCitizenStore
 from producers.crisis_store import PostgresCrisisStore
+from producers.erase import PostgresEraser
 from producers.operator_page import PostgresOperatorStore
 from producers.publisher import Publisher
 from producers.reply_store import PostgresReplyStore
@@ -64,8 +67,14 @@ class ApiServer:
         self.reply_store = PostgresReplyStore(settings.database_url.get()) if settings.database_url else None
         # The operator's page reads the map, counts, latest warnings and cases on a third one.
         self.operator_store = PostgresOperatorStore(settings.database_url.get()) if settings.database_url else None
+        # Privacy: the audit log, the registry's consent and minimised views, erasure (each its own connection).
+        url = settings.database_url.get()
+        self.audit_log = PostgresAuditLog(url) if url else None
+        self.citizen_store = PostgresCitizenStore(url) if url else None
+        self.eraser = PostgresEraser(url) if url else None
         app = create_app(settings, self.publisher, self.registry, clock, health=self.probe, crisis_store=self.crisis_store,
-                         reply_store=self.reply_store, operator_store=self.operator_store)
+                         reply_store=self.reply_store, operator_store=self.operator_store, audit_log=self.audit_log,
+                         citizen_store=self.citizen_store, eraser=self.eraser)
         config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False,
                                 server_header=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self.server = uvicorn.Server(config)
@@ -86,7 +95,8 @@ class ApiServer:
             self.probe.stop()
             if self._owns_publisher:
                 self.publisher.close()
-            for store in (self.crisis_store, self.reply_store, self.operator_store):
+            for store in (self.crisis_store, self.reply_store, self.operator_store, self.audit_log, self.citizen_store,
+                          self.eraser):
                 if store is not None:
                     store.close()
             log.info("ingest API stopped")
@@ -107,6 +117,9 @@ def serve(settings: Settings) -> None:
 
 
 def _warn_about_tokens(settings: Settings) -> None:
+    if not settings.admin_token:
+        log.warning("CRISISWATCH_ADMIN_TOKEN is not set: the audit log (GET /v1/audit) and erasure "
+                    "(DELETE /v1/citizens/{id}) refuse every request")
     if not settings.operator_token:
         log.warning("CRISISWATCH_OPERATOR_TOKEN is not set: POST /v1/crises refuses every request")
     if not settings.ingest_token and not settings.operator_token:

@@ -34,7 +34,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any, Final, Protocol
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
@@ -230,12 +230,15 @@ def register_operator_page(app: FastAPI, operator: Sequence[Any], clock: Callabl
     @app.get("/v1/crises/{crisis_id:path}/citizens", dependencies=list(operator), tags=["operator"],
              responses={**errors, 404: {"model": ErrorBody, "description": "no such crisis"},
                         409: {"model": ErrorBody, "description": "the crisis was cancelled or has expired"}})
-    async def crisis_citizens(crisis_id: str) -> JSONResponse:
+    async def crisis_citizens(crisis_id: str, request: Request) -> JSONResponse:
         """The citizens whose latest standing in an active crisis is inside or near, as points (where
-        they were when last warned); for no other crisis and nobody else (data minimisation)."""
+        they were when last warned); for no other crisis and nobody else (data minimisation). Every
+        look is an ``export`` in the audit log, written before anything is read (refused with 503 if it
+        cannot be)."""
         now = clock()
         if not _CRISIS_ID.fullmatch(crisis_id):  # no such id can exist; and a NUL would never reach PostgreSQL
             raise ApiError(404, "not_found", f"no crisis {crisis_id[:130]!r}")
+        await request.app.state.audit(request, "export", crisis_id, required=True)
         try:
             found = await read(lambda s: s.citizens(crisis_id, now))
         except NotActive:

@@ -30,6 +30,7 @@ class Outgoing:
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
     partition: int | None = None  # None: Kafka's default partitioner (murmur2 of the key)
+    tombstone: bool = False  # sent with no value at all (the key erased; ``value`` is ignored)
 
 
 def key_of(event: Event) -> bytes | None:
@@ -172,8 +173,8 @@ class Publisher:
         started = time.monotonic()
         producer = self._get(started)
         try:
-            futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers), partition=m.partition)
-                       for m in messages]
+            futures = [producer.send(m.topic, key=m.key, value=None if m.tombstone else m.value, headers=list(m.headers),
+                                     partition=m.partition) for m in messages]
             for future in futures:
                 future.add_callback(self._acknowledged)
             for future in futures:

@@ -144,9 +144,44 @@ def check(obj: Mapping[str, Any], expected: str | None = None) -> str:
     errors = sorted(validator(name).iter_errors(obj), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         first = errors[0]
-        reason = first.message if first.cause is None else f"{first.message}: {first.cause}"
-        raise InvalidEvent(reason, _json_path(first.absolute_path))
+        raise InvalidEvent(described(first), _json_path(first.absolute_path))
     return name
+
+
+def _listed(values: Any) -> str:
+    return " or ".join(map(str, values)) if isinstance(values, list) else str(values)
+
+
+_DESCRIPTIONS: Final[Mapping[str, Any]] = {
+    "type": lambda want: f"must be of type {_listed(want)}",
+    "enum": lambda want: "is not one of " + ", ".join(repr(v) for v in want),
+    "const": lambda want: f"must be {want!r}",
+    "minimum": lambda want: f"must be at least {want}",
+    "maximum": lambda want: f"must be at most {want}",
+    "exclusiveMinimum": lambda want: f"must be greater than {want}",
+    "exclusiveMaximum": lambda want: f"must be less than {want}",
+    "minLength": lambda want: "should be non-empty" if want == 1 else f"must be at least {want} characters long",
+    "maxLength": lambda want: f"must be at most {want} characters long",
+    "minItems": lambda want: "should be non-empty" if want == 1 else f"must have at least {want} items",
+    "maxItems": lambda want: f"must have at most {want} items",
+    "uniqueItems": lambda want: "has repeated items",
+    "pattern": lambda want: f"does not match {want!r}",
+    "multipleOf": lambda want: f"must be a multiple of {want}",
+}
+
+
+def described(error: ValidationError) -> str:
+    """A schema violation described, never echoed: what the field must be, not the value it had. (The
+    reasons reach API answers, dead-letter headers and logs, and a value may be where a citizen is, or
+    their name or phone number.) Missing and unexpected properties are named: keys are the schema's."""
+    describe = _DESCRIPTIONS.get(str(error.validator))
+    if describe is not None:
+        return str(describe(error.validator_value))
+    if error.validator in ("required", "additionalProperties", "unevaluatedProperties", "dependentRequired"):
+        return str(error.message)
+    if error.validator == "format":
+        return f"is not a valid {error.validator_value}" + ("" if error.cause is None else f": {error.cause}")
+    return f"is not valid against the schema ({error.validator})"
 
 
 # --- JSON text: size, depth, then values ------------------------------------------------------

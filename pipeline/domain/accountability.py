@@ -35,7 +35,8 @@ from schemas import Ack, CrisisStatus, Delivery, Warning
 Zone = Literal["inside", "near"]
 
 ZONE_OF_KIND: Final[Mapping[str, Zone | None]] = {
-    "inside": "inside", "entered": "inside", "near": "near", "exited": None, "all_clear": None, "pre_arrival": None}
+    "inside": "inside", "entered": "inside", "near": "near", "exited": None, "all_clear": None, "pre_arrival": None,
+    "in_country": None}
 COUNT_NAMES: Final = ("inside", "near", "warned", "delivered", "safe", "need_help", "unreached", "escalated")
 _ACK_RANK: Final = {"safe": 0, "need_help": 1}
 

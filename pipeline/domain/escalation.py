@@ -17,6 +17,11 @@ The **pre-arrival warning**: a citizen whose registered trip (``citizen/1`` ``tr
 country with an active *severe* or *extreme* crisis, and has not begun yet, is warned before departure —
 a warning of kind ``pre_arrival`` with a deterministic id per (citizen, crisis), so it is sent once
 in effect however often the sweep finds it.
+
+The **in-country warning**: a citizen without location_tracking consent is never geofenced (their
+check-ins are refused: :mod:`pipeline.consent`), so they are warned by the country of their registered
+trip instead — while the trip lasts, of every active severe or extreme crisis in that country: a
+warning of kind ``in_country``, once per (citizen, crisis). Where they are is not known and not guessed.
 """
 
 from __future__ import annotations
@@ -104,6 +109,22 @@ def pre_arrival_due(severity: str, crisis_countries: tuple[str, ...], trip_count
             and trip_from is not None and trip_from > today
             and (trip_until is None or trip_until >= today)
             and SEVERITY_RANK.get(severity, 0) >= SEVERITY_RANK[PRE_ARRIVAL_MIN_SEVERITY])
+
+
+def in_country_due(severity: str, crisis_countries: tuple[str, ...], trip_country: str | None,
+                   trip_from: date | None, trip_until: date | None, today: date, location_tracking: bool) -> bool:
+    """Whether a citizen who is *not tracked* (no location_tracking consent: the pipeline does not know
+    where they are) is warned of this (active) crisis by the country of their current trip: the trip has
+    begun and not ended, goes to one of the crisis's countries, and the crisis is severe or worse (as for
+    the pre-arrival warning: a whole country is told, so only what may be worth it)."""
+    return (not location_tracking and trip_country is not None and trip_country in crisis_countries
+            and (trip_from is None or trip_from <= today) and (trip_until is None or trip_until >= today)
+            and SEVERITY_RANK.get(severity, 0) >= SEVERITY_RANK[PRE_ARRIVAL_MIN_SEVERITY])
+
+
+def in_country_id(citizen_id: str, crisis_id: str) -> str:
+    """One in-country warning per (citizen, crisis), whatever versions the crisis goes through."""
+    return warning_id(citizen_id, crisis_id, 1, "in_country")
 
 
 def pre_arrival_id(citizen_id: str, crisis_id: str) -> str:

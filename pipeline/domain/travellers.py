@@ -147,9 +147,14 @@ def make_citizen(rng: random.Random, citizen_id: str, country_code: str, start: 
     # Students and migrant workers register without a return date.
     until = None if rng.random() < 0.3 else (start.date() + timedelta(days=rng.randrange(2, 60))).isoformat()
     trip = {"country": country_code, "from": arrived.isoformat(), "until": until}
+    # Every simulated traveller reports where they are, so every one consents to location tracking (a check-in
+    # of a citizen who does not is refused: pipeline/consent.py). A scenario that wants travellers without
+    # consent registers them so and sends none of their check-ins (the demo does). The draw is kept so that a
+    # seed gives the travellers it always gave.
+    if device == "app":
+        rng.random()
     citizen = Citizen(citizen_id=citizen_id, name=name, nationality=nationality, language=language,
-                      channels=tuple(channels), emergency_contacts=tuple(contacts),
-                      location_tracking=device == "app" and rng.random() < 0.95, trip=trip)
+                      channels=tuple(channels), emergency_contacts=tuple(contacts), location_tracking=True, trip=trip)
     return citizen, device
 
 

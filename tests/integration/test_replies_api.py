@@ -27,6 +27,7 @@ from pipeline.reply_links import ReplyLinks
 from pipeline.settings import Secret, Settings
 from pipeline.testing import records_for
 from producers.api import ApiTopics, create_app
+from producers.audit import PostgresAuditLog
 from producers.publisher import Publisher, outgoing
 from producers.reply_store import PostgresReplyStore
 from schemas import Ack, Case, decode
@@ -79,9 +80,12 @@ def store(database_url: str) -> Iterator[PostgresReplyStore]:
 
 
 @pytest.fixture
-def client(settings: Settings, publisher: Publisher, api_topics: ApiTopics, store: PostgresReplyStore) -> TestClient:
-    return TestClient(create_app(settings, publisher, CollectorRegistry(), clock, api_topics=api_topics,
-                                 reply_store=store))
+def client(settings: Settings, publisher: Publisher, api_topics: ApiTopics, store: PostgresReplyStore,
+           database_url: str) -> Iterator[TestClient]:
+    audit = PostgresAuditLog(database_url)  # listing cases shows where citizens are: it is audited, or refused
+    yield TestClient(create_app(settings, publisher, CollectorRegistry(), clock, api_topics=api_topics,
+                                reply_store=store, audit_log=audit))
+    audit.close()
 
 
 # --- the registry, as the sink would have written it ---------------------------------------------
@@ -331,6 +335,7 @@ def test_a_need_help_reply_opens_a_case_operators_move_it_and_the_sink_keeps_its
         publisher.publish([outgoing(stored, api_topics.cases)])
         listed = client.get("/v1/cases?state=closed", headers=OPERATOR).json()["cases"]
         assert case_id in {c["case_id"] for c in listed}
+        assert [(c["lat"], c["lon"]) for c in listed if c["case_id"] == case_id] == [(None, None)]  # closed: no location
         time.sleep(2)
         final = store.case(case_id)
         assert final is not None and (final.state, final.assignee, final.note) == \

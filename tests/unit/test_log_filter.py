@@ -93,3 +93,14 @@ def test_the_count_is_a_field_of_the_json_line() -> None:
     r = record("poll failed")
     assert limit.filter(r)
     assert json.loads(JsonLineFormatter().format(r))["suppressed"] == 1
+
+
+def test_delivery_libraries_log_warnings_only_and_without_contact_details(captured_root: io.StringIO) -> None:
+    logging.getLogger("httpx").info("HTTP Request: POST https://hooks.example.org/travel-desk/c-1 \"HTTP/1.1 204\"")
+    logging.getLogger("apprise").warning("Dropped invalid phone # (%s) specified.", "+62 812-0000-0001")
+    logging.getLogger("apprise.plugins").warning("Failed to send to sari@example.org via https://x.example/p/q")
+    logging.getLogger("consumers.dispatch").warning("kept as it is: +62 812 0000 0001")
+    lines = [json.loads(line)["msg"] for line in captured_root.getvalue().splitlines()]
+    assert lines == ["Dropped invalid phone # ([redacted]) specified.",
+                     "Failed to send to [redacted] via https://x.example[redacted]",
+                     "kept as it is: +62 812 0000 0001"]

@@ -20,6 +20,7 @@ from pipeline.domain.map_view import proximity_band
 from pipeline.settings import Settings
 from pipeline.testing import make_crisis, square
 from producers.api import create_app
+from producers.audit import MemoryAuditLog
 from producers.crisis_store import StoreUnavailable
 from producers.operator_page import PAGE_HEADERS, NotActive, static_files
 
@@ -55,9 +56,10 @@ class MemoryOperatorStore:
             raise StoreUnavailable("PostgreSQL is unavailable: connection refused")
 
 
-def client(store: MemoryOperatorStore | None) -> TestClient:
+def client(store: MemoryOperatorStore | None, audit: MemoryAuditLog | None = None) -> TestClient:
     settings = Settings.from_env({"CRISISWATCH_OPERATOR_TOKEN": "op-token", "CRISISWATCH_INGEST_TOKEN": "in-token"})
-    return TestClient(create_app(settings, None, CollectorRegistry(), lambda: NOW, operator_store=store))  # type: ignore[arg-type]
+    return TestClient(create_app(settings, None, CollectorRegistry(), lambda: NOW, operator_store=store,  # type: ignore[arg-type]
+                                 audit_log=MemoryAuditLog() if audit is None else audit))
 
 
 class References(HTMLParser):
@@ -130,7 +132,8 @@ def test_overview_and_citizens_of_an_active_crisis_only() -> None:
     store.points["c-1"] = [{"citizen_id": "a", "zone": "inside", "lat": 1.0, "lon": 2.0}]
     store.points["c/2"] = []
     store.cancelled.add("c-gone")
-    api = client(store)
+    audit = MemoryAuditLog()
+    api = client(store, audit)
     overview = api.get("/v1/operator/overview", headers=OPERATOR)
     assert overview.status_code == 200 and overview.headers["cache-control"] == "no-store"
     assert [c["crisis_id"] for c in overview.json()["crises"]] == ["c-1", "c/2"]
@@ -143,6 +146,8 @@ def test_overview_and_citizens_of_an_active_crisis_only() -> None:
     for impossible in ("%00x", "-leading-dash", "x" * 129, "caf%C3%A9"):  # never a crisis/1 id: not looked up
         assert api.get(f"/v1/crises/{impossible}/citizens", headers=OPERATOR).status_code == 404, impossible
     assert len(store.asked) == asked
+    # every look at individual locations is in the audit log, before anything is read; impossible ids are not
+    assert [(e.action, e.subject) for e in audit.kept] == [("export", "c-1"), ("export", "c/2"), ("export", "nope")]
     gone = api.get("/v1/crises/c-gone/citizens", headers=OPERATOR)
     assert gone.status_code == 409 and "no longer shown" in gone.json()["reason"]
 
