@@ -43,14 +43,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.web import Request, Response, View
-from kafka.partitioner.default import murmur2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -58,10 +57,12 @@ from pipeline import dlq, topics
 from pipeline.accountability import STAGE as ACCOUNTABILITY_STAGE
 from pipeline.accountability import AccountabilityRuntime, Rekeyed, rekey
 from pipeline.accountability import Topics as AccountabilityTopics
+from pipeline.citizens import CitizenColumns
+from pipeline.citizens import partition_of as partition_of  # the key's partition, as the table places it
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
-from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
+from pipeline.runtime import READER, ColumnarStates, DeadLetter, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
 from pipeline.stage import describe, label
 from schemas import Crisis, Warning, encode
@@ -90,11 +91,6 @@ def internal_topics(app_id: str = APP_ID) -> list[str]:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2) gives a key."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def raw_message(event: Any) -> RawMessage:
@@ -309,9 +305,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     checkins_topic = app.topic(topics.CHECKINS, key_serializer="raw", value_serializer="raw")
     crisis_topic = app.topic(topics.CRISIS_EVENTS, key_serializer="raw", value_serializer="raw")
     # key_type=bytes makes Faust write and read the changelog keys raw (the citizen id, hashed like the
-    # check-ins' keys); values are JSON.
+    # check-ins' keys); values are raw too: pipeline.citizens's compact states, kept in columns by its
+    # store (``citizens://``), which reads the JSON states of earlier versions as well.
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
-                      key_type=bytes)
+                      key_type=bytes, value_type=bytes, store="citizens://")
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.CHECKINS}
@@ -323,7 +320,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
-        _TableView(app, table), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
+        _TableView(app, table, owned_partitions), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
         outages=(ProducerSendError,), rules=settings.event_rules())
     crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
 
@@ -492,20 +489,22 @@ class _StandingsView(MutableMapping[str, Any]):
         return len(self.table.data)
 
 
-class _TableView(DurableStates):
-    """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes.
+class _TableView(ColumnarStates):
+    """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes, its
+    values :func:`pipeline.citizens.encode_state`'s, kept in columns (:class:`pipeline.citizens.CitizenStore`).
 
     Writes go to the table's store at once and to its changelog in :meth:`persisted`, which returns
     once Kafka acknowledged them. ``table[key] = value`` would hand the changelog record to Faust's
     buffer, and the flush Faust runs before committing offsets gives up after 0.1 s without a send:
     offsets of check-ins whose new state never reached the changelog were committed, and a worker
-    killed then forgot those citizens' states for good. Records are what Faust itself writes and
-    reads back on recovery: the raw key, the state as JSON, placed by the key's hash (like the
-    citizen's check-ins); a deletion is a null value."""
+    killed then forgot those citizens' states for good. Records are what the table's store reads
+    back on recovery: the raw key, the stored value, placed by the key's hash (like the citizen's
+    check-ins); a deletion is a null value."""
 
-    def __init__(self, app: faust.App, table: Any) -> None:
+    def __init__(self, app: faust.App, table: Any, owned: Callable[[], Collection[int]]) -> None:
         self.app = app
         self.table = table
+        self.owned = owned
         self.topic: str = table.changelog_topic.get_topic_name()
         self.unsent: list[Record] = []
 
@@ -515,7 +514,7 @@ class _TableView(DurableStates):
     def __setitem__(self, key: str, value: Any) -> None:
         raw = key.encode("utf-8")
         self.table.data[raw] = value
-        self.unsent.append((raw, json.dumps(value, separators=(",", ":")).encode("utf-8"), None))
+        self.unsent.append((raw, value, None))
 
     def __delitem__(self, key: str) -> None:
         raw = key.encode("utf-8")
@@ -525,6 +524,14 @@ class _TableView(DurableStates):
     async def persisted(self) -> None:
         unsent, self.unsent = self.unsent, []
         await send_all(self.app, self.topic, unsent)
+
+    @property
+    def columns(self) -> CitizenColumns:
+        columns: CitizenColumns = self.table.data.data
+        return columns
+
+    def owned_partitions(self) -> Collection[int]:
+        return self.owned()
 
     def __iter__(self) -> Iterator[str]:
         return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.keys())])

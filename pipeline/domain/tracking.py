@@ -24,6 +24,7 @@ about the same thing: an update of a crisis warns only citizens whose situation 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.domain.geofence import CrisisIndex, IndexedCrisis
+from pipeline.domain.geofence import KM_PER_DEGREE_LAT, MAX_SEARCH_LAT, CrisisIndex, IndexedCrisis
 from pipeline.domain.ids import warning_id
 from pipeline.domain.messages import instruction_for
 from schemas import Checkin, Crisis, Warning, format_time, parse_time
@@ -142,6 +143,21 @@ class Tracker:
         self.crises, self.ended, self.finished = dict(snapshot.crises), dict(snapshot.ended), dict(snapshot.finished)
         self._index = None
 
+    def search_bounds(self, crisis_id: str) -> tuple[float, float, float, float] | None:
+        """Bounds (min lat, max lat, min lon, max lon) that hold every point a sweep of this crisis may
+        find inside or near it: a superset of :meth:`CrisisIndex.candidate_mask`, to select the citizens
+        worth sweeping from columns before the exact test. None when the crisis is not indexed."""
+        item = self.index.by_id.get(crisis_id)
+        if item is None:
+            return None
+        minx, miny, maxx, maxy = item.area.bounds
+        band = item.crisis.buffer_km
+        worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
+        margin = 1.01 * band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat))) + 1e-6
+        if item.touches_antimeridian:
+            return (miny - margin, maxy + margin, -math.inf, math.inf)
+        return (miny - margin, maxy + margin, minx - margin, maxx + margin)
+
     def reaches_citizens(self, crisis: Crisis) -> bool:
         return crisis.status == "actual" or self.config.exercise_mode
 
@@ -174,8 +190,11 @@ class Tracker:
 
     def leftovers(self, states: Iterable[CitizenState]) -> list[Crisis]:
         """Ended crises some of these citizens still hold a presence for (their all-clear is due)."""
-        due = {cid for s in states for cid in s.presence if cid in self.finished and cid not in self.crises}
-        return [self.finished[cid] for cid in sorted(due)]
+        return self.due_all_clears({cid for s in states for cid in s.presence})
+
+    def due_all_clears(self, held: Iterable[str]) -> list[Crisis]:
+        """Of the crises some citizens hold a presence for, the ended ones (their all-clear is due)."""
+        return [self.finished[cid] for cid in sorted(set(held)) if cid in self.finished and cid not in self.crises]
 
     def expired(self, now: datetime) -> list[Crisis]:
         """Remove and return the crises whose ``expires`` has passed."""
@@ -287,6 +306,8 @@ class Tracker:
         if new == old and crisis.crisis_id in state.presence:
             return state, warning
         if new == Presence():
+            if crisis.crisis_id not in state.presence:
+                return state, warning  # nothing held, nothing to hold: the state did not change
             return state.with_presence(crisis.crisis_id, None), warning
         return state.with_presence(crisis.crisis_id, new), warning
 
