@@ -159,11 +159,12 @@ async def one_round(bootstrap: str, citizens: int, inside: int, n_crises: int, s
 
 
 def store_value(state: Any) -> Any:
-    """A state as the runtime writes it to its table."""
-    from pipeline import runtime
-
-    encoder = getattr(runtime, "state_value", None)
-    return encoder(state) if encoder is not None else state.to_dict()
+    """A state as the runtime writes it to the worker's table."""
+    try:
+        from pipeline.citizens import encode_state
+    except ImportError:  # the version before pipeline.citizens, for the before/after comparison
+        return state.to_dict()
+    return encode_state(state)
 
 
 def run(quick: bool, *, citizens: int | None = None, inside: int | None = None, n_crises: int = 1000,
@@ -181,7 +182,9 @@ def run(quick: bool, *, citizens: int | None = None, inside: int | None = None, 
         for seed in range(1, rounds + 1):
             out = subprocess.run([sys.executable, "-m", "bench.sweep", "--round", "--bootstrap", broker.bootstrap,
                                   "--citizens", str(citizens), "--inside", str(inside), "--crises", str(n_crises),
-                                  "--seed", str(seed)], check=True, capture_output=True, text=True)
+                                  "--seed", str(seed)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"round {seed} failed:\n{out.stderr[-4000:]}")
             values = json.loads(out.stdout.strip().splitlines()[-1])
             for key in KEYS:
                 results[key].append(round(values[key], 4 if key != "bytes_per_citizen" else 1))

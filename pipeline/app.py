@@ -306,9 +306,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     crisis_topic = app.topic(topics.CRISIS_EVENTS, key_serializer="raw", value_serializer="raw")
     # key_type=bytes makes Faust write and read the changelog keys raw (the citizen id, hashed like the
     # check-ins' keys); values are raw too: pipeline.citizens's compact states, kept in columns by its
-    # store (``citizens://``), which reads the JSON states of earlier versions as well.
+    # store (``citizens://memory``), which reads the JSON states of earlier versions as well.
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
-                      key_type=bytes, value_type=bytes, store="citizens://")
+                      key_type=bytes, value_type=bytes, store="citizens://memory")
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.CHECKINS}

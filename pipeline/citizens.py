@@ -15,7 +15,7 @@ binary layout, a format byte first. The worker still reads the JSON of the previ
 changelog written by the previous version recovers every citizen; a state the binary layout cannot
 hold exactly (a UTC offset that is not whole minutes) is written as that JSON.
 
-:class:`CitizenStore` is the Faust table store (``citizens://``) that keeps a table's values in a
+:class:`CitizenStore` is the Faust table store (``citizens://memory``) that keeps a table's values in a
 :class:`CitizenColumns`; :class:`CitizenColumns` alone is the same store for a runtime without Faust.
 """
 
@@ -391,13 +391,17 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
 
 
 class CitizenStore(MemoryStore[bytes, bytes]):
-    """The Faust table store (``citizens://``) that keeps the citizen-state table in columns.
+    """The Faust table store (``citizens://memory``) that keeps the citizen-state table in columns.
 
     Like Faust's memory store, it holds what it read from the changelog at recovery and forgets the
     partitions this worker was not given; the changelog record's partition is the row's partition."""
 
-    def __post_init__(self) -> None:
-        self.data: CitizenColumns = CitizenColumns(self.table.partitions or self.app.conf.topic_partitions)
+    def __init__(self, url: Any, app: Any, table: Any, **kwargs: Any) -> None:
+        super().__init__(url, app, table, **kwargs)
+        self.data.partitions = table.partitions or app.conf.topic_partitions  # to place keys written live
+
+    def __post_init__(self) -> None:  # runs inside Store.__init__, before the table is known
+        self.data: CitizenColumns = CitizenColumns()
         self._key_partition = {}
 
     def apply_changelog_batch(self, batch: Iterable[EventT[Any]], to_key: Callable[[Any], Any],
