@@ -150,6 +150,91 @@ def partition_of(key: bytes, partitions: int) -> int:
     return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+class KeyIndex:
+    """Citizen ids and their rows with no Python object per citizen (a dict of a million ids costs
+    about 130 bytes each: its slot, the bytes object, the row's int).
+
+    The ids are a fixed-width byte column (widened as longer ids come, up to :attr:`WIDTH_LIMIT`;
+    longer ids, and ids ending in a NUL byte, which the column would lose, are kept aside). To find
+    a row: the ids added lately are in a small dict; the others in a sorted column of their hashes,
+    searched by bisection and confirmed against the id column. The dict is merged into the sorted
+    column once it holds an eighth of the ids, so the merges cost O(log n) sorts while the index grows."""
+
+    WIDTH_LIMIT: Final = 64
+    MERGE_AT: Final = 16_384
+
+    def __init__(self, capacity: int) -> None:
+        self.ids = np.zeros(capacity, dtype="S16")
+        self._aside: dict[int, bytes] = {}
+        self._hashes = np.empty(0, dtype=np.int64)
+        self._hash_rows = np.empty(0, dtype=np.int32)  # -1: removed
+        self._recent: dict[bytes, int] = {}
+        self.count = 0
+
+    def grow(self, capacity: int) -> None:
+        ids = np.zeros(capacity, dtype=self.ids.dtype)
+        ids[:len(self.ids)] = self.ids
+        self.ids = ids
+
+    def key(self, row: int) -> bytes:
+        aside = self._aside.get(row)
+        return aside if aside is not None else bytes(self.ids[row])
+
+    def _position(self, key: bytes) -> int | None:
+        h = hash(key)
+        at = int(np.searchsorted(self._hashes, h))
+        while at < len(self._hashes) and self._hashes[at] == h:
+            row = int(self._hash_rows[at])
+            if row >= 0 and self.key(row) == key:
+                return at
+            at += 1
+        return None
+
+    def row(self, key: bytes) -> int | None:
+        row = self._recent.get(key)
+        if row is not None:
+            return row
+        at = self._position(key)
+        return None if at is None else int(self._hash_rows[at])
+
+    def add(self, key: bytes, row: int) -> None:
+        """Index a new id at a row."""
+        if len(key) > self.WIDTH_LIMIT or key.endswith(b"\0"):
+            self._aside[row] = key
+        else:
+            if len(key) > self.ids.dtype.itemsize:
+                self.ids = self.ids.astype(f"S{min(self.WIDTH_LIMIT, max(len(key), 2 * self.ids.dtype.itemsize))}")
+            self.ids[row] = key
+        self._recent[key] = row
+        self.count += 1
+        if len(self._recent) > max(self.MERGE_AT, self.count // 8):
+            self._merge()
+
+    def remove(self, key: bytes) -> int | None:
+        """Forget an id; returns its row (None if unknown)."""
+        row = self._recent.pop(key, None)
+        if row is None:
+            at = self._position(key)
+            if at is None:
+                return None
+            row = int(self._hash_rows[at])
+            self._hash_rows[at] = -1
+        self._aside.pop(row, None)
+        self.ids[row] = b""
+        self.count -= 1
+        return row
+
+    def _merge(self) -> None:
+        keep = self._hash_rows >= 0
+        hashes = np.concatenate([self._hashes[keep], np.fromiter((hash(k) for k in self._recent), dtype=np.int64,
+                                                                 count=len(self._recent))])
+        rows = np.concatenate([self._hash_rows[keep], np.fromiter(self._recent.values(), dtype=np.int32,
+                                                                  count=len(self._recent))])
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._hash_rows = hashes[order], rows[order]
+        self._recent = {}
+
+
 class CitizenColumns(MutableMapping[bytes, bytes]):
     """Citizen states by raw citizen id, kept in columns; the mapping's values are :func:`encode_state`'s.
 
@@ -164,9 +249,10 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         self._reset(capacity)
 
     def _reset(self, capacity: int) -> None:
-        self._rows: dict[bytes, int] = {}
-        self._keys: list[bytes | None] = []
+        self._index = KeyIndex(capacity)
+        self._n = 0  # rows ever used
         self._free: list[int] = []
+        self._live = np.zeros(capacity, dtype=bool)
         self.lat = np.empty(capacity)
         self.lon = np.empty(capacity)
         self._t = np.empty(capacity, dtype=np.int64)
@@ -178,8 +264,14 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         self._holders: dict[str, set[int]] = {}  # crisis id -> rows holding a presence for it
 
     # -- the mapping -----------------------------------------------------------------------------
+    def row_of(self, key: bytes) -> int | None:
+        """The row of a citizen, None if unknown."""
+        return self._index.row(key)
+
     def __getitem__(self, key: bytes) -> bytes:
-        row = self._rows[key]
+        row = self._index.row(key)
+        if row is None:
+            raise KeyError(key)
         whole = self._whole.get(row)
         if whole is not None:
             return whole
@@ -190,22 +282,25 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         self.put(key, value)
 
     def __delitem__(self, key: bytes) -> None:
-        row = self._rows.pop(key)
+        row = self._index.row(key)
+        if row is None:
+            raise KeyError(key)
         self._hold(row, ())
+        self._index.remove(key)
         self._presence.pop(row, None)
         self._whole.pop(row, None)
-        self._keys[row] = None
+        self._live[row] = False
         self.lat[row] = self.lon[row] = math.nan
         self._free.append(row)
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(list(self._rows))
+        return iter([self._index.key(row) for row in np.flatnonzero(self._live[:self._n]).tolist()])
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._index.count
 
     def __contains__(self, key: object) -> bool:
-        return key in self._rows
+        return isinstance(key, bytes) and self._index.row(key) is not None
 
     def clear(self) -> None:
         self._reset(1024)
@@ -214,7 +309,7 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
     def put(self, key: bytes, value: bytes | Mapping[str, Any], partition: int | None = None) -> None:
         """Store a citizen's state (any format :func:`decode_state` reads); ``partition``: the
         changelog partition it was read from (else computed from the key when first seen)."""
-        row = self._rows.get(key)
+        row = self._index.row(key)
         if row is None:
             row = self._new_row(key, partition)
         elif partition is not None:
@@ -244,22 +339,23 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
     def _new_row(self, key: bytes, partition: int | None) -> int:
         if self._free:
             row = self._free.pop()
-            self._keys[row] = key
         else:
-            row = len(self._keys)
+            row = self._n
             if row == len(self.lat):
                 self._grow(max(1024, int(row * self.GROWTH)))
-            self._keys.append(key)
-        self._rows[key] = row
+            self._n += 1
+        self._index.add(key, row)
+        self._live[row] = True
         if partition is None:
             partition = -1 if self.partitions is None else partition_of(key, self.partitions)
         self.part[row] = partition
         return row
 
     def _grow(self, capacity: int) -> None:
-        for name in ("lat", "lon", "_t", "_acc", "_zone", "part"):
+        self._index.grow(capacity)
+        for name in ("lat", "lon", "_t", "_acc", "_zone", "part", "_live"):
             old = getattr(self, name)
-            new = np.empty(capacity, dtype=old.dtype)
+            new = np.zeros(capacity, dtype=old.dtype)
             new[:len(old)] = old
             setattr(self, name, new)
 
@@ -309,21 +405,17 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
 
     def keep_partitions(self, partitions: Collection[int]) -> int:
         """Forget the citizens of every other partition (after a rebalance); returns how many."""
-        n = len(self._keys)
-        gone = np.flatnonzero(~np.isin(self.part[:n], np.fromiter(partitions, dtype=np.int16)))
-        dropped = 0
+        n = self._n
+        gone = np.flatnonzero(self._live[:n] & ~np.isin(self.part[:n], np.fromiter(partitions, dtype=np.int16)))
         for row in gone.tolist():
-            key = self._keys[row]
-            if key is not None:
-                del self[key]
-                dropped += 1
-        return dropped
+            del self[self._index.key(row)]
+        return len(gone)
 
     # -- reading ---------------------------------------------------------------------------------
     def rows(self, partitions: Collection[int] | None = None) -> np.ndarray:
         """The rows in use, of these partitions (all if None)."""
-        n = len(self._keys)
-        used = np.array([k is not None for k in self._keys], dtype=bool) if self._free else np.ones(n, dtype=bool)
+        n = self._n
+        used = self._live[:n].copy()
         if partitions is not None:
             used &= np.isin(self.part[:n], np.fromiter(partitions, dtype=np.int16))
         return np.flatnonzero(used)
@@ -332,7 +424,7 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
                holding: str | None = None) -> np.ndarray:
         """Rows (ascending) whose location lies within ``bounds`` (min lat, max lat, min lon, max lon;
         None: none) or that hold a presence for ``holding``, of these partitions (all if None)."""
-        n = len(self._keys)
+        n = self._n
         mask = np.zeros(n, dtype=bool)
         if bounds is not None:
             lat, lon = self.lat[:n], self.lon[:n]
@@ -341,9 +433,7 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
             mask[np.fromiter(self._holders[holding], dtype=np.int64)] = True
         if partitions is not None:
             mask &= np.isin(self.part[:n], np.fromiter(partitions, dtype=np.int16))
-        if self._free:
-            mask[self._free] = False
-        return np.flatnonzero(mask)
+        return np.flatnonzero(mask & self._live[:n])
 
     def holders(self, crisis_id: str, partitions: Collection[int] | None = None) -> np.ndarray:
         """Rows (ascending) holding a presence for a crisis, of these partitions (all if None)."""
@@ -359,10 +449,9 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         return {crisis_id for crisis_id in self._holders if len(self.holders(crisis_id, partitions))}
 
     def key(self, row: int) -> bytes:
-        key = self._keys[row]
-        if key is None:
+        if not self._live[row]:
             raise KeyError(row)
-        return key
+        return self._index.key(row)
 
     def state(self, row: int) -> CitizenState:
         """The state of the citizen in a row."""

@@ -25,6 +25,7 @@ every sink drops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import abstractmethod
@@ -292,7 +293,7 @@ class GeofenceRuntime:
         if crisis.op == "cancel":
             self.tracker.end(crisis.crisis_id, crisis.version)
         elif self.tracker.accept(crisis, now):
-            _ = self.tracker.index  # build it now: a crisis that cannot be indexed fails before any sweep
+            _ = self.tracker.sweep_index(crisis.crisis_id)  # a crisis that cannot be indexed fails before any sweep
             warnings += await self._sweep_upsert_locked(crisis, now)
         warnings += await self._clear_ended_locked(now)
         return tuple(warnings)
@@ -317,6 +318,8 @@ class GeofenceRuntime:
         async with self.lock:
             now = self.clock()
             self.tracker.expired(now)
+            with contextlib.suppress(Exception):  # every crisis is swept: index them all at once (one
+                _ = self.tracker.index  # that cannot be indexed raises again in its own sweep, skipped)
             crises = sorted(self.tracker.crises.values(), key=lambda c: c.crisis_id)
             warnings = await self._per_crisis_locked(crises, lambda c: self._sweep_upsert_locked(c, now))
             warnings += await self._clear_ended_locked(now)

@@ -127,6 +127,7 @@ class Tracker:
         self.ended: dict[str, int] = {}  # crisis_id -> version that ended it (cancels are final for older versions)
         self.finished: dict[str, Crisis] = {}  # the last active form of each ended crisis, for late all-clears
         self._index: CrisisIndex | None = None
+        self._alone: dict[str, CrisisIndex] = {}  # crisis id -> an index of that crisis alone, until the full one
 
     # -- the crisis table ------------------------------------------------------------------------
     @property
@@ -134,6 +135,20 @@ class Tracker:
         if self._index is None:
             self._index = CrisisIndex(self.crises.values())
         return self._index
+
+    def sweep_index(self, crisis_id: str) -> CrisisIndex:
+        """An index to sweep one crisis with: the full one once built, else one of that crisis alone.
+        Indexing a thousand crises takes longer than sending a sweep's first warnings; the check-ins
+        build the full index when they need it. The crisis is indexed the same way in both, so the
+        sweep is the same; and a crisis that cannot be indexed raises here, before any sweep."""
+        if self._index is not None:
+            return self._index
+        index = self._alone.get(crisis_id)
+        crisis = self.crises.get(crisis_id)
+        if index is None or crisis is None or index.by_id[crisis_id].crisis is not crisis:
+            index = CrisisIndex([crisis] if crisis is not None else [])
+            self._alone = {crisis_id: index}
+        return index
 
     def snapshot(self) -> TrackerSnapshot:
         return TrackerSnapshot(dict(self.crises), dict(self.ended), dict(self.finished))
@@ -147,7 +162,7 @@ class Tracker:
         """Bounds (min lat, max lat, min lon, max lon) that hold every point a sweep of this crisis may
         find inside or near it: a superset of :meth:`CrisisIndex.candidate_mask`, to select the citizens
         worth sweeping from columns before the exact test. None when the crisis is not indexed."""
-        item = self.index.by_id.get(crisis_id)
+        item = self.sweep_index(crisis_id).by_id.get(crisis_id)
         if item is None:
             return None
         minx, miny, maxx, maxy = item.area.bounds
@@ -314,7 +329,8 @@ class Tracker:
     # -- crisis events ---------------------------------------------------------------------------
     def on_upsert(self, crisis: Crisis, states: Iterable[CitizenState], now: datetime) -> Outcome:
         """Sweep the given citizens against a crisis just accepted: warn the newly covered, no one twice."""
-        item = self.index.by_id.get(crisis.crisis_id)
+        index = self.sweep_index(crisis.crisis_id)
+        item = index.by_id.get(crisis.crisis_id)
         if item is None:
             return Outcome()
         pool = list(states)
@@ -322,8 +338,8 @@ class Tracker:
             return Outcome()
         lats = np.fromiter((s.lat for s in pool), dtype=float, count=len(pool))
         lons = np.fromiter((s.lon for s in pool), dtype=float, count=len(pool))
-        inside = self.index.inside_mask(crisis.crisis_id, lats, lons)
-        candidates = inside | self.index.candidate_mask(crisis.crisis_id, lats, lons)
+        inside = index.inside_mask(crisis.crisis_id, lats, lons)
+        candidates = inside | index.candidate_mask(crisis.crisis_id, lats, lons)
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
         for i, state in enumerate(pool):

@@ -73,7 +73,7 @@ def test_columns_hold_what_was_written_in_either_format() -> None:
         key = state.citizen_id.encode()
         assert decode_state(state.citizen_id, columns[key]) == state
         assert columns[key] == encode_state(state)  # stored compactly from now on
-        assert columns.part[columns._rows[key]] == partition_of(key, 4)
+        assert columns.part[columns.row_of(key)] == partition_of(key, 4)
     assert columns.held() == {"flood", "fire", "quake-é"}
 
 
@@ -90,7 +90,7 @@ def test_holders_follow_every_write_and_deleted_rows_are_reused() -> None:
     assert columns.held() == set() and b"b" not in columns and len(columns) == 1
     assert columns.within((-1, 1, -1, 1), None).tolist() == [0]  # the deleted row is never selected
     columns[b"c"] = encode_state(CitizenState("c", 5.0, 5.0, None, T0))
-    assert columns._rows[b"c"] == 1 and columns.state(1).citizen_id == "c"
+    assert columns.row_of(b"c") == 1 and columns.state(1).citizen_id == "c"
 
 
 def test_selections_by_bounds_holders_and_partitions() -> None:
@@ -232,3 +232,21 @@ async def test_a_sweep_writes_only_the_citizens_whose_state_changed() -> None:
 
 
 AREA_10KM = square(106.8, -6.2, 0.1)
+
+
+def test_ids_are_found_across_merges_removals_and_odd_lengths() -> None:
+    columns = CitizenColumns(partitions=8)
+    ids = [f"c{i}".encode() for i in range(60_000)] + [b"x" * 128, b"ends-in-nul\x00", b"", "ü-€".encode()]
+    state = encode_state(CitizenState("any", 1.0, 2.0, None, T0))
+    for key in ids:
+        columns[key] = state
+    assert len(columns) == len(ids) and all(columns.row_of(k) is not None for k in ids)
+    for key in ids[::3]:
+        del columns[key]
+    assert b"c0" not in columns and b"c1" in columns and len(columns) == len(ids) - len(ids[::3])
+    for key in ids[::6]:  # back again: reused rows
+        columns[key] = state
+    expected = set(ids) - set(ids[::3]) | set(ids[::6])
+    assert set(columns) == expected and len(columns) == len(expected)
+    assert {columns.key(columns.row_of(k) or 0) for k in expected} == expected
+    assert columns.row_of(b"never") is None and b"never" not in columns
