@@ -412,14 +412,6 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         return len(gone)
 
     # -- reading ---------------------------------------------------------------------------------
-    def rows(self, partitions: Collection[int] | None = None) -> np.ndarray:
-        """The rows in use, of these partitions (all if None)."""
-        n = self._n
-        used = self._live[:n].copy()
-        if partitions is not None:
-            used &= np.isin(self.part[:n], np.fromiter(partitions, dtype=np.int16))
-        return np.flatnonzero(used)
-
     def within(self, bounds: tuple[float, float, float, float] | None, partitions: Collection[int] | None,
                holding: str | None = None) -> np.ndarray:
         """Rows (ascending) whose location lies within ``bounds`` (min lat, max lat, min lon, max lon;
