@@ -3,7 +3,7 @@
 - **locate agent** (``checkins``, partitioned by citizen): takes batches of check-ins and hands
   them to :class:`~pipeline.runtime.GeofenceRuntime`, which geofences the whole batch in one
   vectorised call and emits warnings. Each citizen's last location and what they were told
-  live in the ``citizen-state`` table (memory store, changelog in Kafka), co-partitioned with
+  live in the ``citizen-state`` table (in memory, in columns: :mod:`pipeline.citizens`; changelog in Kafka), co-partitioned with
   ``checkins`` (the changelog is partitioned by the same key hash as the check-ins), so a
   restarted or rebalanced worker recovers exactly the citizens it owns.
 - **crisis agent** (``crisis-events``, one member of the group sees each event): admits every

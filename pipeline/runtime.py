@@ -1,8 +1,10 @@
 """What a worker does with messages, without Faust: decode, geofence, emit, remember.
 
 The Faust app (:mod:`pipeline.app`) only moves bytes into these methods. Citizen state lives in
-a ``MutableMapping[str, dict]`` (a Faust table in a worker, a dict in tests); output goes
-through an :class:`Emitter` (Kafka in a worker, a list in tests).
+a ``MutableMapping[str, ...]``: in a worker the Faust table, kept in columns
+(:class:`ColumnarStates`, :mod:`pipeline.citizens`), so that a sweep selects the citizens a crisis
+can concern with one vectorised query and sends their warnings in chunks; in tests a dict of the
+JSON-shaped states. Output goes through an :class:`Emitter` (Kafka in a worker, a list in tests).
 
 Failures follow :mod:`pipeline.stage`: nothing raises out of here for bad data, foreseen or not.
 A check-in that cannot be decoded, or that makes the geofencing of its batch raise, goes to the
