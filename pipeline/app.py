@@ -3,7 +3,7 @@
 - **locate agent** (``checkins``, partitioned by citizen): takes batches of check-ins and hands
   them to :class:`~pipeline.runtime.GeofenceRuntime`, which geofences the whole batch in one
   vectorised call and emits warnings. Each citizen's last location and what they were told
-  live in the ``citizen-state`` table (memory store, changelog in Kafka), co-partitioned with
+  live in the ``citizen-state`` table (in memory, in columns: :mod:`pipeline.citizens`; changelog in Kafka), co-partitioned with
   ``checkins`` (the changelog is partitioned by the same key hash as the check-ins), so a
   restarted or rebalanced worker recovers exactly the citizens it owns.
 - **crisis agent** (``crisis-events``, one member of the group sees each event): admits every
@@ -39,23 +39,24 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.web import Request, Response, View
-from kafka.partitioner.default import murmur2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pipeline import dlq, topics
+from pipeline.citizens import CitizenColumns
+from pipeline.citizens import partition_of as partition_of  # the key's partition, as the table places it
 from pipeline.consent import UNTRACKED_TABLE, ConsentGate, forget_states
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
-from pipeline.runtime import READER, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
+from pipeline.runtime import READER, ColumnarStates, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
 from schemas import Crisis, Warning, encode
 
@@ -76,11 +77,6 @@ def internal_topics(app_id: str = APP_ID) -> list[str]:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2) gives a key."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def raw_message(event: Any) -> RawMessage:
@@ -296,9 +292,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     checkins_topic = app.topic(topics.CHECKINS, key_serializer="raw", value_serializer="raw")
     crisis_topic = app.topic(topics.CRISIS_EVENTS, key_serializer="raw", value_serializer="raw")
     # key_type=bytes makes Faust write and read the changelog keys raw (the citizen id, hashed like the
-    # check-ins' keys); values are JSON.
+    # check-ins' keys); values are raw too: pipeline.citizens's compact states, kept in columns by its
+    # store (``citizens://memory``), which reads the JSON states of earlier versions as well.
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, use_partitioner=True,
-                      key_type=bytes)
+                      key_type=bytes, value_type=bytes, store="citizens://memory")
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.CHECKINS}
@@ -310,7 +307,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
 
     runtime = GeofenceRuntime(
         GeofenceConfig(settings.hysteresis_m, settings.dwell_seconds, settings.exercise_mode),
-        _TableView(app, table), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
+        _TableView(app, table, owned_partitions), KafkaEmitter(app, settings.dlq_max_payload_bytes), metrics, clock, owns,
         outages=(ProducerSendError,), rules=settings.event_rules())
     crises_loaded, table_recovered = runtime.crises_loaded, runtime.table_recovered
     consent = consent_gate(app, settings, runtime, metrics, clock)
@@ -407,7 +404,7 @@ def consent_gate(app: faust.App, settings: Settings, runtime: GeofenceRuntime, m
         async with runtime.lock:
             return await forget_states(runtime.states, citizen_ids)
 
-    gate = ConsentGate(_TableView(app, table), forget, metrics, clock, settings.event_rules())
+    gate = ConsentGate(_DurableTableView(app, table), forget, metrics, clock, settings.event_rules())
     citizens_topic = app.topic(topics.CITIZENS, key_serializer="raw", value_serializer="raw")
 
     @app.agent(citizens_topic, name="consent")
@@ -418,16 +415,16 @@ def consent_gate(app: faust.App, settings: Settings, runtime: GeofenceRuntime, m
     return gate
 
 
-class _TableView(DurableStates):
-    """The Faust table seen as a mapping of citizen id to state; the table's keys are raw bytes.
+class _DurableTableView(DurableStates):
+    """A Faust table seen as a mapping of citizen id to value; the table's keys are raw bytes.
 
     Writes go to the table's store at once and to its changelog in :meth:`persisted`, which returns
     once Kafka acknowledged them. ``table[key] = value`` would hand the changelog record to Faust's
     buffer, and the flush Faust runs before committing offsets gives up after 0.1 s without a send:
     offsets of check-ins whose new state never reached the changelog were committed, and a worker
-    killed then forgot those citizens' states for good. Records are what Faust itself writes and
-    reads back on recovery: the raw key, the state as JSON, placed by the key's hash (like the
-    citizen's check-ins); a deletion is a null value."""
+    killed then forgot those citizens' states for good. Records are what the table's store reads
+    back on recovery: the raw key, the value as :meth:`record` encodes it (JSON here), placed by the
+    key's hash (like the citizen's check-ins); a deletion is a null value."""
 
     def __init__(self, app: faust.App, table: Any) -> None:
         self.app = app
@@ -435,13 +432,16 @@ class _TableView(DurableStates):
         self.topic: str = table.changelog_topic.get_topic_name()
         self.unsent: list[Record] = []
 
+    def record(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
     def __getitem__(self, key: str) -> Any:
         return self.table[key.encode("utf-8")]
 
     def __setitem__(self, key: str, value: Any) -> None:
         raw = key.encode("utf-8")
         self.table.data[raw] = value
-        self.unsent.append((raw, json.dumps(value, separators=(",", ":")).encode("utf-8"), None))
+        self.unsent.append((raw, self.record(value), None))
 
     def __delitem__(self, key: str) -> None:
         raw = key.encode("utf-8")
@@ -457,3 +457,25 @@ class _TableView(DurableStates):
 
     def __len__(self) -> int:
         return len(self.table)
+
+
+class _TableView(_DurableTableView, ColumnarStates):
+    """The citizen-state table: values are :func:`pipeline.citizens.encode_state`'s bytes, stored as
+    they are and kept in columns (:class:`pipeline.citizens.CitizenStore`) that know this worker's
+    partitions."""
+
+    def __init__(self, app: faust.App, table: Any, owned: Callable[[], Collection[int]]) -> None:
+        super().__init__(app, table)
+        self.owned = owned
+
+    def record(self, value: Any) -> bytes:
+        encoded: bytes = value
+        return encoded
+
+    @property
+    def columns(self) -> CitizenColumns:
+        columns: CitizenColumns = self.table.data.data
+        return columns
+
+    def owned_partitions(self) -> Collection[int]:
+        return self.owned()

@@ -12,10 +12,12 @@ This module reads the rows (one consistent snapshot), hands them to the pure der
    ended crisis some citizen is still owed an all-clear for, its last upsert then its cancel;
 2. ``citizens`` (key: citizen id): the registry (the sink writes it back unchanged);
 3. the worker's table changelog (``<app id>-citizen-state-changelog``): each rebuilt citizen
-   state as :class:`pipeline.app._TableView` writes it: the raw citizen id as key, the state as
-   JSON, in the partition the key's murmur2 hash gives (the partition of the citizen's
-   check-ins). On the embedded broker these go one record per batch (``producer_max_batch_bytes``,
-   see ``pipeline.stack.EMBEDDED_PRODUCER_MAX_BATCH_BYTES``) or Faust's table recovery stops short.
+   state keyed as :class:`pipeline.app._TableView` writes it: the raw citizen id as key, in the
+   partition the key's murmur2 hash gives (the partition of the citizen's check-ins); the state as
+   JSON, the format of earlier versions, which the worker's table store reads as well as its own
+   compact one (:mod:`pipeline.citizens`; JSON keeps these records readable by any tool). On the
+   embedded broker these go one record per batch (``producer_max_batch_bytes``, see
+   ``pipeline.stack.EMBEDDED_PRODUCER_MAX_BATCH_BYTES``) or Faust's table recovery stops short.
 
 A worker then starts as after any restart: it reads the crisis log, recovers its table, and
 reconciles (the all-clears owed for ended crises, ``inside`` for anyone whose last location is in
@@ -233,7 +235,8 @@ def plan_from_postgres(settings: Settings, now: datetime,
 
 
 def state_records(states: Iterable[CitizenState], topic: str, partitions: int) -> list[Outgoing]:
-    """Citizen states as the worker's table writes them to its changelog (see :class:`pipeline.app._TableView`)."""
+    """Citizen states as records of the worker's table changelog (see :class:`pipeline.app._TableView`), the
+    values as JSON (:func:`pipeline.citizens.decode_state` reads it)."""
     records = []
     for state in states:
         key = state.citizen_id.encode("utf-8")

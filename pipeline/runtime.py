@@ -1,8 +1,10 @@
 """What a worker does with messages, without Faust: decode, geofence, emit, remember.
 
 The Faust app (:mod:`pipeline.app`) only moves bytes into these methods. Citizen state lives in
-a ``MutableMapping[str, dict]`` (a Faust table in a worker, a dict in tests); output goes
-through an :class:`Emitter` (Kafka in a worker, a list in tests).
+a ``MutableMapping[str, ...]``: in a worker the Faust table, kept in columns
+(:class:`ColumnarStates`, :mod:`pipeline.citizens`), so that a sweep selects the citizens a crisis
+can concern with one vectorised query and sends their warnings in chunks; in tests a dict of the
+JSON-shaped states. Output goes through an :class:`Emitter` (Kafka in a worker, a list in tests).
 
 Failures follow :mod:`pipeline.stage`: nothing raises out of here for bad data, foreseen or not.
 A check-in that cannot be decoded, or that makes the geofencing of its batch raise, goes to the
@@ -25,14 +27,18 @@ every sink drops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
 
+import numpy as np
+
+from pipeline.citizens import CitizenColumns, decode_state, encode_state
 from pipeline.domain.admission import admit_message
 from pipeline.domain.tracking import CitizenState, GeofenceConfig, Outcome, Tracker
 from pipeline.domain.validation import DEFAULT_RULES, EventRules
@@ -60,6 +66,11 @@ LOCATE: Final = "locate"  # the check-in agent
 CRISIS: Final = "crisis"  # the crisis agent: dead-letters the crisis events admission refuses
 READER: Final = "crisis-reader"  # every worker's reader of crisis-events: skips what admission refuses
 SWEEP: Final = "sweep"  # a crisis against this worker's citizens (upsert, reconcile, expiry, cancel)
+
+# A sweep handles the citizens it selected in chunks, each one's warnings handed to Kafka while the
+# next is computed: the first chunk is small, so the first warnings leave at once.
+SWEEP_FIRST_CHUNK: Final = 1_000
+SWEEP_CHUNK: Final = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,20 @@ class DurableStates(MutableMapping[str, Any]):
     @abstractmethod
     async def persisted(self) -> None:
         """Return once every write made so far is durable; raise if one failed."""
+
+
+class ColumnarStates(DurableStates):
+    """Durable states kept in :class:`~pipeline.citizens.CitizenColumns` (values: :func:`encode_state`),
+    which know the partitions this worker owns: a sweep selects its citizens with one vectorised query."""
+
+    @property
+    @abstractmethod
+    def columns(self) -> CitizenColumns:
+        """The citizens, the partitions this worker no longer owns possibly included."""
+
+    @abstractmethod
+    def owned_partitions(self) -> Collection[int]:
+        """The partitions of the citizens this worker owns now."""
 
 
 class Emitter(Protocol):
@@ -139,14 +164,21 @@ class GeofenceRuntime:
     # -- helpers ---------------------------------------------------------------------------------
     def _state(self, citizen_id: str) -> CitizenState | None:
         raw = self.states.get(citizen_id)
-        return None if raw is None else CitizenState.from_dict(citizen_id, raw)
+        return None if raw is None else decode_state(citizen_id, raw)
 
-    def _owned_states(self) -> list[CitizenState]:
+    def _value(self, state: CitizenState) -> Any:
+        """A state as the mapping stores it: compact bytes in columns, the JSON-shaped dict elsewhere."""
+        return encode_state(state) if isinstance(self.states, ColumnarStates) else state.to_dict()
+
+    def _owned(self) -> tuple[CitizenColumns, Collection[int] | None]:
+        """This worker's citizens in columns, and the partitions to keep of them (None: all)."""
+        if isinstance(self.states, ColumnarStates):
+            return self.states.columns, self.states.owned_partitions()
         owned = [(cid, raw) for cid, raw in list(self.states.items()) if raw is not None and self.owns(cid)]
-        parsed = map_isolated(owned, lambda item: CitizenState.from_dict(*item), outages=self.outages)
-        for failure in parsed.failures:
-            self._skipped(SWEEP, failure, f"the stored state of citizen {failure.item[0]!r}")
-        return list(parsed.results)
+        return CitizenColumns.of(owned, self._unreadable), None
+
+    def _unreadable(self, citizen_id: str, error: Exception) -> None:
+        self._skipped(SWEEP, Failure(citizen_id, error), f"the stored state of citizen {citizen_id!r}")
 
     def _skipped(self, stage: str, failure: Failure[Any], what: str) -> None:
         """Something no message is at fault for (or that another stage dead-letters) could not be processed."""
@@ -160,7 +192,7 @@ class GeofenceRuntime:
                 self.metrics.warnings.labels(kind=warning.kind).inc()
             self.metrics.first_warning.sent((w.crisis_id for w in outcome.warnings), time.time())
         for citizen_id, state in outcome.states.items():
-            self.states[citizen_id] = state.to_dict()
+            self.states[citizen_id] = self._value(state)
         if isinstance(self.states, DurableStates):
             await self.states.persisted()
 
@@ -264,8 +296,8 @@ class GeofenceRuntime:
         if crisis.op == "cancel":
             self.tracker.end(crisis.crisis_id, crisis.version)
         elif self.tracker.accept(crisis, now):
-            _ = self.tracker.index  # build it now: a crisis that cannot be indexed fails before any sweep
-            warnings += await self._sweep_locked(crisis, lambda states: self.tracker.on_upsert(crisis, states, now))
+            _ = self.tracker.sweep_index(crisis.crisis_id)  # a crisis that cannot be indexed fails before any sweep
+            warnings += await self._sweep_upsert_locked(crisis, now)
         warnings += await self._clear_ended_locked(now)
         return tuple(warnings)
 
@@ -289,9 +321,10 @@ class GeofenceRuntime:
         async with self.lock:
             now = self.clock()
             self.tracker.expired(now)
+            with contextlib.suppress(Exception):  # every crisis is swept: index them all at once (one
+                _ = self.tracker.index  # that cannot be indexed raises again in its own sweep, skipped)
             crises = sorted(self.tracker.crises.values(), key=lambda c: c.crisis_id)
-            warnings = await self._per_crisis_locked(
-                crises, lambda c: self._sweep_locked(c, lambda states: self.tracker.on_upsert(c, states, now)))
+            warnings = await self._per_crisis_locked(crises, lambda c: self._sweep_upsert_locked(c, now))
             warnings += await self._clear_ended_locked(now)
         self.metrics.active_crises.set(len(self.tracker.crises))
         return warnings
@@ -309,9 +342,18 @@ class GeofenceRuntime:
 
     async def _clear_ended_locked(self, now: datetime) -> tuple[Warning, ...]:
         """All-clear, once, to every owned citizen still holding a presence for an ended crisis."""
-        ended = self.tracker.leftovers(self._owned_states())
-        return await self._per_crisis_locked(
-            ended, lambda c: self._sweep_locked(c, lambda states: self.tracker.on_end(c, states, now)))
+        columns, partitions = self._owned()
+        ended = self.tracker.due_all_clears(columns.held(partitions))
+        return await self._per_crisis_locked(ended, lambda c: self._sweep_locked(
+            c, lambda states: self.tracker.on_end(c, states, now), lambda cols, parts: cols.holders(c.crisis_id, parts)))
+
+    async def _sweep_upsert_locked(self, crisis: Crisis, now: datetime) -> tuple[Warning, ...]:
+        """A crisis just accepted against the citizens it can concern: those within its search bounds
+        (one vectorised query over the columns) and those holding a presence for it. The tracker skips
+        every other citizen anyway (:meth:`Tracker.on_upsert`)."""
+        bounds = self.tracker.search_bounds(crisis.crisis_id)
+        return await self._sweep_locked(crisis, lambda states: self.tracker.on_upsert(crisis, states, now),
+                                        lambda cols, parts: cols.within(bounds, parts, holding=crisis.crisis_id))
 
     async def _per_crisis_locked(self, crises: Sequence[Crisis],
                                  sweep: Callable[[Crisis], Awaitable[tuple[Warning, ...]]]) -> tuple[Warning, ...]:
@@ -321,18 +363,53 @@ class GeofenceRuntime:
             self._skipped(SWEEP, failure, f"the sweep of crisis {failure.item.crisis_id!r}")
         return tuple(w for warnings in run.results for w in warnings)
 
-    async def _sweep_locked(self, crisis: Crisis,
-                            sweep: Callable[[Sequence[CitizenState]], Outcome]) -> tuple[Warning, ...]:
-        """One crisis against this worker's citizens, isolated per citizen: a citizen whose state makes
-        the sweep raise is skipped (no message is at fault, so nothing is dead-lettered), the others are
-        told. Sweeps treat each citizen on its own, so a sweep of part of them is the same sweep."""
-        async def step(states: Sequence[CitizenState]) -> tuple[Warning, ...]:
-            outcome = sweep(states)
-            await self._commit(outcome)
-            return outcome.warnings
+    async def _sweep_locked(self, crisis: Crisis, sweep: Callable[[Sequence[CitizenState]], Outcome],
+                            select: Callable[[CitizenColumns, Collection[int] | None], np.ndarray]
+                            ) -> tuple[Warning, ...]:
+        """One crisis against the owned citizens ``select`` picks, isolated per citizen: a citizen whose
+        state makes the sweep raise is skipped (no message is at fault, so nothing is dead-lettered),
+        the others are told. Sweeps treat each citizen on its own, so a sweep of part of them is the
+        same sweep: the citizens go in chunks, and a chunk's warnings and states are handed to Kafka
+        while the next chunk is computed (one chunk in flight; the sweep returns once all are durable)."""
+        async def step(states: Sequence[CitizenState]) -> Outcome:
+            return sweep(states)
 
-        run = await isolate_async(self._owned_states(), step, outages=self.outages)
-        record(self.metrics, SWEEP, run)
-        for failure in run.failures:
-            self._skipped(SWEEP, failure, f"citizen {failure.item.citizen_id!r} in the sweep of crisis {crisis.crisis_id!r}")
-        return tuple(w for warnings in run.results for w in warnings)
+        columns, partitions = self._owned()
+        warnings: list[Warning] = []
+        pending: asyncio.Future[None] | None = None
+        try:
+            for rows in _chunks(select(columns, partitions)):
+                loaded = map_isolated(rows, columns.state, outages=self.outages)
+                for fault in loaded.failures:
+                    self._unreadable(columns.key(fault.item).decode("utf-8", "replace"), fault.error)
+                run = await isolate_async(loaded.results, step, outages=self.outages)
+                record(self.metrics, SWEEP, run)
+                for failure in run.failures:
+                    self._skipped(SWEEP, failure,
+                                  f"citizen {failure.item.citizen_id!r} in the sweep of crisis {crisis.crisis_id!r}")
+                outcome = _merged(run.results)
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(self._commit(outcome))
+                await asyncio.sleep(0)  # let the commit hand its records to the producer before the next chunk
+                warnings += outcome.warnings
+            if pending is not None:
+                await pending
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+        return tuple(warnings)
+
+
+def _chunks(rows: np.ndarray) -> Iterator[list[int]]:
+    at, size = 0, SWEEP_FIRST_CHUNK
+    while at < len(rows):
+        yield rows[at:at + size].tolist()
+        at += size
+        size = SWEEP_CHUNK
+
+
+def _merged(outcomes: Sequence[Outcome]) -> Outcome:
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return Outcome(tuple(w for o in outcomes for w in o.warnings), {k: v for o in outcomes for k, v in o.states.items()})

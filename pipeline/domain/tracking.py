@@ -24,6 +24,7 @@ about the same thing: an update of a crisis warns only citizens whose situation 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.domain.geofence import CrisisIndex, IndexedCrisis
+from pipeline.domain.geofence import KM_PER_DEGREE_LAT, MAX_SEARCH_LAT, CrisisIndex, IndexedCrisis
 from pipeline.domain.ids import warning_id
 from pipeline.domain.messages import instruction_for
 from schemas import Checkin, Crisis, Warning, format_time, parse_time
@@ -88,7 +89,8 @@ class CitizenState:
             updated.pop(crisis_id, None)
         else:
             updated[crisis_id] = presence
-        return replace(self, presence=updated)
+        # the constructor, not dataclasses.replace: a sweep makes 100,000 of these at once
+        return CitizenState(self.citizen_id, self.lat, self.lon, self.accuracy_m, self.observed_at, updated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,7 @@ class Tracker:
         self.ended: dict[str, int] = {}  # crisis_id -> version that ended it (cancels are final for older versions)
         self.finished: dict[str, Crisis] = {}  # the last active form of each ended crisis, for late all-clears
         self._index: CrisisIndex | None = None
+        self._alone: dict[str, CrisisIndex] = {}  # crisis id -> an index of that crisis alone, until the full one
 
     # -- the crisis table ------------------------------------------------------------------------
     @property
@@ -134,6 +137,20 @@ class Tracker:
             self._index = CrisisIndex(self.crises.values())
         return self._index
 
+    def sweep_index(self, crisis_id: str) -> CrisisIndex:
+        """An index to sweep one crisis with: the full one once built, else one of that crisis alone.
+        Indexing a thousand crises takes longer than sending a sweep's first warnings; the check-ins
+        build the full index when they need it. The crisis is indexed the same way in both, so the
+        sweep is the same; and a crisis that cannot be indexed raises here, before any sweep."""
+        if self._index is not None:
+            return self._index
+        index = self._alone.get(crisis_id)
+        crisis = self.crises.get(crisis_id)
+        if index is None or crisis is None or index.by_id[crisis_id].crisis is not crisis:
+            index = CrisisIndex([crisis] if crisis is not None else [])
+            self._alone = {crisis_id: index}
+        return index
+
     def snapshot(self) -> TrackerSnapshot:
         return TrackerSnapshot(dict(self.crises), dict(self.ended), dict(self.finished))
 
@@ -141,6 +158,21 @@ class Tracker:
         """Put the crisis table back as it was (a crisis event whose application failed half way)."""
         self.crises, self.ended, self.finished = dict(snapshot.crises), dict(snapshot.ended), dict(snapshot.finished)
         self._index = None
+
+    def search_bounds(self, crisis_id: str) -> tuple[float, float, float, float] | None:
+        """Bounds (min lat, max lat, min lon, max lon) that hold every point a sweep of this crisis may
+        find inside or near it: a superset of :meth:`CrisisIndex.candidate_mask`, to select the citizens
+        worth sweeping from columns before the exact test. None when the crisis is not indexed."""
+        item = self.sweep_index(crisis_id).by_id.get(crisis_id)
+        if item is None:
+            return None
+        minx, miny, maxx, maxy = item.area.bounds
+        band = item.crisis.buffer_km
+        worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
+        margin = 1.01 * band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat))) + 1e-6
+        if item.touches_antimeridian:
+            return (miny - margin, maxy + margin, -math.inf, math.inf)
+        return (miny - margin, maxy + margin, minx - margin, maxx + margin)
 
     def reaches_citizens(self, crisis: Crisis) -> bool:
         return crisis.status == "actual" or self.config.exercise_mode
@@ -174,8 +206,11 @@ class Tracker:
 
     def leftovers(self, states: Iterable[CitizenState]) -> list[Crisis]:
         """Ended crises some of these citizens still hold a presence for (their all-clear is due)."""
-        due = {cid for s in states for cid in s.presence if cid in self.finished and cid not in self.crises}
-        return [self.finished[cid] for cid in sorted(due)]
+        return self.due_all_clears({cid for s in states for cid in s.presence})
+
+    def due_all_clears(self, held: Iterable[str]) -> list[Crisis]:
+        """Of the crises some citizens hold a presence for, the ended ones (their all-clear is due)."""
+        return [self.finished[cid] for cid in sorted(set(held)) if cid in self.finished and cid not in self.crises]
 
     def expired(self, now: datetime) -> list[Crisis]:
         """Remove and return the crises whose ``expires`` has passed."""
@@ -283,17 +318,20 @@ class Tracker:
         warning = None
         if kind is not None:
             warning = make_warning(state, crisis, kind, distance, old.seq, now)
-            new = replace(new, seq=old.seq + 1, version=crisis.version, warned=True)
+            new = Presence(new.status, crisis.version, old.seq + 1, True, new.leaving_since)
         if new == old and crisis.crisis_id in state.presence:
             return state, warning
         if new == Presence():
+            if crisis.crisis_id not in state.presence:
+                return state, warning  # nothing held, nothing to hold: the state did not change
             return state.with_presence(crisis.crisis_id, None), warning
         return state.with_presence(crisis.crisis_id, new), warning
 
     # -- crisis events ---------------------------------------------------------------------------
     def on_upsert(self, crisis: Crisis, states: Iterable[CitizenState], now: datetime) -> Outcome:
         """Sweep the given citizens against a crisis just accepted: warn the newly covered, no one twice."""
-        item = self.index.by_id.get(crisis.crisis_id)
+        index = self.sweep_index(crisis.crisis_id)
+        item = index.by_id.get(crisis.crisis_id)
         if item is None:
             return Outcome()
         pool = list(states)
@@ -301,8 +339,8 @@ class Tracker:
             return Outcome()
         lats = np.fromiter((s.lat for s in pool), dtype=float, count=len(pool))
         lons = np.fromiter((s.lon for s in pool), dtype=float, count=len(pool))
-        inside = self.index.inside_mask(crisis.crisis_id, lats, lons)
-        candidates = inside | self.index.candidate_mask(crisis.crisis_id, lats, lons)
+        inside = index.inside_mask(crisis.crisis_id, lats, lons)
+        candidates = inside | index.candidate_mask(crisis.crisis_id, lats, lons)
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
         for i, state in enumerate(pool):
@@ -325,7 +363,7 @@ class Tracker:
         new = presence
         if distance == 0.0:
             if presence.status != "in":
-                kind, new = "inside", replace(presence, status="in", leaving_since=None)
+                kind, new = "inside", Presence("in", presence.version, presence.seq, presence.warned, None)
         elif presence.status == "in":
             # The area moved away from a citizen who stood still: "exited" at once, no dwell. A citizen
             # already walking out (a check-in beyond the margin started the dwell clock) is left to the
