@@ -37,6 +37,7 @@ from importlib import resources
 from itertools import accumulate
 from typing import Any, Final, TypeVar, cast
 
+import msgspec
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError
 
@@ -339,7 +340,13 @@ def from_obj(obj: Mapping[str, Any], expected: type[E] | None = None) -> E:
 
 
 def decode(raw: bytes | str, expected: type[E] | None = None) -> E:
-    """Bytes from the wire to a typed event, or :class:`InvalidEvent` with the reason."""
+    """Bytes from the wire to a typed event, or :class:`InvalidEvent` with the reason. A plain
+    check-in takes msgspec's path (:mod:`schemas.fast`); what that does not accept comes here."""
+    if expected is Checkin and isinstance(raw, bytes):
+        from schemas.fast import checkin  # schemas.fast builds on this module
+
+        if (event := checkin(raw)) is not None:
+            return cast(E, event)
     obj = parse_json(raw)
     if expected is Checkin:
         fast = _checkin_fast_path()(obj)
@@ -348,5 +355,13 @@ def decode(raw: bytes | str, expected: type[E] | None = None) -> E:
     return from_obj(obj, expected)
 
 
+_MSGSPEC_ENCODER: Final = msgspec.json.Encoder()
+
+
 def encode(event: Event) -> bytes:
+    """An event's compact JSON (UTF-8). A check-in, the most frequent event, is written by msgspec,
+    about four times faster than the json module (a non-finite number, which json would write as
+    ``NaN``, becomes ``null``: refused as a check-in's coordinate or accuracy all the same)."""
+    if type(event) is Checkin:
+        return _MSGSPEC_ENCODER.encode(event.to_dict())
     return json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
