@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,14 +15,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.domain.validation import decode_event
+from pipeline.testing import make_crisis, square
 from producers.api import MAX_BATCH, decode_json, parse_checkin_body, parse_checkins
-from schemas import Checkin, InvalidEvent, decode, encode, from_obj
-from schemas.codec import MAX_MESSAGE_BYTES, parse_json
+from schemas import Checkin, InvalidEvent, check, decode, encode, from_obj
+from schemas.codec import MAX_MESSAGE_BYTES, parse_json, validator
 from schemas.fast import api_checkins, checkin
 
 VALID: dict[str, Any] = {"schema": "checkin/1", "citizen_id": "c-1", "lat": -6.2, "lon": 106.8, "accuracy_m": 12.5,
                          "observed_at": "2026-01-01T12:00:00+07:00", "source": "app"}
 FIELDS = [*VALID]
+CRISIS: dict[str, Any] = json.loads(encode(make_crisis("k-1")))
 
 # Values that sit on or just past what the schema and the codec allow.
 EDGES = ["app", "sms", "manual", "import", "simulator", "App", "app\n", "", "x" * 128, "x" * 129, "-bad", "ok:id/1",
@@ -153,3 +156,71 @@ def test_api_fast_path_takes_plain_batches_and_leaves_the_rest() -> None:
     assert api_checkins(b"[]", MAX_BATCH) is None
     assert api_checkins(json.dumps({"checkins": [one]}).encode(), MAX_BATCH) is not None
     assert api_checkins(json.dumps([{**one, "nickname": "x"}]).encode(), MAX_BATCH) is None
+
+
+# --- a crisis's area: loops for the area, jsonschema for the rest ---------------------------------------------------
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "geometry"
+SQUARE = [[0.0, 0.0], [1, 0], [1.0, 1.0], [0, 1.5], [0.0, 0.0]]
+AREAS: list[Any] = [
+    None, {"type": "Polygon", "coordinates": [SQUARE]}, {"type": "MultiPolygon", "coordinates": [[SQUARE], [SQUARE, SQUARE]]},
+    *(json.loads(path.read_text()) for path in sorted(FIXTURES.glob("*.geojson"))),
+]
+area_parts = st.recursive(st.one_of(st.sampled_from([0, 1.5, -180, 1e300, True, None, "1", 2**70]), st.floats()),
+                          lambda inner: st.lists(inner, max_size=6) | st.tuples(inner, inner, inner), max_leaves=40)
+
+
+def area_mutations(area: Any) -> list[Any]:
+    ring = [list(p) for p in SQUARE]
+    return [area, {**(area or {}), "extra": [1]}, {"type": "Polygon"}, {"coordinates": [SQUARE]},
+            {"type": "Polygon", "coordinates": []}, {"type": "Polygon", "coordinates": [ring[:3]]},
+            {"type": "Polygon", "coordinates": [[*ring[:3], [0, 0, 0, 0]]]}, {"type": "Polygon", "coordinates": [[*ring[:3], [0]]]},
+            {"type": "Polygon", "coordinates": [[*ring[:3], [0, True]]]}, {"type": "Polygon", "coordinates": [[*ring[:3], (0, 0)]]},
+            {"type": "Polygon", "coordinates": ([*ring],)}, {"type": "Polygon", "coordinates": [[*ring[:3], ["0", 0]]]},
+            {"type": "Polygon", "coordinates": [[*ring[:3], [0.0, 0.0, 5]]]}, {"type": "MultiPolygon", "coordinates": [SQUARE]},
+            {"type": "MultiPolygon", "coordinates": [[]]}, {"type": "MultiPolygon", "coordinates": []},
+            {"type": "Point", "coordinates": [0, 0]}, {"type": ["Polygon"], "coordinates": [SQUARE]}, "Polygon", [], 0,
+            {"type": "Polygon", "coordinates": [SQUARE], "bbox": "x"}, {"type": "polygon", "coordinates": [SQUARE]}]
+
+
+def schema_verdict(obj: dict[str, Any]) -> tuple[str, str] | None:
+    """What :func:`schemas.check` says, next to what jsonschema alone says."""
+    alone = next(validator("crisis/1").iter_errors(obj), None) is None
+    try:
+        check(obj, "crisis/1")
+    except InvalidEvent as exc:
+        assert not alone, obj
+        return exc.field, exc.reason
+    assert alone, obj
+    return None
+
+
+@pytest.mark.parametrize("area", [m for area in AREAS for m in area_mutations(area)], ids=repr)
+def test_crisis_areas_get_the_schemas_verdict(area: Any) -> None:
+    schema_verdict({**CRISIS, "geometry": area})
+    schema_verdict({**CRISIS, "geometry": area, "version": 0})  # the rest wrong too: the same first error
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(coordinates=area_parts, kind=st.sampled_from(["Polygon", "MultiPolygon", "Point"]), title=st.sampled_from(["t", 5]))
+def test_generated_crisis_areas_get_the_schemas_verdict(coordinates: Any, kind: str, title: Any) -> None:
+    schema_verdict({**CRISIS, "title": title, "geometry": {"type": kind, "coordinates": coordinates}})
+
+
+def test_a_crisis_without_geometry_is_still_refused_for_it() -> None:
+    assert schema_verdict({k: v for k, v in CRISIS.items() if k != "geometry"}) is not None
+
+
+def test_a_crisis_is_admitted_once_per_process_and_a_refused_one_every_time() -> None:
+    from pipeline.domain.admission import AdmittedCrises
+
+    crises = AdmittedCrises(capacity=2)
+    raw = encode(make_crisis("once-1", square(10, 10, 1)))
+    first = crises.admit(raw)
+    assert crises.admit(raw) is first and crises.hits == 1
+    refused = encode(make_crisis("once-2", {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 1], [0, 0]]]}))
+    for _ in range(2):  # a bow-tie without area... or any refusal: raised each time, never remembered
+        with pytest.raises(InvalidEvent):
+            crises.admit(refused.replace(b"[0,1]", b"[0,0]"))
+    crises.admit(encode(make_crisis("once-3"))), crises.admit(encode(make_crisis("once-4")))
+    assert crises.admit(raw) is not first and crises.admit(raw) == first  # forgotten beyond capacity, same verdict
