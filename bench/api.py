@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port, wait_for
 from pipeline.settings import Settings
 
 PARTITIONS = 4
-TOKEN = "bench-ingest-token"
+TOKEN = secrets.token_hex(16)  # this run's ingest token
 KEYS = ("raw_producer_checkins_per_s", "api_checkins_per_s", "api_vs_raw_producer_ratio")
 
 

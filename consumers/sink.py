@@ -20,11 +20,12 @@ so a crash replays the batch, and the deterministic keys make the replay a no-op
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
@@ -50,6 +51,7 @@ from pipeline.settings import Settings
 from pipeline.stage import OutageTypes, describe, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
 from schemas import Ack, Case, Checkin, Citizen, Crisis, CrisisStatus, InvalidEvent, Warning
+from schemas.fast import split_checkin_batch
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -245,12 +247,27 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now:
         model = models.get(message.topic)
         if model is None:
             raise UnknownTopic(f"the sink does not read topic {message.topic!r}")
+        if model is Checkin:
+            split_checkin_batch(message.value)  # a batch left whole here cannot be read: raise why
         spec, values = row_for(admit_message(message.value, model, now, rules))
         return SinkRow(spec, values, message)
 
-    admitted = map_isolated(messages, row, outages=outages)
+    admitted = map_isolated(_each_checkin(messages, models), row, outages=outages)
     return Prepared(admitted.results,
                     tuple(Rejected(f.item, f.reason, f.label, f.error_type) for f in admitted.failures))
+
+
+def _each_checkin(messages: Iterable[Message], models: Mapping[str, type[Event]]) -> Iterator[Message]:
+    """Messages as the sink stores them: a ``checkin-batch/1`` record as its check-ins, each on its own
+    (one that cannot be stored does not hold back the others), at the record's offset."""
+    for message in messages:
+        if models.get(message.topic) is Checkin:
+            with contextlib.suppress(InvalidEvent):  # refused by row(), with the reason
+                items = split_checkin_batch(message.value)
+                if items is not None:
+                    yield from (replace(message, value=item) for item in items)
+                    continue
+        yield message
 
 
 def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:

@@ -96,6 +96,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_HYSTERESIS_M", "50", "Minimum distance beyond the edge before a citizen counts as outside."),
     EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced in one call."),
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
+    EnvVar("CRISISWATCH_CHECKIN_BATCH_RECORDS", "true",
+           "The API publishes a request's check-ins as one checkin-batch/1 record per partition; false: one record each."),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters."),
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits)."),
     EnvVar("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES", "524288",
@@ -218,6 +220,7 @@ class Settings:
     hysteresis_m: float = 50.0
     batch_size: int = 2000
     batch_wait_s: float = 0.05
+    checkin_batch_records: bool = True
     rebalance_timeout_s: float = 5.0
     producer_max_batch_bytes: int | None = None
     dlq_max_payload_bytes: int = 524_288
@@ -293,6 +296,7 @@ class Settings:
             hysteresis_m=_float("CRISISWATCH_HYSTERESIS_M", get("CRISISWATCH_HYSTERESIS_M")),
             batch_size=_int("CRISISWATCH_BATCH_SIZE", get("CRISISWATCH_BATCH_SIZE"), 1),
             batch_wait_s=_float("CRISISWATCH_BATCH_WAIT_S", get("CRISISWATCH_BATCH_WAIT_S")),
+            checkin_batch_records=_bool("CRISISWATCH_CHECKIN_BATCH_RECORDS", get("CRISISWATCH_CHECKIN_BATCH_RECORDS")),
             rebalance_timeout_s=_float("CRISISWATCH_REBALANCE_TIMEOUT_S", get("CRISISWATCH_REBALANCE_TIMEOUT_S"), 1.0),
             producer_max_batch_bytes=(_int("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", raw_batch, 1)
                                       if (raw_batch := get("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES").strip()) else None),
@@ -372,6 +376,7 @@ class Settings:
             "CRISISWATCH_HYSTERESIS_M": str(self.hysteresis_m),
             "CRISISWATCH_BATCH_SIZE": str(self.batch_size),
             "CRISISWATCH_BATCH_WAIT_S": str(self.batch_wait_s),
+            "CRISISWATCH_CHECKIN_BATCH_RECORDS": "true" if self.checkin_batch_records else "false",
             "CRISISWATCH_REBALANCE_TIMEOUT_S": str(self.rebalance_timeout_s),
             "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(self.producer_max_batch_bytes or ""),
             "CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES": str(self.dlq_max_payload_bytes),

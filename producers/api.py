@@ -566,15 +566,27 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise unexpected_input_error(exc) from None
 
     async def publish(messages: list[Outgoing]) -> None:
+        await handed_to_kafka(lambda: publisher.publish(messages))
+        for message in messages:
+            metrics.published.labels(message.topic).inc()
+
+    async def publish_checkins(checkins: list[Checkin]) -> None:
+        """One ``checkin-batch/1`` record per partition (CRISISWATCH_CHECKIN_BATCH_RECORDS), or one each;
+        a check-in alone is a ``checkin/1`` record, as it always was."""
+        if not settings.checkin_batch_records or len(checkins) == 1:
+            await publish(_messages(checkins, routes.checkins))
+            return
+        await handed_to_kafka(lambda: publisher.publish_checkins(checkins, routes.checkins))
+        metrics.published.labels(routes.checkins).inc(len(checkins))
+
+    async def handed_to_kafka(send: Callable[[], object]) -> None:
         kafka_down = health.down().get(KAFKA) if health is not None else None
         if kafka_down is not None:  # known to be away: answer now rather than after the publish timeout
             raise ApiError(503, "broker_unavailable", f"Kafka is unreachable: {kafka_down}", headers={"Retry-After": "5"})
         try:
-            await run_in_threadpool(publisher.publish, messages)
+            await run_in_threadpool(send)
         except BrokerUnavailable as exc:
             raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "5"}) from None
-        for message in messages:
-            metrics.published.labels(message.topic).inc()
 
     async def validated(parse: Callable[[], E | list[E]]) -> list[E]:
         # Schema checks of a full batch or normalising a detailed area take CPU time: keep the event loop free.
@@ -606,7 +618,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     async def post_checkins(request: Request) -> JSONResponse:
         raw = await read_body(request, settings.max_body_bytes)
         checkins = await validated(lambda: parse_checkin_body(raw, clock(), rules))
-        await publish(_messages(checkins, routes.checkins))
+        await publish_checkins(checkins)
         return JSONResponse({"accepted": len(checkins)}, status_code=202)
 
     @app.post("/v1/citizens", status_code=202, response_model=Accepted, dependencies=ingest, tags=["ingest"],

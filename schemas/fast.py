@@ -36,7 +36,7 @@ from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
 
-from schemas.codec import MAX_MESSAGE_BYTES, ecma_pattern
+from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, ecma_pattern
 from schemas.models import Checkin, CheckinSource, parse_time
 
 _UNSET: Final = msgspec.UNSET
@@ -127,3 +127,65 @@ def api_checkins(raw: bytes, max_batch: int) -> list[Checkin] | None:
         return [_checkin(s) for s in items]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
         return None
+
+
+# --- checkin-batch/1: a request's check-ins of one partition as one record ---------------------------------------
+
+BATCH_SCHEMA: Final = "checkin-batch/1"
+MAX_BATCH_ITEMS: Final = 10_000
+"""Most check-ins in one ``checkin-batch/1`` record (``maxItems`` of its schema)."""
+_BATCH_HEAD: Final = b'{"schema":"' + BATCH_SCHEMA.encode() + b'","checkins":['
+
+
+class _Head(msgspec.Struct):
+    schema: object = None
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True):
+    schema: str
+    checkins: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+class _Keyed(msgspec.Struct):
+    citizen_id: object = None
+
+
+_HEAD_DECODER: Final = msgspec.json.Decoder(_Head)
+_BATCH_DECODER: Final = msgspec.json.Decoder(_Batch)
+_KEYED_DECODER: Final = msgspec.json.Decoder(_Keyed)
+
+
+def encode_checkin_batch(items: Sequence[bytes]) -> bytes:
+    """Encoded check-ins (each :func:`schemas.encode` of one) as one ``checkin-batch/1`` record."""
+    if not 0 < len(items) <= MAX_BATCH_ITEMS:
+        raise ValueError(f"a checkin-batch/1 holds 1 to {MAX_BATCH_ITEMS} check-ins, not {len(items)}")
+    return _BATCH_HEAD + b",".join(items) + b"]}"
+
+
+def split_checkin_batch(raw: bytes) -> list[bytes] | None:
+    """The check-ins of a ``checkin-batch/1`` record, each as the bytes it was written with, to be
+    decoded as if it had come alone; ``None`` for anything that does not say it is a batch (a single
+    check-in, or what its own decoding will refuse). A record that says it is a batch but is not a
+    valid one is :class:`~schemas.codec.InvalidEvent` with the reason."""
+    if BATCH_SCHEMA.encode() not in raw:
+        return None
+    try:
+        if _HEAD_DECODER.decode(raw).schema != BATCH_SCHEMA:
+            return None
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return [bytes(item) for item in _BATCH_DECODER.decode(raw).checkins]
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"not a valid {BATCH_SCHEMA}: {exc}") from None
+
+
+def citizen_of(item: bytes) -> str | None:
+    """The ``citizen_id`` a check-in's bytes name, read without checking anything else; ``None`` if none."""
+    try:
+        citizen = _KEYED_DECODER.decode(item).citizen_id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return citizen if isinstance(citizen, str) else None
