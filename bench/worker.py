@@ -176,10 +176,15 @@ def run_worker(bootstrap: str, total: int, batch_bytes: str, data_dir: Path, app
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited; see {log.name}")
             time.sleep(0.02)
-        raise TimeoutError(f"worker processed {processed(url)} of {total} in 300 s")
+        raise TimeoutError(f"worker processed {processed(url)} of {total} in 300 s; its log ends:\n"
+                           + (data_dir / f"worker-{app_suffix}.log").read_text(errors="replace")[-3000:])
     finally:
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
         log.close()
 
 
@@ -222,9 +227,9 @@ def run(quick: bool, *, checkins: int | None = None, citizens: int | None = None
         rounds: int = 3, batch_wait_s: float | None = None, records: str = "batch") -> dict[str, list[float]]:
     """Each key's value in every round; ratios are measured side by side within a round. ``records="single"``
     has the worker's rounds read one record per check-in (a build without checkin-batch/1)."""
-    total = checkins or (20_000 if quick else 100_000)
-    people = citizens or (5_000 if quick else 20_000)
-    areas = crises or (300 if quick else 1_000)
+    total = checkins or (10_000 if quick else 100_000)
+    people = citizens or (2_500 if quick else 20_000)
+    areas = crises or (100 if quick else 1_000)
     wait = Settings().batch_wait_s if batch_wait_s is None else batch_wait_s
     rng = np.random.default_rng(3)
     t0 = datetime.now(UTC)
@@ -268,9 +273,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object: each key's rounds")
-    parser.add_argument("--checkins", type=int, default=None, help="default 100,000 (quick 20,000)")
-    parser.add_argument("--citizens", type=int, default=None, help="default 20,000 (quick 5,000)")
-    parser.add_argument("--crises", type=int, default=None, help="default 1,000 (quick 300)")
+    parser.add_argument("--checkins", type=int, default=None, help="default 100,000 (quick 10,000)")
+    parser.add_argument("--citizens", type=int, default=None, help="default 20,000 (quick 2,500)")
+    parser.add_argument("--crises", type=int, default=None, help="default 1,000 (quick 100)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-wait", type=float, default=None,
                         help="CRISISWATCH_BATCH_WAIT_S of the workers (default: the setting's default)")
