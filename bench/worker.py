@@ -9,7 +9,8 @@ partitions) the same pre-loaded check-ins are read, in each round, by:
    Kafka-to-Kafka step in Python on this machine), over one record per check-in:
    ``raw_passthrough_msgs_per_s``; and over the ``checkin-batch/1`` records the API writes,
    counted in check-ins: ``raw_passthrough_batch_checkins_per_s``;
-2. ``crisiswatch worker`` (the embedded profile's one-record producer batches) draining the
+2. ``crisiswatch worker`` (the producer's own batching, as on Apache Kafka; ``--producer-batch-bytes 1``
+   for the embedded stack's one-record batches) draining the
    backlog as the API writes it, requests of 1,000 check-ins as ``checkin-batch/1`` records:
    ``worker_checkins_per_s``, and ``worker_vs_raw_ratio`` = that over ``raw_passthrough_msgs_per_s``
    (the per-check-in ceiling the worker is held to); ``worker_vs_raw_same_records_ratio`` over the
@@ -224,7 +225,8 @@ KEYS = ("raw_passthrough_msgs_per_s", "raw_passthrough_batch_checkins_per_s", "w
 
 
 def run(quick: bool, *, checkins: int | None = None, citizens: int | None = None, crises: int | None = None,
-        rounds: int = 3, batch_wait_s: float | None = None, records: str = "batch") -> dict[str, list[float]]:
+        rounds: int = 3, batch_wait_s: float | None = None, records: str = "batch",
+        producer_batch_bytes: str = "") -> dict[str, list[float]]:
     """Each key's value in every round; ratios are measured side by side within a round. ``records="single"``
     has the worker's rounds read one record per check-in (a build without checkin-batch/1)."""
     total = checkins or (10_000 if quick else 100_000)
@@ -248,7 +250,7 @@ def run(quick: bool, *, checkins: int | None = None, citizens: int | None = None
             for n in range(rounds):
                 raw = asyncio.run(passthrough(broker.bootstrap, "bench-singles", len(singles), total))
                 raw_batch = asyncio.run(passthrough(broker.bootstrap, "checkins", len(batches), total))
-                rate, _, ready = run_worker(broker.bootstrap, total, "1", Path(tmp), f"batch-{n}", wait)
+                rate, _, ready = run_worker(broker.bootstrap, total, producer_batch_bytes, Path(tmp), f"batch-{n}", wait)
                 for key, value in (("raw_passthrough_msgs_per_s", raw), ("raw_passthrough_batch_checkins_per_s", raw_batch),
                                    ("worker_checkins_per_s", rate), ("worker_vs_raw_ratio", rate / raw),
                                    ("worker_vs_raw_same_records_ratio", rate / raw_batch), ("worker_ready_s", ready)):
@@ -262,7 +264,7 @@ def run(quick: bool, *, checkins: int | None = None, citizens: int | None = None
         try:
             ensure_topics(broker.bootstrap, PARTITIONS)
             asyncio.run(preload(broker.bootstrap, "checkins", singles, crisis_values))
-            rate, _, _ = run_worker(broker.bootstrap, total, "1", Path(tmp), "single", wait)
+            rate, _, _ = run_worker(broker.bootstrap, total, producer_batch_bytes, Path(tmp), "single", wait)
             results["worker_single_records_checkins_per_s"].append(rate)
         finally:
             broker.stop()
@@ -281,13 +283,16 @@ def main() -> None:
                         help="CRISISWATCH_BATCH_WAIT_S of the workers (default: the setting's default)")
     parser.add_argument("--records", choices=("batch", "single"), default="batch",
                         help="what the worker's rounds read: checkin-batch/1 records as the API writes them, or one per check-in")
+    parser.add_argument("--producer-batch-bytes", default="",
+                        help="CRISISWATCH_PRODUCER_MAX_BATCH_BYTES of the workers (default: the producer's own batching, "
+                             "as on Apache Kafka; the embedded stack runs with 1)")
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.as_worker:
         as_worker()
         return
     results = run(args.quick, checkins=args.checkins, citizens=args.citizens, crises=args.crises, rounds=args.rounds,
-                  batch_wait_s=args.batch_wait, records=args.records)
+                  batch_wait_s=args.batch_wait, records=args.records, producer_batch_bytes=args.producer_batch_bytes)
     if args.json:
         print(json.dumps(results))
         return
