@@ -223,6 +223,7 @@ _STRING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_DIGITS_AS_ZERO: Final = str.maketrans("123456789", "000000000")  # 19 digits in a row may exceed bigint
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 
 
@@ -234,6 +235,22 @@ def nesting_depth_exceeds(text: str, limit: int = MAX_DEPTH) -> bool:
         return False
     brackets = _NOT_BRACKET.sub("", _STRING_TOKEN.sub("", text))
     return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def _nested_deeper(obj: Any, limit: int) -> bool:
+    """Whether arrays and objects in a parsed value nest deeper than ``limit`` (what
+    :func:`nesting_depth_exceeds` reads from the text)."""
+    if type(obj) is not list and type(obj) is not dict:
+        return False
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        for item in value.values() if type(value) is dict else value:
+            if type(item) is list or type(item) is dict:
+                stack.append((item, depth + 1))
+    return False
 
 
 def _text_problem(text: str) -> str | None:
@@ -305,6 +322,26 @@ def parse_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES, max_dept
         text = text.removeprefix("\ufeff")
         # After strict decoding, a lone surrogate or a NUL can only come from a \u escape.
         suspect = "\\u" in text
+    if not suspect and "0" * 19 not in text.translate(_DIGITS_AS_ZERO):
+        # No escape that could hide a NUL or a surrogate, no run of digits that could exceed bigint:
+        # msgspec parses in C what the json module would, several times faster for an area's numbers
+        # (which the json module hands one by one to the hooks above), and the depth is read from the
+        # containers parsed rather than from the text. Anything msgspec refuses (NaN, 1e400, a syntax
+        # error, a thousand levels) goes the json module's way below, for its reason.
+        try:
+            obj = msgspec.json.decode(text)
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            if _nested_deeper(obj, max_depth):
+                raise InvalidEvent(f"arrays and objects nested more than {max_depth} levels deep")
+            return obj
+    return _parse_with_json_module(text, max_depth, suspect)
+
+
+def _parse_with_json_module(text: str, max_depth: int, suspect: bool) -> Any:
+    """:func:`parse_json`'s general path: depth read from the text, the json module with its hooks,
+    values walked when an escape or a number may hide what no stage could store."""
     if nesting_depth_exceeds(text, max_depth):
         raise InvalidEvent(f"arrays and objects nested more than {max_depth} levels deep")
     try:

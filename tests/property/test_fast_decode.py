@@ -224,3 +224,40 @@ def test_a_crisis_is_admitted_once_per_process_and_a_refused_one_every_time() ->
             crises.admit(refused.replace(b"[0,1]", b"[0,0]"))
     crises.admit(encode(make_crisis("once-3"))), crises.admit(encode(make_crisis("once-4")))
     assert crises.admit(raw) is not first and crises.admit(raw) == first  # forgotten beyond capacity, same verdict
+
+
+# --- parse_json: msgspec where it can, the json module for the rest -------------------------------------------------
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                         st.text(max_size=12), st.sampled_from([2**63 - 1, 2**63, -(2**63), 10**18, 1e308, 5e-324, -0.0]))
+json_trees = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                          max_leaves=30)
+TEXT_MUTATIONS = [lambda t: t, lambda t: "[" * 70 + t + "]" * 70, lambda t: "[" * 64 + t + "]" * 64, lambda t: t + " ",
+                  lambda t: t.replace("1", "NaN", 1), lambda t: t.replace("0", "1e400", 1), lambda t: t + ",",
+                  lambda t: t.replace("]", "]]", 1), lambda t: '{"a":1,"a":' + t + "}", lambda t: "\ufeff" + t,
+                  lambda t: t.replace("1", "1" * 19, 1), lambda t: t.replace("1", "01", 1)]
+
+
+def parse_outcome(parse: Any, text: str) -> Any:
+    try:
+        return ("ok", parse(text))
+    except InvalidEvent as exc:
+        return ("refused", exc.field, exc.reason)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=json_trees, ascii_only=st.booleans(), mutation=st.sampled_from(range(len(TEXT_MUTATIONS))))
+def test_parse_json_gives_what_the_json_module_gives(tree: Any, ascii_only: bool, mutation: int) -> None:
+    from schemas.codec import MAX_DEPTH, _parse_with_json_module
+
+    text = TEXT_MUTATIONS[mutation](json.dumps(tree, ensure_ascii=ascii_only))
+    raw = text.encode("utf-8", "surrogatepass")
+    fast = parse_outcome(lambda t: parse_json(raw), text)
+    try:
+        decoded = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        assert fast[0] == "refused"
+        return
+    general = parse_outcome(lambda t: _parse_with_json_module(decoded, MAX_DEPTH, True), text)
+    assert fast == general
+    assert parse_outcome(parse_json, text) == parse_outcome(lambda t: _parse_with_json_module(t, MAX_DEPTH, True), text)
