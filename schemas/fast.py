@@ -102,7 +102,7 @@ def checkin(raw: bytes) -> Checkin | None:
         return None
     try:
         return _checkin(_decoders()[0].decode(raw))
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValidationError is a DecodeError
         return None
 
 
@@ -125,7 +125,7 @@ def api_checkins(raw: bytes, max_batch: int) -> list[Checkin] | None:
         if not 0 < len(items) <= max_batch:
             return None
         return [_checkin(s) for s in items]
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValidationError is a DecodeError
         return None
 
 
@@ -178,7 +178,7 @@ def split_checkin_batch(raw: bytes) -> list[bytes] | None:
         raise InvalidEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         return [bytes(item) for item in _BATCH_DECODER.decode(raw).checkins]
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidEvent(f"not a valid {BATCH_SCHEMA}: {exc}") from None
 
 
