@@ -82,8 +82,10 @@ def through_api(base: str, bodies: list[bytes], per_body: int) -> float:
         return len(bodies) * per_body / (time.perf_counter() - started)
 
 
-def run(quick: bool, *, batches_per_round: int | None = None, batch_size: int = 1000, rounds: int = 3) -> dict[str, list[float]]:
-    """Each key's value in every round (ratios measured side by side in the round)."""
+def run(quick: bool, *, batches_per_round: int | None = None, batch_size: int = 1000, rounds: int = 3,
+        batch_records: bool = True) -> dict[str, list[float]]:
+    """Each key's value in every round (ratios measured side by side in the round). ``batch_records=False``:
+    the API writes one record per check-in (CRISISWATCH_CHECKIN_BATCH_RECORDS=false)."""
     count = batches_per_round or (15 if quick else 60)
     posted = batches(count, batch_size)
     bodies = [json.dumps(b, separators=(",", ":")).encode() for b in posted]
@@ -101,7 +103,8 @@ def run(quick: bool, *, batches_per_round: int | None = None, batch_size: int = 
             port = free_port()
             settings = Settings.from_env({"CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_API_PORT": str(port),
                                           "CRISISWATCH_INGEST_TOKEN": TOKEN, "CRISISWATCH_LOG_LEVEL": "WARNING",
-                                          "CRISISWATCH_DATA_DIR": tmp, "CRISISWATCH_PARTITIONS": str(PARTITIONS)})
+                                          "CRISISWATCH_DATA_DIR": tmp, "CRISISWATCH_PARTITIONS": str(PARTITIONS),
+                                          "CRISISWATCH_CHECKIN_BATCH_RECORDS": "true" if batch_records else "false"})
             log = (Path(tmp) / "api.log").open("wb")
             api = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "api", "--host", "127.0.0.1"],
                                    env={**os.environ, **settings.env()}, stdout=log, stderr=subprocess.STDOUT)
@@ -137,8 +140,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=None, help="batches per round (default 60, quick 15)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--single-records", action="store_true",
+                        help="the API writes one record per check-in (CRISISWATCH_CHECKIN_BATCH_RECORDS=false)")
     args = parser.parse_args()
-    results = run(args.quick, batches_per_round=args.batches, batch_size=args.batch_size, rounds=args.rounds)
+    results = run(args.quick, batches_per_round=args.batches, batch_size=args.batch_size, rounds=args.rounds,
+                  batch_records=not args.single_records)
     if args.json:
         print(json.dumps(results))
     else:
