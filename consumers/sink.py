@@ -28,11 +28,12 @@ partition, so nothing in flight is written back after it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
@@ -59,6 +60,7 @@ from pipeline.settings import Settings
 from pipeline.stage import MAX_REASON_CHARS, OutageTypes, error_type, isolate, label, map_isolated, record
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, dead_letter
 from schemas import Ack, Case, Checkin, Citizen, Crisis, CrisisStatus, InvalidEvent, Warning
+from schemas.fast import split_checkin_batch
 from schemas.models import Event
 
 log = logging.getLogger(__name__)
@@ -264,10 +266,12 @@ def prepare(messages: Iterable[Message], models: Mapping[str, type[Event]], now:
         erasure = erasure_row(message, model)
         if erasure is not None:
             return erasure
+        if model is Checkin:
+            split_checkin_batch(message.value)  # a batch left whole here cannot be read: raise why
         spec, values = row_for(admit_message(message.value, model, now, rules))
         return SinkRow(spec, values, message)
 
-    admitted = map_isolated(messages, row, outages=outages)
+    admitted = map_isolated(_each_checkin(messages, models), row, outages=outages)
     return Prepared(admitted.results,
                     tuple(Rejected(f.item, f.reason, f.label, f.error_type) for f in admitted.failures))
 
@@ -326,6 +330,19 @@ def refused_rows(refused: Iterable[tuple[SinkRow, Exception]]) -> list[Rejected]
             source = replace(source, value=redacted_checkin(source.value))
         out.append(Rejected(source, refusal_reason(exc, row.table.name), label(exc), error_type(exc)))
     return out
+
+
+def _each_checkin(messages: Iterable[Message], models: Mapping[str, type[Event]]) -> Iterator[Message]:
+    """Messages as the sink stores them: a ``checkin-batch/1`` record as its check-ins, each on its own
+    (one that cannot be stored does not hold back the others), at the record's offset."""
+    for message in messages:
+        if models.get(message.topic) is Checkin:
+            with contextlib.suppress(InvalidEvent):  # refused by row(), with the reason
+                items = split_checkin_batch(message.value)
+                if items is not None:
+                    yield from (replace(message, value=item) for item in items)
+                    continue
+        yield message
 
 
 def dedupe(rows: Iterable[SinkRow]) -> dict[str, list[SinkRow]]:

@@ -40,7 +40,9 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import faust
@@ -56,9 +58,10 @@ from pipeline.consent import UNTRACKED_TABLE, ConsentGate, forget_states
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
-from pipeline.runtime import READER, ColumnarStates, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
+from pipeline.runtime import LOCATE, READER, ColumnarStates, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
-from schemas import Crisis, Warning, encode
+from schemas import Crisis, InvalidEvent, Warning, encode
+from schemas.fast import citizen_of, split_checkin_batch
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,47 @@ def raw_message(event: Any) -> RawMessage:
     message = event.message
     return RawMessage(message.value, message.key, message.topic, message.partition, message.timestamp,
                       message.offset)
+
+
+@lru_cache(maxsize=1 << 16)
+def _partition_of_citizen(key: bytes, partitions: int) -> int:
+    return partition_of(key, partitions)  # murmur2 in Python: some microseconds, and citizens check in again
+
+
+def checkin_messages(events: Sequence[Any], partitions: int) -> tuple[list[RawMessage], list[DeadLetter]]:
+    """The locate agent's decode step: every check-in of a batch of records as a message of its own.
+
+    A ``checkin-batch/1`` record (:mod:`schemas.fast`, what the API publishes) is split into its
+    check-ins, each keyed by its citizen, at the record's partition and offset: Faust's work per
+    record is paid once for all of them, and the record's offset is committed once all of them are
+    done. A check-in whose citizen keys to another partition is dead-lettered with the reason (its
+    citizen's state lives in another partition's table); so is a record that says it is a batch and
+    cannot be read. A single ``checkin/1`` record is passed on as it is.
+    """
+    messages: list[RawMessage] = []
+    letters: list[DeadLetter] = []
+    for event in events:
+        record = raw_message(event)
+        try:
+            items = None if record.value is None else split_checkin_batch(record.value)
+        except InvalidEvent as exc:
+            letters.append(DeadLetter.of(record, exc, LOCATE))
+            continue
+        if items is None:
+            messages.append(record)
+            continue
+        for item in items:
+            citizen = citizen_of(item)
+            key = None if citizen is None else citizen.encode("utf-8", "surrogatepass")
+            message = replace(record, value=item, key=key)
+            home = record.partition if key is None else _partition_of_citizen(key, partitions)
+            if home == record.partition:
+                messages.append(message)  # (no citizen: decoding says what is wrong)
+            else:
+                letters.append(DeadLetter.of(message, InvalidEvent(
+                    f"check-in of a citizen who keys to partition {home} in a checkin-batch/1 on partition "
+                    f"{record.partition}: a batch holds one partition's check-ins", "$.citizen_id"), LOCATE))
+    return messages, letters
 
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # key, value, headers
@@ -313,7 +357,15 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     consent = consent_gate(app, settings, runtime, metrics, clock)
 
     async def locate_batch(events: Sequence[Any]) -> None:
-        await runtime.process_checkins(await consent.admit([raw_message(e) for e in events]))
+        """A batch of records: its check-ins (a ``checkin-batch/1`` split, :func:`checkin_messages`), those
+        of citizens without location consent left out and erasures applied (:mod:`pipeline.consent`),
+        geofenced in chunks of at most ``CRISISWATCH_BATCH_SIZE``."""
+        messages, letters = checkin_messages(events, settings.partitions)
+        if letters:
+            await runtime.dead_letter(letters)
+        admitted = await consent.admit(messages)
+        for start in range(0, len(admitted), settings.batch_size):  # a record may hold many check-ins
+            await runtime.process_checkins(admitted[start:start + settings.batch_size])
 
     @app.agent(checkins_topic, name="locate")
     async def locate(stream: Any) -> None:

@@ -245,6 +245,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            verbs=WORKER | _verbs("sink", "dispatch"), minimum=1),
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds.",
            verbs=WORKER),
+    EnvVar("CRISISWATCH_CHECKIN_BATCH_RECORDS", "true",
+           "The API publishes a request's check-ins as one checkin-batch/1 record per partition; false: one record each.",
+           verbs=STACK | _verbs("api")),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters.",
            verbs=WORKER | _verbs("accountability"), minimum=1.0),
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits).",
@@ -314,6 +317,7 @@ class Settings:
     hysteresis_m: float = 50.0
     batch_size: int = 2000
     batch_wait_s: float = 0.05
+    checkin_batch_records: bool = True
     rebalance_timeout_s: float = 5.0
     producer_max_batch_bytes: int | None = None
     dlq_max_payload_bytes: int = 524_288

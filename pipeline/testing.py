@@ -46,7 +46,8 @@ def records_for(bootstrap: str, topic: str, keys: set[str], expected: int | None
 
     Reading goes on until at least ``expected`` records were found and the topic is drained: past
     its listed end offsets (which the embedded broker may report short of the true end) and one
-    poll that brought nothing new. Duplicates would therefore show.
+    poll that brought nothing new. Duplicates would therefore show. A ``checkin-batch/1`` record is
+    read as the stages read it, as its check-ins (:func:`each_checkin`).
     """
     from kafka import KafkaConsumer, TopicPartition
 
@@ -61,13 +62,30 @@ def records_for(bootstrap: str, topic: str, keys: set[str], expected: int | None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             batches = consumer.poll(timeout_ms=500)
-            found += [r for batch in batches.values() for r in batch if r.key is not None and r.key.decode() in keys]
+            found += [r for batch in batches.values() for record in batch for r in each_checkin(record)
+                      if r.key is not None and r.key.decode() in keys]
             drained = not batches and all(consumer.position(tp) >= end[tp] for tp in partitions)
             if drained and len(found) >= (expected or 0):
                 return found
         raise AssertionError(f"found {len(found)} of {expected} records on {topic} in 30 s")
     finally:
         consumer.close()
+
+
+def each_checkin(record: Any) -> list[Any]:
+    """A kafka-python record of a ``checkin-batch/1`` as one record per check-in, as every stage reads
+    it: the value the check-in's bytes, the key its citizen, partition and offset the batch's. Any
+    other record as it is."""
+    from schemas import InvalidEvent
+    from schemas.fast import citizen_of, split_checkin_batch
+
+    try:
+        items = split_checkin_batch(record.value) if record.value else None
+    except InvalidEvent:
+        items = None
+    if items is None:
+        return [record]
+    return [record._replace(key=None if (c := citizen_of(item)) is None else c.encode(), value=item) for item in items]
 
 
 def assert_normalised_area(geojson: Mapping[str, Any]) -> None:

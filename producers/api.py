@@ -68,7 +68,7 @@ from pipeline.domain.cases import CaseChangeError, change, country_at, new_case
 from pipeline.domain.countries import countries_for
 from pipeline.domain.geometry import GeometryError, normalise_geometry
 from pipeline.domain.replies import KEYWORD_HINT, KeywordReply, normalise_phone, parse_keyword
-from pipeline.domain.validation import DEFAULT_RULES, EventRules, prepare_outgoing
+from pipeline.domain.validation import DEFAULT_RULES, EventRules, admit, prepare_outgoing
 from pipeline.health import KAFKA, HealthProbe
 from pipeline.metrics import ApiMetrics
 from pipeline.reply_links import ReplyToken, ReplyTokenError, reply_links
@@ -85,6 +85,7 @@ from producers.reply_pages import SECURITY_HEADERS, ask_page, problem_page, than
 from producers.reply_store import ReplyStore
 from schemas import Ack, Case, Checkin, Citizen, Crisis, Event, InvalidEvent, format_time, from_obj, parse_time
 from schemas.codec import MAX_MESSAGE_BYTES, parse_json
+from schemas.fast import api_checkins
 
 if TYPE_CHECKING:
     from producers.operator_page import OperatorStore
@@ -173,6 +174,19 @@ def parse_checkins(body: Any, now: datetime, rules: EventRules = DEFAULT_RULES) 
     if not items:
         raise InvalidEvent("empty batch", prefix)
     return [parse_event(item, Checkin, f"{prefix}[{i}]", now=now, rules=rules) for i, item in enumerate(items)]
+
+
+def parse_checkin_body(raw: bytes, now: datetime, rules: EventRules = DEFAULT_RULES) -> list[Checkin]:
+    """A ``POST /v1/checkins`` body to its check-ins. Plain check-ins are decoded and checked in one
+    pass (:func:`schemas.fast.api_checkins`, the same rules); anything else, or any check-in the domain
+    refuses, takes :func:`parse_checkins`, which names the item and field at fault."""
+    fast = api_checkins(raw, MAX_BATCH)
+    if fast is not None:
+        try:
+            return [admit(checkin, now, rules) for checkin in fast]
+        except InvalidEvent:
+            pass
+    return parse_checkins(decode_json(raw), now, rules)
 
 
 def parse_citizen(body: Any, now: datetime, rules: EventRules = DEFAULT_RULES) -> Citizen:
@@ -637,7 +651,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
 
     consent_down_until = [0.0]  # while PostgreSQL is away, check-ins are not held up by a lookup that would wait
 
-    async def refuse_untracked(body: Any, checkins: Sequence[Checkin]) -> None:
+    async def refuse_untracked(raw: bytes, checkins: Sequence[Checkin]) -> None:
         """422 for a batch holding a check-in of a citizen registered without location_tracking consent."""
         if consent is None or monotonic() < consent_down_until[0]:
             return
@@ -652,7 +666,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             if item.citizen_id in untracked:
                 raise ApiError(422, "no_consent", f"citizen {item.citizen_id!r} has not consented to location tracking "
                                "(consent.location_tracking is false); no check-in of this request is stored",
-                               untracked_field(body, index))
+                               untracked_field(decode_json(raw), index))
 
     def unexpected_input_error(exc: Exception) -> ApiError:
         """An exception nobody foresaw while reading or checking this input: the input's fault, with a reason."""
@@ -671,17 +685,29 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
             raise unexpected_input_error(exc) from None
 
     async def publish(messages: list[Outgoing]) -> None:
+        await handed_to_kafka(lambda: publisher.publish(messages))
+        for message in messages:
+            metrics.published.labels(message.topic).inc()
+
+    async def publish_checkins(checkins: list[Checkin]) -> None:
+        """One ``checkin-batch/1`` record per partition (CRISISWATCH_CHECKIN_BATCH_RECORDS), or one each;
+        a check-in alone is a ``checkin/1`` record, as it always was."""
+        if not settings.checkin_batch_records or len(checkins) == 1:
+            await publish(_messages(checkins, routes.checkins))
+            return
+        await handed_to_kafka(lambda: publisher.publish_checkins(checkins, routes.checkins))
+        metrics.published.labels(routes.checkins).inc(len(checkins))
+
+    async def handed_to_kafka(send: Callable[[], object]) -> None:
         kafka_down = health.down().get(KAFKA) if health is not None else None
         if kafka_down is not None:  # known to be away: answer now rather than after the publish timeout
             raise ApiError(503, "broker_unavailable", f"Kafka is unreachable: {kafka_down}", headers={"Retry-After": "5"})
         started = time.perf_counter()
         try:
-            await run_in_threadpool(publisher.publish, messages)
+            await run_in_threadpool(send)
         except BrokerUnavailable as exc:
             raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "5"}) from None
         metrics.publish_seconds.observe(time.perf_counter() - started)
-        for message in messages:
-            metrics.published.labels(message.topic).inc()
 
     async def validated(parse: Callable[[], E | list[E]]) -> list[E]:
         # Schema checks of a full batch or normalising a detailed area take CPU time: keep the event loop free.
@@ -711,10 +737,10 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
               openapi_extra=_body(_checkins_schema(), f"one checkin/1, an array of up to {MAX_BATCH}, or "
                                   '{"checkins": [...]}; "schema" may be omitted'))
     async def post_checkins(request: Request) -> JSONResponse:
-        body = await body_json(request)
-        checkins = await validated(lambda: parse_checkins(body, clock(), rules))
-        await refuse_untracked(body, checkins)
-        await publish(_messages(checkins, routes.checkins))
+        raw = await read_body(request, settings.max_body_bytes)
+        checkins = await validated(lambda: parse_checkin_body(raw, clock(), rules))
+        await refuse_untracked(raw, checkins)
+        await publish_checkins(checkins)
         return JSONResponse({"accepted": len(checkins)}, status_code=202)
 
     @app.post("/v1/citizens", status_code=202, response_model=Accepted, dependencies=ingest, tags=["ingest"],

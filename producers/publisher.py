@@ -13,12 +13,15 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+
+from kafka.partitioner.default import murmur2
 
 from pipeline import dlq, topics
 from pipeline.settings import Settings
 from pipeline.stage import BrokerUnavailable as BrokerUnavailable  # re-exported: defined with the other outage types
-from schemas import Event, encode
+from schemas import Checkin, Event, encode
+from schemas.fast import MAX_BATCH_ITEMS, encode_checkin_batch
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,37 @@ TOPIC_OF_SCHEMA: dict[str, str] = {
 
 def outgoing(event: Event, topic: str | None = None) -> Outgoing:
     return Outgoing(topic or TOPIC_OF_SCHEMA[event.SCHEMA], key_of(event), encode(event))
+
+
+MAX_BATCH_RECORD_BYTES: Final = 512 * 1024
+"""Largest ``checkin-batch/1`` record the API writes (half the pipeline's message limit, within every
+producer's and broker's default request size); a larger group of check-ins is split."""
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a key among ``partitions`` (kafka-python's, murmur2)."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def checkin_batches(checkins: Sequence[Checkin], topic: str, partitions: int) -> list[Outgoing]:
+    """Check-ins as ``checkin-batch/1`` records (:mod:`schemas.fast`), one per partition of ``topic``
+    they key to (split beyond :data:`MAX_BATCH_RECORD_BYTES`), each written to that partition: every
+    check-in lands on the partition it would have as a record of its own, so the worker that owns its
+    citizen reads it, and its order among the request's check-ins of that citizen is kept. The
+    records have no key (their partition is explicit): the key of each check-in is its citizen, inside."""
+    groups: dict[int, list[bytes]] = {}
+    for checkin in checkins:
+        groups.setdefault(partition_of(checkin.citizen_id.encode("utf-8"), partitions), []).append(encode(checkin))
+    out = []
+    for partition, items in groups.items():
+        start, size = 0, 0
+        for end, item in enumerate(items):
+            if end > start and (size + len(item) > MAX_BATCH_RECORD_BYTES or end - start == MAX_BATCH_ITEMS):
+                out.append(Outgoing(topic, None, encode_checkin_batch(items[start:end]), partition=partition))
+                start, size = end, 0
+            size += len(item) + 1
+        out.append(Outgoing(topic, None, encode_checkin_batch(items[start:]), partition=partition))
+    return out
 
 
 def dead_letter(raw: bytes | None, reason: str, source_topic: str, stage: str, key: bytes | None = None, *,
@@ -240,6 +274,25 @@ class Publisher:
                     raise BrokerUnavailable(f"topic {name} created, but Kafka names no partition of it after "
                                             f"{self.max_wait_s:g}s")
                 time.sleep(0.05)
+
+    def partition_count(self, topic: str) -> int:
+        """How many partitions ``topic`` has, as the producer's metadata says (asked of Kafka the first
+        time, within ``timeout_s``); :class:`BrokerUnavailable` if it cannot say."""
+        from kafka.errors import KafkaError
+
+        producer = self._get(time.monotonic())
+        try:
+            partitions = producer.partitions_for(topic)
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"no metadata for topic {topic} from Kafka: {exc}") from exc
+        if not partitions:
+            raise BrokerUnavailable(f"Kafka names no partition of topic {topic}")
+        return len(partitions)
+
+    def publish_checkins(self, checkins: Sequence[Checkin], topic: str = topics.CHECKINS) -> int:
+        """Check-ins as ``checkin-batch/1`` records, one per partition (:func:`checkin_batches`); return
+        how many records were written."""
+        return self.publish(checkin_batches(checkins, topic, self.partition_count(topic)))
 
     def publish_events(self, events: Sequence[Event]) -> int:
         return self.publish(outgoing(e) for e in events)

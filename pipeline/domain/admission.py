@@ -20,8 +20,11 @@ exception into the dead letter's reason.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import TypeVar
+import hashlib
+import threading
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Final, TypeVar, cast
 
 from pipeline.domain.tracking import CitizenState, GeofenceConfig, Tracker, make_warning
 from pipeline.domain.validation import DEFAULT_RULES, EventRules, decode_event
@@ -37,13 +40,55 @@ KINDS: tuple[WarningKind, ...] = ("inside", "entered", "near", "exited", "all_cl
 def admit_message(raw: bytes | None, model: type[E], now: datetime, rules: EventRules = DEFAULT_RULES) -> E:
     """Bytes from a topic to an event a stage can use: the one validation
     (:func:`pipeline.domain.validation.decode_event`), then for a crisis its rehearsal; raises
-    (anything) if it cannot be used."""
+    (anything) if it cannot be used. A crisis admitted once is not admitted again in this process
+    (:class:`AdmittedCrises`)."""
     if raw is None:
         raise InvalidEvent("empty message")
-    event = decode_event(raw, model, now, rules)
-    if isinstance(event, Crisis):
-        rehearse(event)
-    return event
+    if model is Crisis:
+        return cast(E, ADMITTED_CRISES.admit(raw, rules))
+    return decode_event(raw, model, now, rules)
+
+
+class AdmittedCrises:
+    """The crises this process has admitted, by a digest of their bytes and the rules they met.
+
+    A worker admits every crisis event twice — its crisis agent dead-letters what is refused, its
+    crisis reader loads the table — and every one again after a restart of the reader; each
+    admission (schema, area normalised, rehearsal) costs milliseconds for a detailed area, so a
+    thousand active crises kept a starting worker busy for seconds, twice. The verdict depends on
+    the bytes and the rules alone (not on the clock: a crisis has no future-skew rule), so the
+    second admission of the same bytes returns the first one's crisis. Only admitted crises are
+    kept (a refusal is rare, and its exception is not shared between stages); at most
+    ``capacity``, the oldest forgotten first, each a 16-byte digest next to a crisis the worker's
+    table holds anyway. The crisis is immutable; its area, a mapping, is never modified by a stage.
+    """
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self._admitted: OrderedDict[tuple[bytes, EventRules], Crisis] = OrderedDict()
+        self._lock = threading.Lock()  # the API admits in a thread pool
+        self.hits = 0
+
+    def admit(self, raw: bytes, rules: EventRules = DEFAULT_RULES) -> Crisis:
+        key = (hashlib.blake2b(raw, digest_size=16).digest(), rules)
+        with self._lock:
+            known = self._admitted.get(key)
+            if known is not None:
+                self._admitted.move_to_end(key)
+                self.hits += 1
+                return known
+        crisis = decode_event(raw, Crisis, _NO_CLOCK, rules)
+        rehearse(crisis)
+        with self._lock:
+            self._admitted[key] = crisis
+            while len(self._admitted) > self.capacity:
+                self._admitted.popitem(last=False)
+        return crisis
+
+
+# A crisis's admission does not read the clock (see validation.admit): any instant will do.
+_NO_CLOCK: Final = datetime(2000, 1, 1, tzinfo=UTC)
+ADMITTED_CRISES: Final = AdmittedCrises()
 
 
 def rehearse(crisis: Crisis) -> None:
