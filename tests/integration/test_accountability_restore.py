@@ -243,6 +243,7 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
         refused = second.cli("restore")
         assert refused.returncode == 2 and "refused" in refused.stderr, (refused.stdout, refused.stderr)
         after = second.statuses(crisis.crisis_id, bool)
+        assert after, "no status published by the restarted accountability process"
         assert counts_of(after[0]) == counts_of(before) == sql_counts(own_database, crisis.crisis_id)
 
         # The next reply counts on top of what was restored, and no status ever went below it.
