@@ -72,20 +72,27 @@ async def preload(bootstrap: str, messages: list[tuple[str, bytes, bytes]]) -> N
         await producer.stop()
 
 
-def folded(bootstrap: str) -> int:
-    """The facts the folding agent committed: its group's offsets on the re-keyed stream."""
-    from kafka import KafkaAdminClient
+class Folded:
+    """The facts the folding agent committed: its group's offsets on the re-keyed stream (read without
+    joining the group)."""
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-accountability")
-    try:
-        offsets = admin.list_consumer_group_offsets(APP_ID)
-    finally:
-        admin.close()
-    return sum(max(meta.offset, 0) for tp, meta in offsets.items() if tp.topic == regrouped_topic())
+    def __init__(self, bootstrap: str) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=APP_ID, enable_auto_commit=False,
+                                      client_id="bench-accountability")
+        self.partitions = [TopicPartition(regrouped_topic(), p) for p in range(PARTITIONS)]
+
+    def __call__(self) -> int:
+        return sum(self.consumer.committed(tp) or 0 for tp in self.partitions)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
 
 
 def one_run(messages: list[tuple[str, bytes, bytes]], code: Path, data_dir: Path, timeout_s: float = 600) -> float:
     """Facts per second of one accountability process run from ``code``, on a fresh broker."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
     try:
         ensure_topics(broker.bootstrap, PARTITIONS, extra=internal_topics())
@@ -101,12 +108,13 @@ def one_run(messages: list[tuple[str, bytes, bytes]], code: Path, data_dir: Path
             # run from the checkout's directory: `python -m` puts the working directory first on the path
             process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "accountability"], cwd=code, env=env,
                                        stdout=log, stderr=subprocess.STDOUT)
+        folded = Folded(broker.bootstrap)
         try:
             total = len(messages)
             deadline = time.monotonic() + timeout_s
             first: tuple[float, int] | None = None
             while time.monotonic() < deadline:
-                done = folded(broker.bootstrap)
+                done = folded()
                 now = time.perf_counter()
                 if done > 0 and first is None:
                     first = (now, done)
@@ -115,8 +123,9 @@ def one_run(messages: list[tuple[str, bytes, bytes]], code: Path, data_dir: Path
                 if process.poll() is not None:
                     raise RuntimeError(f"the accountability process exited; see {log_path}")
                 time.sleep(0.1)
-            raise TimeoutError(f"{folded(broker.bootstrap)} of {total} facts folded in {timeout_s:.0f} s")
+            raise TimeoutError(f"{folded()} of {total} facts folded in {timeout_s:.0f} s")
         finally:
+            folded.close()
             process.terminate()
             process.wait(30)
     finally:
