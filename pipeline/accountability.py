@@ -15,7 +15,9 @@ crisis's counts are derived from them. Why not in the worker, where it first ran
 Counts are *derived*, never kept as running totals: when a crisis is due (changed, and not published
 for ``CRISISWATCH_STATUS_INTERVAL_S``), its standings are counted from the table. A restarted or
 rebalanced accountability process recovers the table and counts the same numbers; nothing else needs recovering
-(every crisis it owns is marked due after a recovery, so the stored status catches up).
+(every crisis it owns is marked due after a recovery, so the stored status catches up). A broker that lost
+its data lost the table's changelog too: ``crisiswatch restore`` writes it again from PostgreSQL
+(:func:`pipeline.restore.restore_standings`) before the process starts.
 
 Which fact a message is comes from the ``schema`` it names (every event names one; ``cases`` carries
 only ``case/1``). Failure policy (:mod:`pipeline.stage`): a message that is not a valid fact is

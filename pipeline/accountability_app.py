@@ -17,7 +17,15 @@ The work itself is :mod:`pipeline.accountability`'s (no Faust there); the agents
 - **accountability** (the re-keyed stream): folds the facts into the citizens' standings, kept in the
   ``accountability`` table (memory store, changelog in Kafka).
 - a timer publishes the due statuses on ``crisis-status``, at most once per crisis per
-  ``CRISISWATCH_STATUS_INTERVAL_S``.
+  ``CRISISWATCH_STATUS_INTERVAL_S``, and none from a table that has not finished recovering (from the
+  start of a rebalance until the table's recovery ends, a table holds only part of a crisis's
+  standings); after a recovery, the standings of crises whose partition went elsewhere are dropped.
+
+Both agents take their stream in batches (``take_events``: ``CRISISWATCH_BATCH_SIZE`` events, or what
+came within ``CRISISWATCH_BATCH_WAIT_S``), as the worker's locate agent does: a batch's re-keyed facts,
+and its changed standings (each once, however often it changed in the batch), are handed to the
+producer together and awaited together, instead of one send and one round trip per record
+(``python -m bench.accountability``).
 
 At-least-once, as in the worker (:mod:`pipeline.app`): a standing's changelog record and a status are
 acknowledged by Kafka before the event is; work that cannot be finished ends the process before
@@ -222,7 +230,8 @@ async def _send_placed(app: faust.App, topic: str, records: Sequence[tuple[bytes
 class _StandingsView(MutableMapping[str, Any]):
     """The accountability table's store seen as a mapping of ``<crisis>\\x1f<citizen>`` to a standing's
     JSON; the changelog record is sent by the agent (see :func:`create_accountability_app`), and
-    acknowledged before the event is: nothing Faust would commit is left unsaved."""
+    acknowledged before the event is: nothing Faust would commit is left unsaved. A deletion drops a
+    standing from this process's memory only (a crisis owned elsewhere now), never from the changelog."""
 
     def __init__(self, table: Any) -> None:
         self.table = table

@@ -95,7 +95,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CRISISWATCH_CHECKIN_RETENTION_DAYS", "30", "Days of check-in history kept in PostgreSQL."),
     EnvVar("CRISISWATCH_DWELL_SECONDS", "120", "How long a citizen must stay outside before 'exited' is sent (anti-flap)."),
     EnvVar("CRISISWATCH_HYSTERESIS_M", "50", "Minimum distance beyond the edge before a citizen counts as outside."),
-    EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced in one call."),
+    EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced, or of facts folded by accountability."),
     EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds."),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters."),
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits)."),
