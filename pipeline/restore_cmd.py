@@ -22,6 +22,9 @@ the workers as old versions, the registry is written back unchanged, and each ci
 replaced by the one rebuilt from PostgreSQL. On the embedded broker (Tansu) set
 CRISISWATCH_PRODUCER_MAX_BATCH_BYTES=1, as `crisiswatch up` does, or the workers' table recovery
 stops short of the restored states.
+The accountability standings (per crisis: warned, delivered, safe, ...) are rebuilt from PostgreSQL
+too, into the accountability process's changelog (with --if-needed: only when it is empty); restore
+refuses while `crisiswatch accountability` runs, for the same reason.
 """
 
 
