@@ -11,7 +11,6 @@ active crisis."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -241,7 +240,7 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
         second.sink.start()
         second.accountability.start()  # recovers its table from the restored changelog
         refused = second.cli("restore")
-        assert refused.returncode == 2 and "refused" in refused.stderr, (refused.stdout, refused.stderr)
+        assert refused.returncode == 2 and "accountability process" in refused.stderr, (refused.stdout, refused.stderr)
         after = second.statuses(crisis.crisis_id, bool)
         assert after, "no status published by the restarted accountability process"
         assert counts_of(after[0]) == counts_of(before) == sql_counts(own_database, crisis.crisis_id)
@@ -250,10 +249,10 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
         second.publisher.publish_events([Ack(people[4].citizen_id, crisis.crisis_id, "safe", NOW, "app")])
         now_expected = {**expected, "safe": 2}
         after = second.statuses(crisis.crisis_id, lambda got: bool(got) and counts_of(got[-1]) == now_expected)
+        assert after and counts_of(after[-1]) == now_expected, [counts_of(s) for s in after]
         assert all(counts_of(s) in (expected, now_expected) for s in after), [counts_of(s) for s in after]
         wait_for(lambda: stored_counts(own_database, crisis.crisis_id) == now_expected, 90,
                  "the new status, stored by the sink")
         assert sql_counts(own_database, crisis.crisis_id) == now_expected
-        assert json.loads(json.dumps(counts_of(after[-1]))) == now_expected
     finally:
         second.close()
