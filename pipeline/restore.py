@@ -476,6 +476,11 @@ def read_accountability_facts(database_url: str, connect_timeout_s: int = 5) -> 
     return facts
 
 
+def standings_from_postgres(settings: Settings) -> dict[tuple[str, str], Standing]:
+    """Every citizen's standing per crisis, keyed by (crisis id, citizen id), as PostgreSQL's facts give them."""
+    return rebuild_standings(read_accountability_facts(settings.database_url.get()))
+
+
 def standing_records(standings: Mapping[tuple[str, str], Standing], topic: str, partitions: int) -> list[Outgoing]:
     """Standings as the accountability agent writes them to its table's changelog: the key
     ``<crisis>\\x1f<citizen>``, the standing as JSON, in the partition of the crisis (the partition of
@@ -515,7 +520,7 @@ def restore_standings(settings: Settings, targets: RestoreTargets | None = None,
         log.info("no restore of the accountability standings: %s already holds records",
                  targets.accountability_changelog)
         return 0
-    standings = rebuild_standings(read_accountability_facts(settings.database_url.get()))
+    standings = standings_from_postgres(settings)
     if not standings:
         return 0
     _refuse_while_accountability_runs(settings, targets)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from pipeline.settings import Settings
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         plan_from_postgres,
         restore,
         restore_if_needed,
+        standings_from_postgres,
         utc_now,
     )
 
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             plan, recorded = plan_from_postgres(settings, utc_now())
-            print(RestoreReport.of(plan, len(recorded.skipped)).line("would restore"))
+            would = RestoreReport.of(plan, len(recorded.skipped))
+            print(replace(would, standings=len(standings_from_postgres(settings))).line("would restore"))
             return 0
         report = restore_if_needed(settings) if args.if_needed else restore(settings)
     except WorkersActive as exc:

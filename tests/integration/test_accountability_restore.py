@@ -230,6 +230,8 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
     # The broker is gone with every topic; PostgreSQL keeps what the sink and the dispatcher recorded.
     second = Stage(own_database, tmp_path / "second")
     try:
+        dry = second.cli("restore", "--dry-run")
+        assert dry.returncode == 0 and dry.stdout.strip().endswith(", 6 accountability standings"), dry
         done = second.cli("restore", "--if-needed")
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().endswith(", 6 accountability standings"), done.stdout
