@@ -15,7 +15,9 @@ crisis's counts are derived from them. Why not in the worker, where it first ran
 Counts are *derived*, never kept as running totals: when a crisis is due (changed, and not published
 for ``CRISISWATCH_STATUS_INTERVAL_S``), its standings are counted from the table. A restarted or
 rebalanced accountability process recovers the table and counts the same numbers; nothing else needs recovering
-(every crisis it owns is marked due after a recovery, so the stored status catches up).
+(every crisis it owns is marked due after a recovery, so the stored status catches up). A broker that lost
+its data lost the table's changelog too: ``crisiswatch restore`` writes it again from PostgreSQL
+(:func:`pipeline.restore.restore_standings`) before the process starts.
 
 Which fact a message is comes from the ``schema`` it names (every event names one; ``cases`` carries
 only ``case/1``). Failure policy (:mod:`pipeline.stage`): a message that is not a valid fact is
@@ -124,12 +126,21 @@ def state_key(crisis_id: str, citizen_id: str) -> str:
 
 class AccountabilityRuntime:
     """Folds facts into standings (``states``: the table, seen as a mapping of key to JSON) and says
-    which crises' statuses are due. ``monotonic`` drives the rate limit."""
+    which crises' statuses are due. ``monotonic`` drives the rate limit; ``owns`` says whether a crisis
+    is this process's (its partition of the re-keyed stream is assigned here).
 
-    def __init__(self, states: MutableMapping[str, Any], interval_s: float, monotonic: Callable[[], float]) -> None:
+    A status is counted only from a table that has finished recovering: none is due from the moment a
+    rebalance begins (:meth:`recovering`) until the table is recovered (:meth:`recovered`), since a
+    table still reading its changelog holds only part of a crisis's standings and would publish lower
+    counts over the right ones."""
+
+    def __init__(self, states: MutableMapping[str, Any], interval_s: float, monotonic: Callable[[], float],
+                 owns: Callable[[str], bool] = lambda crisis_id: True, *, ready: bool = True) -> None:
         self.states = states
         self.limit = RateLimit(interval_s)
         self.monotonic = monotonic
+        self.owns = owns
+        self.ready = ready
         self.dirty: set[str] = set()
         self.skipped = 0
 
@@ -161,6 +172,23 @@ class AccountabilityRuntime:
         """After a recovery: every crisis this process holds is published again (once due)."""
         self.dirty.update(self.crises())
 
+    def recovering(self) -> None:
+        """A rebalance began: the table may be about to read changelog partitions; nothing is due until
+        :meth:`recovered`."""
+        self.ready = False
+
+    def recovered(self) -> None:
+        """The table finished recovering: the standings of crises this process no longer owns are
+        dropped (their new owner publishes them; kept here they would be counted stale), and every crisis
+        it owns is published again, once due."""
+        prefixes = {crisis_id for crisis_id in self.crises() if not self.owns(crisis_id)}
+        if prefixes:
+            for key in [k for k in list(self.states) if k.split(SEPARATOR, 1)[0] in prefixes]:
+                del self.states[key]
+            self.dirty -= prefixes
+        self.mark_all()
+        self.ready = True
+
     def status(self, crisis_id: str, as_of: datetime) -> CrisisStatus:
         prefix = crisis_id + SEPARATOR
         return count(Standing.from_json(value) for key, value in list(self.states.items())
@@ -171,8 +199,10 @@ class AccountabilityRuntime:
         They count as sent at once (a fact arriving while they are sent makes the crisis due again);
         a status that cannot be sent ends the process (:func:`pipeline.app.finish_or_exit`), and the
         recovery marks every crisis due again."""
+        if not self.ready:
+            return []
         now = self.monotonic()
-        ready = [c for c in sorted(self.dirty) if self.limit.due(c, now)]
+        ready = [c for c in sorted(self.dirty) if self.owns(c) and self.limit.due(c, now)]
         for crisis_id in ready:
             self.dirty.discard(crisis_id)
             self.limit.sent(crisis_id, now)

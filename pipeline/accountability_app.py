@@ -17,7 +17,15 @@ The work itself is :mod:`pipeline.accountability`'s (no Faust there); the agents
 - **accountability** (the re-keyed stream): folds the facts into the citizens' standings, kept in the
   ``accountability`` table (memory store, changelog in Kafka).
 - a timer publishes the due statuses on ``crisis-status``, at most once per crisis per
-  ``CRISISWATCH_STATUS_INTERVAL_S``.
+  ``CRISISWATCH_STATUS_INTERVAL_S``, and none from a table that has not finished recovering (from the
+  start of a rebalance until the table's recovery ends, a table holds only part of a crisis's
+  standings); after a recovery, the standings of crises whose partition went elsewhere are dropped.
+
+Both agents take their stream in batches (``take_events``: ``CRISISWATCH_BATCH_SIZE`` events, or what
+came within ``CRISISWATCH_BATCH_WAIT_S``), as the worker's locate agent does: a batch's re-keyed facts,
+and its changed standings (each once, however often it changed in the batch), are handed to the
+producer together and awaited together, instead of one send and one round trip per record
+(``python -m bench.accountability``).
 
 At-least-once, as in the worker (:mod:`pipeline.app`): a standing's changelog record and a status are
 acknowledged by Kafka before the event is; work that cannot be finished ends the process before
@@ -26,10 +34,11 @@ anything is committed (:func:`pipeline.app.finish_or_exit`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -43,10 +52,12 @@ from pipeline.accountability import STAGE, AccountabilityRuntime, Rekeyed, Topic
 from pipeline.app import (
     FETCH_MAX_WAIT_MS,
     KafkaEmitter,
+    Record,
     _bound_fetch_wait,
     _rewind_uncommitted,
     broker_credentials,
     finish_or_exit,
+    partition_of,
     raw_message,
     send_all,
     utc_now,
@@ -120,37 +131,56 @@ def create_accountability_app(settings: Settings, *, registry: CollectorRegistry
     regrouped = app.topic(regrouped_topic(app_id), key_serializer="raw", value_serializer="raw",
                           partitions=settings.partitions, internal=True)
     table = app.Table(TABLE, default=None, partitions=settings.partitions, key_type=bytes)
-    runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic)
+    regrouped_name: str = regrouped.get_topic_name()
+
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == regrouped_name}
+
+    def owns(crisis_id: str) -> bool:  # the re-keyed stream is keyed by crisis, placed by the default partitioner
+        return partition_of(crisis_id.encode("utf-8"), settings.partitions) in owned_partitions()
+
+    runtime = AccountabilityRuntime(_StandingsView(table), settings.status_interval_s, time.monotonic, owns,
+                                    ready=False)
     changelog: str = table.changelog_topic.get_topic_name()
     emitter = KafkaEmitter(app, settings.dlq_max_payload_bytes)
     recovered = False
 
     @app.agent(sources, name="accountability-rekey")
     async def rekeying(stream: Any) -> None:
-        async for event in stream.events():
-            fact = rekey(event.value, clock())
-            if isinstance(fact, Rekeyed):
-                await finish_or_exit(send_all(app, regrouped.get_topic_name(), [(fact.key, fact.value, None)]),
-                                     "a re-keyed accountability fact")
-            elif fact is not None:
-                metrics.stage_skipped.labels(stage=STAGE, reason=label(fact)).inc()
-                log.warning("not an accountability fact; skipped", extra={"topic": event.message.topic,
-                                                                          "reason": describe(fact)})
-                if event.message.topic == names.deliveries:  # only this app reads deliveries: the dead letter is ours
-                    letter = DeadLetter.of(raw_message(event), fact, STAGE)
-                    await finish_or_exit(emitter.dead_letters([letter]), "a dead letter")
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
+            now = clock()
+            forward: list[Record] = []
+            letters: list[DeadLetter] = []
+            for event in events:
+                fact = rekey(event.value, now)
+                if isinstance(fact, Rekeyed):
+                    forward.append((fact.key, fact.value, None))
+                elif fact is not None:
+                    metrics.stage_skipped.labels(stage=STAGE, reason=label(fact)).inc()
+                    log.warning("not an accountability fact; skipped", extra={"topic": event.message.topic,
+                                                                              "reason": describe(fact)})
+                    if event.message.topic == names.deliveries:  # only this app reads deliveries: the dead letter is ours
+                        letters.append(DeadLetter.of(raw_message(event), fact, STAGE))
+            if forward:
+                await finish_or_exit(send_all(app, regrouped_name, forward), "a batch of re-keyed accountability facts")
+            if letters:
+                await finish_or_exit(emitter.dead_letters(letters), "dead letters")
 
     @app.agent(regrouped, name="accountability")
     async def accountability(stream: Any) -> None:
-        async for event in stream.events():
-            changed = runtime.observe(event.value, clock())
-            if isinstance(changed, Exception):  # cannot be: the re-keying agent forwards valid facts only
-                log.error("a re-keyed fact refused; skipped", extra={"reason": describe(changed)})
-            elif changed is not None:
-                key, value = changed
-                record = json.dumps(value, separators=(",", ":")).encode("utf-8")
-                await finish_or_exit(_send_to(app, changelog, key.encode("utf-8"), record, event.message.partition),
-                                     "an accountability state")
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_wait_s):
+            now = clock()
+            changed: dict[str, tuple[bytes, int]] = {}  # a standing changed twice in a batch is written once
+            for event in events:
+                result = runtime.observe(event.value, now)
+                if isinstance(result, Exception):  # cannot be: the re-keying agent forwards valid facts only
+                    log.error("a re-keyed fact refused; skipped", extra={"reason": describe(result)})
+                elif result is not None:
+                    key, value = result
+                    changed[key] = (json.dumps(value, separators=(",", ":")).encode("utf-8"), event.message.partition)
+            if changed:
+                records = [(key.encode("utf-8"), value, partition) for key, (value, partition) in changed.items()]
+                await finish_or_exit(_send_placed(app, changelog, records), "a batch of accountability states")
 
     async def publish_statuses() -> None:
         statuses = runtime.due(clock())
@@ -160,11 +190,15 @@ def create_accountability_app(settings: Settings, *, registry: CollectorRegistry
 
     app.timer(interval=max(0.2, min(1.0, settings.status_interval_s)))(publish_statuses)
 
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        runtime.recovering()  # a rebalance began: no status until the table is recovered again
+
     @table.on_recover
     async def on_recovered() -> None:
         nonlocal recovered
         recovered = True
-        runtime.mark_all()
+        runtime.recovered()
 
     @app.page("/metrics")
     async def metrics_page(self: View, request: Request) -> Response:
@@ -173,7 +207,7 @@ def create_accountability_app(settings: Settings, *, registry: CollectorRegistry
 
     @app.page("/health")
     async def health_page(self: View, request: Request) -> Response:
-        owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == regrouped.get_topic_name())
+        owned = sorted(owned_partitions())
         details = {"table_recovered": recovered, "crisis_partitions": owned}
         if health is None:
             return self.json({"status": "ok" if recovered else "starting", **details}, status=200 if recovered else 503)
@@ -185,15 +219,20 @@ def create_accountability_app(settings: Settings, *, registry: CollectorRegistry
     return app, runtime
 
 
-async def _send_to(app: faust.App, topic: str, key: bytes, value: bytes, partition: int) -> None:
-    future = await app.producer.send(topic, key, value, partition, None, None)
-    await future
+async def _send_placed(app: faust.App, topic: str, records: Sequence[tuple[bytes, bytes, int]]) -> None:
+    """Hand (key, value, partition) records to the producer in order; return once Kafka acknowledged
+    them all (as :func:`pipeline.app.send_all`, each in the partition given)."""
+    send = app.producer.send
+    futures = [await send(topic, key, value, partition, None, None) for key, value, partition in records]
+    if futures:
+        await asyncio.gather(*futures)
 
 
 class _StandingsView(MutableMapping[str, Any]):
     """The accountability table's store seen as a mapping of ``<crisis>\\x1f<citizen>`` to a standing's
     JSON; the changelog record is sent by the agent (see :func:`create_accountability_app`), and
-    acknowledged before the event is: nothing Faust would commit is left unsaved."""
+    acknowledged before the event is: nothing Faust would commit is left unsaved. A deletion drops a
+    standing from this process's memory only (a crisis owned elsewhere now), never from the changelog."""
 
     def __init__(self, table: Any) -> None:
         self.table = table

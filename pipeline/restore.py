@@ -19,13 +19,18 @@ This module reads the rows (one consistent snapshot), hands them to the pure der
    embedded broker these go one record per batch (``producer_max_batch_bytes``, see
    ``pipeline.stack.EMBEDDED_PRODUCER_MAX_BATCH_BYTES``) or Faust's table recovery stops short.
 
+4. the accountability table's changelog (``crisiswatch-accountability-accountability-changelog``):
+   each citizen's standing per crisis, folded again from the warnings, deliveries, replies and
+   escalations PostgreSQL holds (:func:`restore_standings`; with ``--if-needed``, only into an empty
+   changelog), so a restarted accountability process publishes the counts it published before.
+
 A worker then starts as after any restart: it reads the crisis log, recovers its table, and
 reconciles (the all-clears owed for ended crises, ``inside`` for anyone whose last location is in
 an active crisis and who was never told).
 
 Restore runs **before the workers start**. A running worker never reads its changelog again and
 its next write would overwrite what was restored, so :func:`restore` refuses (:class:`WorkersActive`)
-while the worker group has members.
+while the worker group has members, and so for the accountability process and its group.
 """
 
 from __future__ import annotations
@@ -34,18 +39,30 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline import topics
+from pipeline.accountability import state_key
+from pipeline.accountability_app import internal_topics as accountability_topics
+from pipeline.accountability_app import table_changelog_topic as accountability_changelog_topic
 from pipeline.app import APP_ID, changelog_topic, partition_of
-from pipeline.domain.recovery import FUTURE_TOLERANCE, RecoveryPlan, plan_recovery
+from pipeline.domain.accountability import Escalation, Fact, Standing
+from pipeline.domain.delivery import DeliveryRow
+from pipeline.domain.recovery import (
+    FUTURE_TOLERANCE,
+    RecordedDelivery,
+    RecoveryPlan,
+    delivery_outcomes,
+    plan_recovery,
+    rebuild_standings,
+)
 from pipeline.domain.tracking import CitizenState
 from pipeline.settings import Settings
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
-from schemas import Checkin, Citizen, Crisis, InvalidEvent, Warning, format_time, from_obj
+from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning, format_time, from_obj
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +85,26 @@ class WorkersActive(RestoreError):
 
 @dataclass(frozen=True, slots=True)
 class RestoreTargets:
-    """Where restored records go: the topics and the worker app whose table changelog is rebuilt."""
+    """Where restored records go: the topics, the worker app whose table changelog is rebuilt, and the
+    accountability app whose standings are (by default ``<app id>-accountability``, which for the
+    worker's ``crisiswatch`` is the accountability process's ``crisiswatch-accountability``)."""
 
     crisis_events: str = topics.CRISIS_EVENTS
     citizens: str = topics.CITIZENS
     app_id: str = APP_ID
+    accountability_app_id: str | None = None
 
     @property
     def changelog(self) -> str:
         return changelog_topic(self.app_id)
+
+    @property
+    def accountability_id(self) -> str:
+        return self.accountability_app_id or f"{self.app_id}-accountability"
+
+    @property
+    def accountability_changelog(self) -> str:
+        return accountability_changelog_topic(self.accountability_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +126,7 @@ class RestoreReport:
     states: int  # citizen states written to the changelog
     warned: int  # of which holding a presence (warned, all-clear not yet sent)
     skipped: int = 0  # rows PostgreSQL holds that are no valid event: logged, not republished
+    standings: int = 0  # accountability standings written to the accountability table's changelog
 
     @classmethod
     def of(cls, plan: RecoveryPlan, skipped: int = 0) -> RestoreReport:
@@ -108,6 +137,8 @@ class RestoreReport:
                 f"{self.states} citizen states ({self.warned} warned)")
         if self.ended:
             text += f", {self.ended} ended crises for their all-clears"
+        if self.standings:
+            text += f", {self.standings} accountability standings"
         if self.skipped:
             text += f"; {self.skipped} invalid rows skipped (logged)"
         return text
@@ -360,8 +391,17 @@ def restore(settings: Settings, *, clock: Clock = utc_now, targets: RestoreTarge
     targets = targets or RestoreTargets()
     _ensure_topics(settings, targets)
     _refuse_while_workers_run(settings, targets)
+    _refuse_while_accountability_runs(settings, targets)
     plan, recorded = plan_from_postgres(settings, clock(), future_tolerance)
-    return _republish(settings, plan, recorded, targets)
+    report = _republish(settings, plan, recorded, targets)
+    return replace(report, standings=restore_standings(settings, targets))
+
+
+def _with_standings(report: RestoreReport | None, standings: int) -> RestoreReport | None:
+    """The report with the accountability standings restored besides (None: nothing restored at all)."""
+    if not standings:
+        return report
+    return replace(report or RestoreReport(0, 0, 0, 0, 0), standings=standings)
 
 
 def broker_holds_data(settings: Settings, targets: RestoreTargets) -> bool:
@@ -379,10 +419,123 @@ def restore_if_needed(settings: Settings, *, clock: Clock = utc_now, targets: Re
     _ensure_topics(settings, targets)
     if broker_holds_data(settings, targets):
         log.info("no restore: %s or %s already holds records", targets.crisis_events, targets.changelog)
-        return None
+        return _with_standings(None, restore_standings(settings, targets, if_needed=True))
     plan, recorded = plan_from_postgres(settings, clock(), future_tolerance)
     if plan.empty:
         log.info("no restore: PostgreSQL holds no crisis, citizen or location")
-        return None
+        return _with_standings(None, restore_standings(settings, targets, if_needed=True))
     _refuse_while_workers_run(settings, targets)
-    return _republish(settings, plan, recorded, targets)
+    return _with_standings(_republish(settings, plan, recorded, targets),
+                           restore_standings(settings, targets, if_needed=True))
+
+
+# --- the accountability standings --------------------------------------------------------------
+#
+# The accountability process (``crisiswatch accountability``) keeps each citizen's standing per crisis
+# in a table of its own; a broker that lost its data lost that table's changelog, and a process
+# started on it would count only what happens from then on, publishing lower numbers over the right
+# ones. PostgreSQL holds every fact it counted: the standings are folded again from those
+# (:func:`pipeline.domain.recovery.rebuild_standings`) and written to its changelog as its agent writes
+# them, so the restarted process recovers its table and publishes the same counts.
+
+
+def read_accountability_facts(database_url: str, connect_timeout_s: int = 5) -> list[Fact]:
+    """Every fact the accountability process counts, from PostgreSQL, in one repeatable-read snapshot:
+    the warnings, each warning's delivery outcome (from its rows in ``deliveries``), the replies, and
+    the escalations (a case of kind ``escalation`` in ``cases``, or one the sweep noted in
+    ``escalations``: the sweep publishes the case before it notes it, the sink stores it after)."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    try:
+        with psycopg.connect(database_url, connect_timeout=connect_timeout_s, application_name="crisiswatch-restore",
+                             row_factory=dict_row) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            with conn.transaction():
+                facts: list[Fact] = [
+                    # Only the kind, the time and the id play a part in a standing.
+                    Warning(r["warning_id"], r["citizen_id"], r["crisis_id"], r["crisis_version"], r["kind"],
+                            "unknown", "", "", r["distance_km"], r["lat"], r["lon"], _utc(r["observed_at"]),
+                            _utc(r["emitted_at"]))
+                    for r in conn.execute(
+                        "SELECT warning_id, citizen_id, crisis_id, crisis_version, kind, distance_km, lat, lon, "
+                        "observed_at, emitted_at FROM warnings")]
+                facts += delivery_outcomes(
+                    RecordedDelivery(r["warning_id"], r["citizen_id"], r["crisis_id"],
+                                     DeliveryRow(r["channel"], r["address"], r["status"], r["attempts"]), _utc(r["at"]))
+                    for r in conn.execute(
+                        "SELECT warning_id, citizen_id, crisis_id, channel, address, status, attempts, "
+                        "coalesce(delivered_at, last_attempt_at, created_at) AS at FROM deliveries "
+                        "ORDER BY warning_id, created_at, channel, address"))
+                facts += [Ack(r["citizen_id"], r["crisis_id"], r["status"], _utc(r["received_at"]), r["channel"])
+                          for r in conn.execute("SELECT citizen_id, crisis_id, status, received_at, channel FROM acks")]
+                facts += [Escalation(r["citizen_id"], r["crisis_id"]) for r in conn.execute(
+                    "SELECT citizen_id, crisis_id FROM cases WHERE kind = 'escalation' AND crisis_id IS NOT NULL "
+                    "UNION SELECT citizen_id, crisis_id FROM escalations WHERE case_opened_at IS NOT NULL")]
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RestoreError(f"cannot read PostgreSQL: {reason}") from exc
+    return facts
+
+
+def standings_from_postgres(settings: Settings) -> dict[tuple[str, str], Standing]:
+    """Every citizen's standing per crisis, keyed by (crisis id, citizen id), as PostgreSQL's facts give them."""
+    return rebuild_standings(read_accountability_facts(settings.database_url.get()))
+
+
+def standing_records(standings: Mapping[tuple[str, str], Standing], topic: str, partitions: int) -> list[Outgoing]:
+    """Standings as the accountability agent writes them to its table's changelog: the key
+    ``<crisis>\\x1f<citizen>``, the standing as JSON, in the partition of the crisis (the partition of
+    the re-keyed stream the agent read the fact from, keyed by crisis)."""
+    return [Outgoing(topic, state_key(crisis_id, citizen_id).encode("utf-8"),
+                     json.dumps(standing.to_json(), separators=(",", ":")).encode("utf-8"),
+                     partition=partition_of(crisis_id.encode("utf-8"), partitions))
+            for (crisis_id, citizen_id), standing in standings.items()]
+
+
+def accountability_changelog_holds_data(settings: Settings, targets: RestoreTargets) -> bool:
+    ends = topic_ends(settings, [targets.accountability_changelog])
+    return any(end > 0 for per_partition in ends.values() for end in per_partition.values())
+
+
+def _refuse_while_accountability_runs(settings: Settings, targets: RestoreTargets) -> None:
+    members = group_members(settings, targets.accountability_id)
+    if members:
+        raise WorkersActive(f"{members} accountability process(es) of group {targets.accountability_id!r} are "
+                            "running; stop them first (restore writes the standings they would recover at start)")
+
+
+def restore_standings(settings: Settings, targets: RestoreTargets | None = None, *, if_needed: bool = False) -> int:
+    """Fold the accountability standings again from PostgreSQL and write them to the accountability
+    table's changelog (acks=all); how many were written. With ``if_needed``, only into an empty
+    changelog. Refuses (:class:`WorkersActive`) while accountability processes run: a running one never
+    reads its changelog again and its next write of a standing would overwrite the restored one."""
+    from pipeline.embedded import EmbeddedError, create_topics
+
+    targets = targets or RestoreTargets()
+    try:
+        create_topics(settings.kafka_bootstrap, accountability_topics(targets.accountability_id), settings.partitions,
+                      settings.kafka_client_options())
+    except EmbeddedError as exc:
+        raise RestoreError(str(exc)) from exc
+    if if_needed and accountability_changelog_holds_data(settings, targets):
+        log.info("no restore of the accountability standings: %s already holds records",
+                 targets.accountability_changelog)
+        return 0
+    standings = standings_from_postgres(settings)
+    if not standings:
+        return 0
+    _refuse_while_accountability_runs(settings, targets)
+    records = standing_records(standings, targets.accountability_changelog,
+                               _partitions(settings, targets.accountability_changelog))
+    publisher = Publisher(settings, client_id="crisiswatch-restore", max_batch_bytes=settings.producer_max_batch_bytes)
+    try:
+        for start in range(0, len(records), PUBLISH_CHUNK):
+            publisher.publish(records[start:start + PUBLISH_CHUNK])
+    except BrokerUnavailable as exc:
+        raise RestoreError(str(exc)) from exc
+    finally:
+        publisher.close()
+    log.info("restored %d accountability standings into %s", len(records), targets.accountability_changelog)
+    return len(records)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from pipeline.settings import Settings
 
@@ -22,6 +23,9 @@ the workers as old versions, the registry is written back unchanged, and each ci
 replaced by the one rebuilt from PostgreSQL. On the embedded broker (Tansu) set
 CRISISWATCH_PRODUCER_MAX_BATCH_BYTES=1, as `crisiswatch up` does, or the workers' table recovery
 stops short of the restored states.
+The accountability standings (per crisis: warned, delivered, safe, ...) are rebuilt from PostgreSQL
+too, into the accountability process's changelog (with --if-needed: only when it is empty); restore
+refuses while `crisiswatch accountability` runs, for the same reason.
 """
 
 
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         plan_from_postgres,
         restore,
         restore_if_needed,
+        standings_from_postgres,
         utc_now,
     )
 
@@ -56,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             plan, recorded = plan_from_postgres(settings, utc_now())
-            print(RestoreReport.of(plan, len(recorded.skipped)).line("would restore"))
+            would = RestoreReport.of(plan, len(recorded.skipped))
+            print(replace(would, standings=len(standings_from_postgres(settings))).line("would restore"))
             return 0
         report = restore_if_needed(settings) if args.if_needed else restore(settings)
     except WorkersActive as exc:

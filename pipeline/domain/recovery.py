@@ -45,10 +45,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from pipeline.domain.accountability import Fact, Standing, apply
+from pipeline.domain.delivery import DeliveryRow, final_outcome
 from pipeline.domain.geofence import CrisisIndex
 from pipeline.domain.ids import warning_id
 from pipeline.domain.tracking import CitizenState, Presence, Status
-from schemas import Checkin, Citizen, Crisis, Warning
+from schemas import Checkin, Citizen, Crisis, Delivery, Warning
 
 # A check-in dated further ahead than this (a wrong clock on a phone) is not a location to restore:
 # it would make every later, true check-in of that citizen look stale.
@@ -222,3 +224,57 @@ def restart_dwell_clocks(states: Sequence[CitizenState], areas: Iterable[Crisis]
                 state = state.with_presence(crisis_id, replace(presence, leaving_since=state.observed_at))
         out.append(state)
     return out
+
+
+# --- accountability standings ------------------------------------------------------------------
+#
+# The accountability process (:mod:`pipeline.accountability_app`) keeps each citizen's standing per
+# crisis in a table whose changelog the broker loses with everything else. Every fact it folds is
+# recorded in PostgreSQL too: the warnings (the sink), the deliveries (the dispatcher, one row per
+# warning, channel and address), the replies (the sink) and the escalation cases (the sink's
+# ``cases``, and ``escalations`` where the sweep notes the case it opened). Folded with the very
+# :func:`pipeline.domain.accountability.apply` the process uses, they give back the standings it held,
+# and so the counts it published: every transition is idempotent and order-insensitive, so the order
+# the rows come in does not matter.
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedDelivery:
+    """One row of ``deliveries``: how far one warning got through one channel and address, and when."""
+
+    warning_id: str
+    citizen_id: str
+    crisis_id: str
+    row: DeliveryRow
+    at: datetime  # the row's latest time (delivered, last attempt, or created)
+
+
+def delivery_outcomes(recorded: Iterable[RecordedDelivery]) -> list[Delivery]:
+    """The ``delivery/1`` outcome each warning had, from its rows, by the rule the dispatcher publishes
+    it by (:func:`pipeline.domain.delivery.final_outcome`): ``delivered`` when a row was delivered,
+    ``gave_up`` when every row gave up, none while one is still in flight. In warning-id order."""
+    per_warning: dict[str, list[RecordedDelivery]] = defaultdict(list)
+    for item in recorded:
+        per_warning[item.warning_id].append(item)
+    outcomes: list[Delivery] = []
+    for key in sorted(per_warning):
+        got = per_warning[key]
+        at = max(item.at for item in got)
+        # final_outcome reads only the warning's ids: the rest of this stand-in plays no part
+        warning = Warning(key, got[0].citizen_id, got[0].crisis_id, 1, "inside", "unknown", "", "", 0.0, 0.0, 0.0,
+                          at, at)
+        outcome = final_outcome(warning, [item.row for item in got], at)
+        if outcome is not None:
+            outcomes.append(outcome)
+    return outcomes
+
+
+def rebuild_standings(facts: Iterable[Fact]) -> dict[tuple[str, str], Standing]:
+    """Each citizen's standing per crisis, keyed by (crisis id, citizen id), folded from the facts in
+    any order as the accountability process folds them. A fact that changes nothing leaves no standing
+    behind (the process stores none for it either)."""
+    standings: dict[tuple[str, str], Standing] = {}
+    for fact in facts:
+        key = (fact.crisis_id, fact.citizen_id)
+        standings[key] = apply(standings.get(key, Standing()), fact)
+    return {key: standing for key, standing in sorted(standings.items()) if standing != Standing()}

@@ -178,7 +178,8 @@ def test_after_the_broker_lost_everything_the_restored_worker_warns_and_all_clea
         done = second.cli("restore", "--if-needed")
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == ("restored from PostgreSQL: 1 active crises, 3 citizens, 3 citizen states "
-                                       "(2 warned), 1 ended crises for their all-clears"), done.stdout
+                                       "(2 warned), 1 ended crises for their all-clears, "
+                                       "2 accountability standings"), done.stdout
         again = second.cli("restore", "--if-needed")
         assert again.returncode == 0 and again.stdout.startswith("nothing restored"), (again.stdout, again.stderr)
 
