@@ -1,26 +1,31 @@
 """Warnings delivered per second by the dispatcher to a webhook receiver, next to a plain async HTTP
 client posting the same bodies to the same receiver in the same run.
 
-    python -m bench.dispatch [--warnings 4000] [--per-citizen 2] [--concurrency 8]
+    python -m bench.dispatch [--warnings 4000] [--rounds 3] [--per-citizen 2] [--quick] [--json]
 
-On one embedded broker and one embedded PostgreSQL: citizens registered with one webhook each (a
-fast aiohttp receiver on loopback, counting requests by ``Idempotency-Key``), their warnings
-preloaded on a topic of 4 partitions. Then:
+On one embedded broker and one embedded PostgreSQL: a fast aiohttp receiver on loopback, in a process
+of its own, answering 200 and counting requests by ``Idempotency-Key``. Each round registers new
+citizens (one webhook each) and preloads their warnings on a new topic of 4 partitions, then:
 
-1. a plain ``httpx.AsyncClient`` with ``--concurrency`` requests in flight posts every warning's
-   signed webhook body once (the ceiling: HTTP on this machine, no broker, no database);
-2. the real :class:`consumers.dispatch.Dispatcher` (one process, its own consumer group) delivers
-   every warning: the ``deliveries`` rows before and after each send, the advisory lock, rendering
-   the message, signing it.
+1. a plain aiohttp client (the library the dispatcher's webhook channel uses; ``--plain httpx`` for
+   ``httpx.AsyncClient``) with as many requests in flight as the dispatcher serves citizens at once
+   posts every warning's signed webhook body once (the ceiling: HTTP on this machine, no broker, no
+   database, no rendering);
+2. the real :class:`consumers.dispatch.Dispatcher` (its own consumer group) delivers every warning:
+   decoding it, the ``deliveries`` rows before and after each send, the advisory locks, rendering the
+   message, signing it, publishing the outcome.
 
 The dispatcher's rate is measured at the receiver from its first delivery to its last, so start-up
-and the group join are not counted. The run fails if any warning arrived twice or not at all.
+and the group join are not counted. A round fails if any warning arrived twice or not at all.
+:func:`run` returns the per-round values (``python -m bench`` imports it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +116,10 @@ class ReceiverProcess:
         self.process.wait(10)
 
 
+NAMES = ("Siti Rahma", "Budi Santoso", "Ayu Lestari", "Wayan Sudarsana", "Dewi Kartika", "Agus Salim",
+         "Putu Ayu <Bali> & Co", "Rina O'Neil")
+
+
 def make_warnings(total: int, per_citizen: int) -> list[Warning]:
     citizens = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(max(1, total // per_citizen))]
     return [Warning(f"w-{uuid.uuid4().hex}", citizens[i % len(citizens)], f"bench-crisis-{i // len(citizens)}", 1,
@@ -126,8 +135,8 @@ def register(database_url: str, warnings: Sequence[Warning], url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn, conn.cursor() as cur:
         cur.executemany("INSERT INTO citizens (citizen_id, name, nationality, language, channels, location_tracking) "
                         "VALUES (%s, %s, 'ID', %s, %s, true)",
-                        [(c, "Siti Rahma", "id" if n % 2 else "en", Jsonb([{"type": "webhook", "address": f"{url}/{c}"}]))
-                         for n, c in enumerate(citizens)])
+                        [(c, NAMES[n % len(NAMES)], "id" if n % 2 else "en",
+                          Jsonb([{"type": "webhook", "address": f"{url}/{c}"}])) for n, c in enumerate(citizens)])
 
 
 def preload(bootstrap: str, topic: str, warnings: Sequence[Warning]) -> None:
@@ -147,14 +156,38 @@ def bodies(warnings: Sequence[Warning], url: str) -> list[tuple[str, bytes, str]
     from pipeline.messages import EmbassyDirectory
 
     embassies = EmbassyDirectory.load(None)
+    order = {c: n for n, c in enumerate(sorted({w.citizen_id for w in warnings}))}
     out = []
-    for n, w in enumerate(warnings):
-        citizen = CitizenContact(w.citizen_id, "Siti Rahma", "id" if n % 2 else "en", (("webhook", f"{url}/{w.citizen_id}"),))
+    for w in warnings:
+        n = order[w.citizen_id]
+        citizen = CitizenContact(w.citizen_id, NAMES[n % len(NAMES)], "id" if n % 2 else "en",
+                                 (("webhook", f"{url}/{w.citizen_id}"),))
         out.append((f"{url}/{w.citizen_id}", webhook_body(Outbound(w, compose(w, citizen, embassies))), w.warning_id))
     return out
 
 
-async def plain_client(requests: Sequence[tuple[str, bytes, str]], concurrency: int) -> float:
+async def plain_aiohttp(requests: Sequence[tuple[str, bytes, str]], concurrency: int) -> float:
+    import aiohttp
+
+    queue = iter(requests)
+    secret = SECRET.encode()
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for url, body, key in queue:
+            headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: key,
+                       SIGNATURE_HEADER: sign(secret, int(time.time()), body)}
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                response.raise_for_status()
+
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return len(requests) / (time.perf_counter() - started)
+
+
+async def plain_httpx(requests: Sequence[tuple[str, bytes, str]], concurrency: int) -> float:
     import httpx
 
     queue = iter(requests)
@@ -206,52 +239,89 @@ def check_once(receiver: ReceiverProcess, warnings: Sequence[Warning], what: str
         raise SystemExit(f"{what}: {len(wrong)} warnings not received exactly once, e.g. {list(wrong.items())[:3]}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warnings", type=int, default=4000)
-    parser.add_argument("--per-citizen", type=int, default=2, help="warnings per citizen (kept in order)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight of the plain client")
-    parser.add_argument("--dispatch-concurrency", type=int, default=Settings().dispatch_concurrency,
-                        help="citizens the dispatcher serves at once (CRISISWATCH_DISPATCH_CONCURRENCY)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the dispatcher may take")
-    parser.add_argument("--as-receiver", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.as_receiver:
-        Receiver().serve(args.as_receiver)
-        return
-
-    warnings = make_warnings(args.warnings, args.per_citizen)
+def measure(*, warnings: int, rounds: int, per_citizen: int, plain: str = "aiohttp", concurrency: int | None = None,
+            dispatch_concurrency: int | None = None, timeout_s: float = 600.0,
+            report: bool = False) -> dict[str, list[float]]:
+    """Run ``rounds`` rounds on one embedded stack; per-round values by key."""
+    dispatch_concurrency = dispatch_concurrency or Settings().dispatch_concurrency
+    concurrency = concurrency or dispatch_concurrency
+    client = plain_aiohttp if plain == "aiohttp" else plain_httpx
+    results: dict[str, list[float]] = {"dispatch_msgs_per_s": [], "dispatch_plain_client_msgs_per_s": [],
+                                       "dispatch_vs_plain_ratio": []}
     receiver = ReceiverProcess()
     url = f"{receiver.base}/hook"
     try:
         with tempfile.TemporaryDirectory(prefix="crisiswatch-bench-") as tmp, \
                 embedded_stack(Path(tmp), PARTITIONS, broker_log=Path(tmp) / "broker.log") as (bootstrap, database_url):
-            topic = "bench-warnings"
-            create_topics(bootstrap, [topic], PARTITIONS)
-            register(database_url, warnings, url)
-            preload(bootstrap, topic, warnings)
-
-            plain = asyncio.run(plain_client(bodies(warnings, url), args.concurrency))
-            check_once(receiver, warnings, "plain client")
-            receiver.reset()
-
             settings = Settings(kafka_bootstrap=bootstrap, database_url=Secret(database_url),
                                 webhook_secret=Secret(SECRET), log_level="WARNING",
-                                dispatch_concurrency=args.dispatch_concurrency)
-            started = time.perf_counter()
-            rate = run_dispatcher(settings, topic, receiver, len(warnings), args.timeout)
-            wall = time.perf_counter() - started
-            time.sleep(0.5)  # anything sent twice would have arrived by now
-            check_once(receiver, warnings, "dispatcher")
+                                dispatch_concurrency=dispatch_concurrency)
+            for number in range(1, rounds + 1):
+                batch = make_warnings(warnings, per_citizen)
+                topic = f"bench-warnings-{number}"
+                create_topics(bootstrap, [topic], PARTITIONS)
+                register(database_url, batch, url)
+                preload(bootstrap, topic, batch)
+
+                receiver.reset()
+                plain_rate = asyncio.run(client(bodies(batch, url), concurrency))
+                check_once(receiver, batch, "plain client")
+                receiver.reset()
+                started = time.perf_counter()
+                rate = run_dispatcher(settings, topic, receiver, len(batch), timeout_s)
+                wall = time.perf_counter() - started
+                time.sleep(0.5)  # anything sent twice would have arrived by now
+                check_once(receiver, batch, "dispatcher")
+                results["dispatch_msgs_per_s"].append(rate)
+                results["dispatch_plain_client_msgs_per_s"].append(plain_rate)
+                results["dispatch_vs_plain_ratio"].append(rate / plain_rate)
+                if report:
+                    print(f"  round {number}: plain {plain} client ({concurrency} in flight) {plain_rate:8,.0f}/s   "
+                          f"dispatcher ({dispatch_concurrency} at once) {rate:8,.0f}/s ({wall:.1f}s with group join)   "
+                          f"ratio {rate / plain_rate:.2f}", flush=True)
     finally:
         receiver.stop()
+    return results
 
-    citizens = len({w.citizen_id for w in warnings})
-    print(f"  {len(warnings):,} warnings, {citizens:,} citizens, {PARTITIONS} partitions, webhook receiver on loopback")
-    print(f"  plain httpx.AsyncClient ({args.concurrency} in flight)  {plain:8,.0f} warnings/s")
-    print(f"  crisiswatch dispatcher ({args.dispatch_concurrency:>2} at once)     {rate:8,.0f} warnings/s"
-          f"   ({wall:.1f}s with start-up and group join)")
-    print(f"  ratio dispatcher / plain client: {rate / plain:.2f}  (target >= 0.5, and >= 2,000/s)")
+
+def run(quick: bool) -> dict[str, list[float]]:
+    """Per-round values of ``dispatch_msgs_per_s``, ``dispatch_plain_client_msgs_per_s`` and
+    ``dispatch_vs_plain_ratio``: 3 rounds of 1,000 warnings when ``quick``, of 4,000 otherwise."""
+    return measure(warnings=1000 if quick else 4000, rounds=3, per_citizen=2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warnings", type=int, default=None, help="warnings per round [default: 4000; --quick 1000]")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1,000 warnings a round")
+    parser.add_argument("--per-citizen", type=int, default=2, help="warnings per citizen (kept in order)")
+    parser.add_argument("--plain", choices=("aiohttp", "httpx"), default="aiohttp", help="the plain client's library")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="requests in flight of the plain client [default: the dispatcher's concurrency]")
+    parser.add_argument("--dispatch-concurrency", type=int, default=Settings().dispatch_concurrency,
+                        help="citizens the dispatcher serves at once (CRISISWATCH_DISPATCH_CONCURRENCY)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the dispatcher may take a round")
+    parser.add_argument("--json", action="store_true", help="print the per-round values as JSON")
+    parser.add_argument("--as-receiver", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.as_receiver:
+        Receiver().serve(args.as_receiver)
+        return
+    warnings = args.warnings or (1000 if args.quick else 4000)
+    if not args.json:
+        print(f"  {warnings:,} warnings a round, {max(1, warnings // args.per_citizen):,} citizens, {PARTITIONS} partitions, "
+              "webhook receiver on loopback", flush=True)
+    results = measure(warnings=warnings, rounds=args.rounds, per_citizen=args.per_citizen, plain=args.plain,
+                      concurrency=args.concurrency, dispatch_concurrency=args.dispatch_concurrency,
+                      timeout_s=args.timeout, report=not args.json)
+    if args.json:
+        print(json.dumps(results))
+        return
+    rate, plain, ratio = (statistics.median(results[k]) for k in
+                          ("dispatch_msgs_per_s", "dispatch_plain_client_msgs_per_s", "dispatch_vs_plain_ratio"))
+    print(f"  median: dispatcher {rate:,.0f} warnings/s, plain {args.plain} client {plain:,.0f}/s, "
+          f"ratio {ratio:.2f}  (target >= 0.5, and >= 2,000/s)")
     print("  each warning received exactly once: yes")
 
 
