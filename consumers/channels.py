@@ -153,12 +153,21 @@ class ThreadedSends:
 T = TypeVar("T")
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's where it is installed (a dependency except on Windows): less CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class EventLoopThread:
     """An asyncio event loop on a daemon thread of its own, for the blocking dispatcher to run
     coroutines on (an aiohttp session lives on one loop for its whole life)."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 

@@ -403,7 +403,7 @@ class Dispatcher:
                  publisher: Publisher | None = None, clock: Callable[[], datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic, unit_random: Callable[[], float] = random.random,
                  timeouts: GroupTimeouts = DEFAULT_TIMEOUTS, backoff: Backoff = DEFAULT_BACKOFF,
-                 poll_timeout_s: float = 0.5, batch_size: int = 500) -> None:
+                 poll_timeout_s: float = 0.5, batch_size: int = 200) -> None:
         self.settings = settings
         self.metrics = metrics
         self.bootstrap = bootstrap or settings.kafka_bootstrap
