@@ -388,9 +388,10 @@ class _Job:
         self.phase, self.failure = "done", exc
 
     def reset(self) -> None:
-        """Back to the start: its lock is gone with the session, its rows are read again."""
-        if self.phase != "done":
-            self.phase, self.ready_at, self.steps, self.rows, self.paid = "start", 0.0, deque(), {}, False
+        """Back to the start after an outage: its lock is gone with the session, and its rows are read
+        again — also when it had settled in the round that failed, whose outcomes may not be written."""
+        self.phase, self.ready_at, self.steps, self.rows, self.paid = "start", 0.0, deque(), {}, False
+        self.outcome, self.failure, self.announce = None, None, False
 
 
 class Dispatcher:
@@ -504,8 +505,7 @@ class Dispatcher:
                 self.store.close()  # the session's advisory locks go with it
                 self._held.clear()
                 for lane in lanes.values():
-                    for job in lane:
-                        job.reset()
+                    lane[0].reset()  # the others have not started
                 outage_delays = outage_delays or iter(self.backoff.delays())
                 delay = next(outage_delays)
                 log.warning("dispatch round failed, retrying in %.1fs", delay, extra={"error": repr(exc)})
