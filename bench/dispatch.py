@@ -301,16 +301,16 @@ def measure(*, warnings: int, rounds: int, per_citizen: int, plain: str = "aioht
 
 def run(quick: bool) -> dict[str, list[float]]:
     """Per-round values of ``dispatch_msgs_per_s``, ``dispatch_plain_client_msgs_per_s`` (aiohttp) and
-    ``dispatch_vs_plain_ratio``, and of both plain clients by name: 3 rounds of 1,000 warnings when
+    ``dispatch_vs_plain_ratio``, and of both plain clients by name: 3 rounds of 600 warnings when
     ``quick``, of 4,000 otherwise."""
-    return measure(warnings=1000 if quick else 4000, rounds=3, per_citizen=2)
+    return measure(warnings=600 if quick else 4000, rounds=3, per_citizen=2)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warnings", type=int, default=None, help="warnings per round [default: 4000; --quick 1000]")
+    parser.add_argument("--warnings", type=int, default=None, help="warnings per round [default: 4000; --quick 600]")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="1,000 warnings a round")
+    parser.add_argument("--quick", action="store_true", help="600 warnings a round")
     parser.add_argument("--per-citizen", type=int, default=2, help="warnings per citizen (kept in order)")
     parser.add_argument("--plain", choices=("aiohttp", "httpx"), default="aiohttp",
                         help="the plain client the ratio is taken to [default: aiohttp, as the dispatcher]")
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.as_receiver:
         Receiver().serve(args.as_receiver)
         return
-    warnings = args.warnings or (1000 if args.quick else 4000)
+    warnings = args.warnings or (600 if args.quick else 4000)
     if not args.json:
         print(f"  {warnings:,} warnings a round, {max(1, warnings // args.per_citizen):,} citizens, {PARTITIONS} partitions, "
               "webhook receiver on loopback", flush=True)
