@@ -1,9 +1,15 @@
 """The ways a warning reaches a person, behind one small interface: ``Channel.send(message, address,
 idempotency_key) -> Receipt``, raising :class:`TransientError` (try again later),
 :class:`PermanentError` (this channel will never work for this address) or
-:class:`ChannelUnavailable` (the deployment's own relay is down: an outage, not the recipient's fault).
+:class:`ChannelUnavailable` (the deployment's own relay is down: an outage, not the recipient's fault);
+and ``Channel.send_many(attempts) -> [Sent]``, the same for many recipients at once, each outcome a
+value (the receipt, or the exception ``send`` would have raised) so one failure never hides another.
+The dispatcher sends a round of attempts with ``send_many``: most of a delivery is waiting for the
+receiver, so the webhook channel keeps one aiohttp session (a keep-alive connection pool of
+``concurrency`` connections) on an event loop of its own, and the other channels send on a pool of
+``concurrency`` threads.
 
-* **webhook** — JSON POST with httpx: the warning and its rendered text, signed with HMAC-SHA256 over
+* **webhook** — JSON POST with aiohttp: the warning and its rendered text, signed with HMAC-SHA256 over
   ``"<timestamp>.<body>"`` (``X-Crisiswatch-Signature: t=<unix>,v1=<hex>``, see
   :func:`pipeline.domain.delivery.sign`), ``Idempotency-Key: <warning_id>``. 5xx, 408, 429 and
   timeouts are transient (``Retry-After`` honoured); any other 4xx is permanent.
@@ -21,17 +27,20 @@ idempotency_key) -> Receipt``, raising :class:`TransientError` (try again later)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import smtplib
 import ssl
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pipeline.domain.delivery import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign
 from pipeline.messages import RenderedMessage
@@ -77,12 +86,100 @@ class Receipt:
         return {"provider": self.provider, "reference": self.reference, **self.detail}
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One send of a round: the message, to whom, with which idempotency key."""
+
+    outbound: Outbound
+    address: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What became of one :class:`Attempt`: its receipt, or the exception ``send`` raised for it (a
+    :class:`DeliveryError`, or anything unforeseen), and how long it took."""
+
+    receipt: Receipt | None
+    error: BaseException | None
+    seconds: float
+
+
 class Channel(Protocol):
     name: str
 
     def send(self, outbound: Outbound, address: str, idempotency_key: str) -> Receipt: ...
 
+    def send_many(self, attempts: Sequence[Attempt]) -> list[Sent]: ...
+
     def close(self) -> None: ...
+
+
+class ThreadedSends:
+    """``send_many`` for a channel whose client is blocking (SMTP, Apprise): ``send`` on a pool of
+    ``concurrency`` threads, made on first use."""
+
+    concurrency: int = 1
+    _pool: ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
+
+    def send(self, outbound: Outbound, address: str, idempotency_key: str) -> Receipt:
+        raise NotImplementedError
+
+    def _timed(self, attempt: Attempt) -> Sent:
+        started = time.perf_counter()
+        try:
+            receipt = self.send(attempt.outbound, attempt.address, attempt.idempotency_key)
+        except Exception as exc:
+            return Sent(None, exc, time.perf_counter() - started)
+        return Sent(receipt, None, time.perf_counter() - started)
+
+    def send_many(self, attempts: Sequence[Attempt]) -> list[Sent]:
+        if len(attempts) <= 1 or self.concurrency <= 1:
+            return [self._timed(a) for a in attempts]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"send-{type(self).__name__}")
+            pool = self._pool
+        return list(pool.map(self._timed, attempts))
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+T = TypeVar("T")
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's where it is installed (a dependency except on Windows): less CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class EventLoopThread:
+    """An asyncio event loop on a daemon thread of its own, for the blocking dispatcher to run
+    coroutines on (an aiohttp session lives on one loop for its whole life)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = _new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 # --- webhook ---------------------------------------------------------------------------------------------
@@ -110,42 +207,99 @@ def webhook_body(outbound: Outbound) -> bytes:
 
 
 class WebhookChannel:
+    """Signed JSON POSTs through one aiohttp session: up to ``concurrency`` requests in flight on
+    kept-alive connections."""
+
     name = "webhook"
 
-    def __init__(self, secret: str, timeout_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
-        import httpx
-
+    def __init__(self, secret: str, timeout_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 concurrency: int = 16) -> None:
         self.secret = secret.encode()
         self.clock = clock
-        self.client = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self.timeout_s = timeout_s
+        self.concurrency = max(1, concurrency)
+        self._loop: EventLoopThread | None = None
+        self._session: Any = None
+        self._lock = threading.Lock()
 
-    def send(self, outbound: Outbound, address: str, idempotency_key: str) -> Receipt:
-        import httpx
-
-        if not address.startswith(("http://", "https://")):
-            raise PermanentError(f"not an http(s) URL: {address[:80]!r}")
+    def _request(self, outbound: Outbound, idempotency_key: str) -> tuple[bytes, dict[str, str]]:
         body = webhook_body(outbound)
         headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: idempotency_key,
                    "User-Agent": "crisiswatch-dispatch"}
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, int(self.clock()), body)
+        return body, headers
+
+    async def _open(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False)
+        return self._session
+
+    async def _post(self, session: Any, attempt: Attempt) -> Sent:
+        import aiohttp
+
+        started = time.perf_counter()
         try:
-            response = self.client.post(address, content=body, headers=headers)
-        except httpx.InvalidURL as exc:
+            return Sent(await self._post_one(session, aiohttp, attempt), None, time.perf_counter() - started)
+        except Exception as exc:
+            return Sent(None, exc, time.perf_counter() - started)
+
+    async def _post_one(self, session: Any, aiohttp: Any, attempt: Attempt) -> Receipt:
+        address = attempt.address
+        if not address.startswith(("http://", "https://")):
+            raise PermanentError(f"not an http(s) URL: {address[:80]!r}")
+        body, headers = self._request(attempt.outbound, attempt.idempotency_key)
+        try:
+            async with session.post(address, data=body, headers=headers, allow_redirects=False) as response:
+                await response.read()
+                status = response.status
+                response_headers = response.headers
+        except aiohttp.InvalidURL as exc:
             raise PermanentError(f"invalid URL: {exc}") from None
-        except httpx.HTTPError as exc:  # connect errors and timeouts: the receiver's, so transient
+        except (aiohttp.ClientError, TimeoutError) as exc:  # connect errors and timeouts: the receiver's, so transient
             raise TransientError(f"{type(exc).__name__}: {exc}") from None
-        status = response.status_code
         if 200 <= status < 300:
-            reference = response.headers.get("X-Request-Id") or response.headers.get("Location")
+            reference = response_headers.get("X-Request-Id") or response_headers.get("Location")
             return Receipt("webhook", reference, {"status": status})
         reason = f"HTTP {status}"
         if status >= 500 or status in (408, 429):
-            raise TransientError(reason, _retry_after(response.headers.get("Retry-After")))
+            raise TransientError(reason, _retry_after(response_headers.get("Retry-After")))
         raise PermanentError(reason)
 
+    async def _post_all(self, attempts: Sequence[Attempt]) -> list[Sent]:
+        session = await self._open()
+        return list(await asyncio.gather(*(self._post(session, a) for a in attempts)))
+
+    def send_many(self, attempts: Sequence[Attempt]) -> list[Sent]:
+        if not attempts:
+            return []
+        with self._lock:
+            if self._loop is None:
+                self._loop = EventLoopThread("webhook-sends")
+            loop = self._loop
+        return loop.run(self._post_all(attempts))
+
+    def send(self, outbound: Outbound, address: str, idempotency_key: str) -> Receipt:
+        [sent] = self.send_many([Attempt(outbound, address, idempotency_key)])
+        if sent.error is not None:
+            raise sent.error
+        assert sent.receipt is not None
+        return sent.receipt
+
     def close(self) -> None:
-        self.client.close()
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._session is not None:
+            session, self._session = self._session, None
+            loop.run(session.close())
+        loop.close()
 
 
 # --- email -----------------------------------------------------------------------------------------------
@@ -181,10 +335,11 @@ def message_id(warning_id: str, address: str, domain: str) -> str:
     return f"<{digest}.{warning_id[:64]}@{domain}>"
 
 
-class EmailChannel:
+class EmailChannel(ThreadedSends):
     name = "email"
 
-    def __init__(self, config: SmtpConfig, mail_from: str) -> None:
+    def __init__(self, config: SmtpConfig, mail_from: str, concurrency: int = 1) -> None:
+        self.concurrency = concurrency
         self.config = config
         self.mail_from = mail_from
         self.domain = mail_from.rpartition("@")[2] or "crisiswatch.invalid"
@@ -245,20 +400,18 @@ class EmailChannel:
             raise PermanentError(f"recipient refused: {next(iter(refused.values()))[0]}")
         return Receipt("smtp", email["Message-ID"])
 
-    def close(self) -> None:
-        pass
-
 
 # --- apprise ---------------------------------------------------------------------------------------------
 
 APPRISE_NO_REFERENCE = "apprise: no provider reference"
 
 
-class AppriseChannel:
+class AppriseChannel(ThreadedSends):
     """One channel type carried by Apprise: ``url_template`` with ``{address}`` replaced by the citizen's
     (URL-quoted) address."""
 
-    def __init__(self, name: str, url_template: str) -> None:
+    def __init__(self, name: str, url_template: str, concurrency: int = 1) -> None:
+        self.concurrency = concurrency
         self.name = name
         self.url_template = url_template
 
@@ -274,6 +427,3 @@ class AppriseChannel:
         if not notifier.notify(body=body, title="" if self.name == "sms" else m.subject):
             raise TransientError(f"Apprise reported a failed {self.name} notification")
         return Receipt("apprise", None, {"note": APPRISE_NO_REFERENCE})
-
-    def close(self) -> None:
-        pass

@@ -1,6 +1,6 @@
 """``crisiswatch dispatch``: the dispatcher (consumer group ``crisiswatch-dispatch`` on ``warnings``)
-with /metrics and /health. Several may run; SIGTERM or Ctrl-C finishes the attempt in hand and exits
-without committing past an unsettled warning.
+with /metrics and /health. Several may run; SIGTERM or Ctrl-C finishes the round of attempts in hand
+and exits without committing past an unsettled warning.
 
 ``/health`` is 503 while the dispatcher is waiting out an outage (PostgreSQL, Kafka, the mail relay),
 while it has stopped, or while the probe cannot reach Kafka or PostgreSQL."""

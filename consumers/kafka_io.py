@@ -1,5 +1,6 @@
 """Thin kafka-python plumbing shared by the consumers: group consumers, the message envelope,
-offsets to commit, and retry-with-backoff for outages (never for bad data)."""
+offsets to commit, retry-with-backoff for outages (never for bad data), and :func:`run_consumer`,
+the one poll → handle → commit loop of the sink, the router and the dispatcher."""
 
 from __future__ import annotations
 
@@ -138,6 +139,50 @@ def retry(action: Callable[[], T], *, outage: tuple[type[BaseException], ...], s
         if stop.wait(delay):
             raise Stopped(what)
     raise AssertionError("unreachable")
+
+
+def run_consumer(stop: threading.Event, *, name: str, connect: Callable[[], Any],
+                 handle: Callable[[Sequence[Message], threading.Event], None], poll_timeout_s: float, batch_size: int,
+                 backoff: Backoff = DEFAULT_BACKOFF, on_outage: Callable[[BaseException], None] = lambda exc: None,
+                 after_poll: Callable[[threading.Event], object] | None = None,
+                 log_extra: Mapping[str, Any] | None = None) -> None:
+    """A consumer stage's loop, until ``stop`` is set: connect (``connect`` makes the kafka-python
+    consumer; retried with ``backoff`` while Kafka is down), then poll a batch, ``handle`` it, and
+    commit its offsets only once ``handle`` returned — so a batch is committed only after it was
+    handled, and a process that dies in between gets it again (every stage is idempotent).
+
+    A failed poll is an outage: reported through ``on_outage``, waited out (``backoff.initial_s``) and
+    polled again. ``handle`` retries its own outages; when asked to stop meanwhile it raises
+    :class:`Stopped`, and the loop ends without committing (the batch is redelivered). Anything else
+    ``handle`` raises propagates (the process exits and is restarted on the same offsets).
+    ``after_poll`` runs after each poll, batch or none (the sink's retention sweep). The consumer is
+    closed without committing, whatever ends the loop."""
+    from kafka.errors import KafkaError
+
+    consumer: Any = None
+    try:
+        consumer = retry(connect, outage=(KafkaError,), stop=stop, what="connect to Kafka", backoff=backoff,
+                         on_outage=on_outage)
+        log.info("%s consuming", name, extra=dict(log_extra or {}))
+        while not stop.is_set():
+            try:
+                messages = poll_messages(consumer, poll_timeout_s, batch_size)
+            except KafkaError as exc:
+                on_outage(exc)
+                log.warning("poll failed", extra={"error": repr(exc), "stage": name})
+                stop.wait(backoff.initial_s)
+                continue
+            if messages:
+                handle(messages, stop)
+                commit(consumer, messages)
+            if after_poll is not None:
+                after_poll(stop)
+    except Stopped as exc:
+        log.info("%s stopped while waiting; the uncommitted batch will be redelivered", name,
+                 extra={"during": str(exc)})
+    finally:
+        if consumer is not None:
+            consumer.close(autocommit=False)
 
 
 def read_topic(bootstrap: str, topic: str, until: Callable[[list[Message]], bool], timeout_s: float = 30.0,

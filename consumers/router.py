@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from consumers.kafka_io import (
     DEFAULT_BACKOFF,
@@ -24,11 +24,9 @@ from consumers.kafka_io import (
     Backoff,
     GroupTimeouts,
     Message,
-    Stopped,
-    commit,
     group_consumer,
-    poll_messages,
     retry,
+    run_consumer,
 )
 from pipeline import dlq, topics
 from pipeline.embedded import EmbeddedError, create_topics
@@ -157,31 +155,13 @@ class WarningRouter:
                                                          f"@{headers.get(topics.DLQ_SOURCE_OFFSET_HEADER, b'?').decode()}"})
 
     def run(self, stop: threading.Event) -> None:
-        from kafka.errors import KafkaError
-
-        consumer: Any = None
+        """Consume until ``stop`` is set (:func:`consumers.kafka_io.run_consumer`)."""
         try:
-            consumer = retry(lambda: group_consumer(self.bootstrap, [self.source_topic], self.group_id,
-                                                    self.settings.kafka_client_options(), self.timeouts),
-                             outage=(KafkaError,), stop=stop, what="connect to Kafka", backoff=self.backoff,
-                             on_outage=self._outage)
-            log.info("router consuming", extra={"topic": self.source_topic, "group": self.group_id})
-            while not stop.is_set():
-                try:
-                    messages = poll_messages(consumer, self.poll_timeout_s, self.batch_size)
-                except KafkaError as exc:
-                    self._outage(exc)
-                    log.warning("poll failed", extra={"error": repr(exc)})
-                    stop.wait(self.backoff.initial_s)
-                    continue
-                if messages:
-                    self.handle(messages, stop)
-                    commit(consumer, messages)
-        except Stopped as exc:
-            log.info("router stopped during an outage; the uncommitted batch will be redelivered",
-                     extra={"during": str(exc)})
+            run_consumer(stop, name="router", handle=self.handle, poll_timeout_s=self.poll_timeout_s,
+                         batch_size=self.batch_size, backoff=self.backoff, on_outage=self._outage,
+                         connect=lambda: group_consumer(self.bootstrap, [self.source_topic], self.group_id,
+                                                        self.settings.kafka_client_options(), self.timeouts),
+                         log_extra={"topic": self.source_topic, "group": self.group_id})
         finally:
-            if consumer is not None:
-                consumer.close(autocommit=False)
             if self._own_publisher:
                 self.publisher.close()

@@ -46,11 +46,9 @@ from consumers.kafka_io import (
     Backoff,
     GroupTimeouts,
     Message,
-    Stopped,
-    commit,
     group_consumer,
-    poll_messages,
     retry,
+    run_consumer,
 )
 from pipeline import topics
 from pipeline.domain.admission import admit_message
@@ -570,12 +568,9 @@ class PostgresSink:
         self.healthy = False
         self.metrics.errors.inc()
 
-    def _connect(self, stop: threading.Event) -> Any:
-        from kafka.errors import KafkaError
-
-        return retry(lambda: group_consumer(self.bootstrap, list(self.models), self.group_id,
-                                            self.settings.kafka_client_options(), self.timeouts),
-                     outage=(KafkaError,), stop=stop, what="connect to Kafka", backoff=self.backoff, on_outage=self._outage)
+    def _connect(self) -> Any:
+        return group_consumer(self.bootstrap, list(self.models), self.group_id, self.settings.kafka_client_options(),
+                              self.timeouts)
 
     def handle(self, messages: Sequence[Message], stop: threading.Event) -> None:
         """Write one polled batch and dead-letter what cannot be written. Returns once both are
@@ -636,30 +631,13 @@ class PostgresSink:
         return deleted
 
     def run(self, stop: threading.Event) -> None:
-        """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
-        from kafka.errors import KafkaError
-
-        consumer: Any = None
+        """Consume until ``stop`` is set; the batch in hand is finished and committed first
+        (:func:`consumers.kafka_io.run_consumer`)."""
         try:
-            consumer = self._connect(stop)
-            log.info("sink consuming", extra={"topics": sorted(self.models), "group": self.group_id})
-            while not stop.is_set():
-                try:
-                    messages = poll_messages(consumer, self.poll_timeout_s, self.batch_size)
-                except KafkaError as exc:
-                    self._outage(exc)
-                    log.warning("poll failed", extra={"error": repr(exc)})
-                    stop.wait(self.backoff.initial_s)
-                    continue
-                if messages:
-                    self.handle(messages, stop)
-                    commit(consumer, messages)
-                self.purge_due(stop)
-        except Stopped as exc:
-            log.info("sink stopped during an outage; the uncommitted batch will be redelivered", extra={"during": str(exc)})
+            run_consumer(stop, name="sink", connect=self._connect, handle=self.handle, poll_timeout_s=self.poll_timeout_s,
+                         batch_size=self.batch_size, backoff=self.backoff, on_outage=self._outage,
+                         after_poll=self.purge_due, log_extra={"topics": sorted(self.models), "group": self.group_id})
         finally:
-            if consumer is not None:
-                consumer.close(autocommit=False)
             self.store.close()
             if self._own_publisher:
                 self.publisher.close()

@@ -26,11 +26,12 @@ from __future__ import annotations
 import functools
 import math
 import re
+import secrets
 import tomllib
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 
 import gsm0338  # registers the "gsm03.38" codec
 import jinja2
+import markupsafe
 import pycountry
 from babel import Locale
 from babel.dates import format_datetime
@@ -57,6 +59,7 @@ __all__ = [
     "available_languages",
     "language_for",
     "render",
+    "render_templates",
     "sms_segments",
 ]
 
@@ -198,14 +201,41 @@ class Recipient:
     language: str  # BCP 47 ("id", "en", "id-ID"); a language without templates gets English
 
 
-@dataclass(frozen=True, slots=True)
+class SmsBody:
+    """An SMS body, fitted to its segments when first read: fitting costs more than the rest of a
+    message, and only the SMS channel reads it."""
+
+    __slots__ = ("_body", "_parts")
+
+    def __init__(self, *, head: str, replies: str, contact: str, max_segments: int) -> None:
+        self._parts = (head, replies, contact, max_segments)
+        self._body: str | None = None
+
+    @property
+    def body(self) -> str:
+        if self._body is None:
+            head, replies, contact, max_segments = self._parts
+            self._body = _fit_sms(head=head, replies=replies, contact=contact, max_segments=max_segments)
+        return self._body
+
+
+@dataclass(frozen=True)  # not slotted: a slotted frozen class lets a property be set with a TypeError, not FrozenInstanceError
 class RenderedMessage:
     language: str  # the language actually used ("id", "en", ...)
     subject: str  # e-mail subject / push title
     text: str  # plain-text body: e-mail text part, webhook, push body
     html: str  # HTML body (e-mail html part), autoescaped
-    sms: str  # SMS body, within sms_max_segments
-    sms_segments: int  # segments the SMS body takes
+    sms_body: SmsBody = field(repr=False, compare=False)
+
+    @property
+    def sms(self) -> str:
+        """SMS body, within sms_max_segments."""
+        return self.sms_body.body
+
+    @property
+    def sms_segments(self) -> int:
+        """Segments the SMS body takes."""
+        return sms_segments(self.sms)
 
 
 @functools.cache
@@ -245,11 +275,35 @@ def render(warning: Warning, recipient: Recipient, *, embassy: Embassy | None,
     ``reply_url`` is the citizen's own answer link (carrying their signed token); only http(s)
     links are accepted. ``sms_max_segments`` bounds the SMS body: the explanation is cut, with an
     ellipsis, before the reply keywords, the link or the embassy's number would be.
+
+    The templates are rendered once per crisis wording, kind, language, embassy and minute of issue
+    (:func:`_layout`, a bounded cache) with markers where the citizen's name, reply link and distance
+    go; each message is that layout with this citizen's values put in, HTML-escaped in the HTML part
+    — what rendering the templates for this citizen gives (a test compares the two), at a fraction
+    of the cost when a crisis warns thousands of people.
     """
     if sms_max_segments < 1:
         raise ValueError(f"sms_max_segments must be >= 1, got {sms_max_segments}")
     if reply_url is not None and urlsplit(reply_url).scheme not in ("https", "http"):
         raise ValueError(f"reply_url must be an http(s) link, got {reply_url!r}")
+    language = language_for(recipient.language)
+    distance = _distance(warning, language) if warning.kind in _DISTANCE_KINDS else None
+    layout = _layout(language, warning.kind, warning.title, warning.severity, warning.instruction, warning.country_codes,
+                     embassy, _issued(warning.emitted_at, language), bool(recipient.name), reply_url is not None,
+                     distance is not None)
+    values = {_NAME: recipient.name, _REPLY_URL: reply_url or "", _DISTANCE: distance or ""}
+    escaped = {marker: str(markupsafe.escape(value)) for marker, value in values.items()}
+    headline = _fill(layout.headline, values)
+    return RenderedMessage(language, layout.subject, _fill(layout.text, values), _fill(layout.html, escaped), SmsBody(
+        head=_one_line(f"{headline} {warning.instruction}"),
+        replies=_one_line(f"{layout.reply_sms_short}{': ' + reply_url if reply_url else '.'}"),
+        contact=layout.contact, max_segments=sms_max_segments))
+
+
+def render_templates(warning: Warning, recipient: Recipient, *, embassy: Embassy | None,
+                     reply_url: str | None, sms_max_segments: int = 2) -> RenderedMessage:
+    """:func:`render` without the layout cache: the templates rendered for this one citizen. The
+    reference :func:`render` is checked against."""
     language = language_for(recipient.language)
     words = _environment(html=False).get_template(f"{language}/words.j2").module
     place = _place(warning.country_codes, language)
@@ -259,18 +313,64 @@ def render(warning: Warning, recipient: Recipient, *, embassy: Embassy | None,
         "language": language, "subject": subject, "kind": warning.kind, "title": warning.title,
         "instruction": warning.instruction, "severity": warning.severity, "place": place, "distance": distance,
         "name": recipient.name, "embassy": embassy, "reply_url": reply_url,
-        "issued": format_datetime(warning.emitted_at.astimezone(UTC), "d MMM y, HH:mm 'UTC'", tzinfo=UTC, locale=language),
+        "issued": _issued(warning.emitted_at, language),
     }
     text = _environment(html=False).get_template("text.txt").render(context).strip() + "\n"
     html = _environment(html=True).get_template("body.html").render(context).strip() + "\n"
     headline = str(words.headline(warning.kind, warning.title, place, distance))  # type: ignore[attr-defined]
-    sms = _fit_sms(
+    return RenderedMessage(language, subject, text, html, SmsBody(
         head=_one_line(f"{headline} {warning.instruction}"),
         replies=_one_line(f"{words.reply_sms_short()}{': ' + reply_url if reply_url else '.'}"),  # type: ignore[attr-defined]
         contact=_one_line(str(words.embassy_short(embassy.name, embassy.phone))) if embassy else "",  # type: ignore[attr-defined]
-        max_segments=sms_max_segments,
-    )
-    return RenderedMessage(language, subject, text, html, sms, sms_segments(sms))
+        max_segments=sms_max_segments))
+
+
+# Markers standing for a citizen's values in a cached layout: letters and digits only, so autoescaping
+# leaves them as they are; a random part per process, so no title or instruction can contain one.
+_MARKER_KEY = secrets.token_hex(6)
+_NAME, _REPLY_URL, _DISTANCE = (f"zq{_MARKER_KEY}{slot}qz" for slot in ("n", "r", "d"))
+_MARKERS = re.compile(f"zq{_MARKER_KEY}[nrd]qz")
+
+
+def _fill(layout: str, values: Mapping[str, str]) -> str:
+    """The layout with each marker replaced by its value, in one pass (a value is never read again)."""
+    return _MARKERS.sub(lambda m: values[m.group(0)], layout)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    subject: str
+    text: str
+    html: str
+    headline: str
+    reply_sms_short: str
+    contact: str
+
+
+@functools.lru_cache(maxsize=2048)
+def _layout(language: str, kind: str, title: str, severity: str, instruction: str, country_codes: tuple[str, ...],
+            embassy: Embassy | None, issued: str, named: bool, linked: bool, distant: bool) -> _Layout:
+    """The templates rendered with markers for the citizen's values; which of them are present is part
+    of the key (the templates say "Hello," without a name, leave out the link without one)."""
+    words = _environment(html=False).get_template(f"{language}/words.j2").module
+    place = _place(country_codes, language)
+    distance = _DISTANCE if distant else None
+    subject = _one_line(str(words.subject(kind, title, severity)))  # type: ignore[attr-defined]
+    context = {
+        "language": language, "subject": subject, "kind": kind, "title": title, "instruction": instruction,
+        "severity": severity, "place": place, "distance": distance, "name": _NAME if named else "",
+        "embassy": embassy, "reply_url": _REPLY_URL if linked else None, "issued": issued,
+    }
+    text = _environment(html=False).get_template("text.txt").render(context).strip() + "\n"
+    html = _environment(html=True).get_template("body.html").render(context).strip() + "\n"
+    headline = str(words.headline(kind, title, place, distance))  # type: ignore[attr-defined]
+    contact = _one_line(str(words.embassy_short(embassy.name, embassy.phone))) if embassy else ""  # type: ignore[attr-defined]
+    return _Layout(subject, text, html, headline, str(words.reply_sms_short()), contact)  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=4096)
+def _issued(emitted_at: datetime, language: str) -> str:
+    return format_datetime(emitted_at.astimezone(UTC), "d MMM y, HH:mm 'UTC'", tzinfo=UTC, locale=language)
 
 
 def _place(country_codes: tuple[str, ...], language: str) -> str:

@@ -376,3 +376,60 @@ def test_a_dispatcher_killed_mid_stream_and_restarted_delivers_each_warning_once
     assert len(set(webhook_keys)) == 20 and len(set(mail_ids)) == 10
     rows = deliveries(database_url, [w.warning_id for w in warnings])
     assert len(rows) == 30 and {status for status, _, _ in rows.values()} == {"delivered"}
+
+
+def test_two_dispatchers_sharing_the_group_and_a_replay_deliver_each_warning_exactly_once(
+        kafka_bootstrap: str, database_url: str, fresh_topic: Callable[..., str], webhook: WebhookReceiver,
+        mailbox: Mailbox) -> None:
+    """A second dispatcher joining mid-stream takes partitions over while the first is still on their
+    warnings (a rebalance overlap), and every warning is then published again (a replay): nobody was
+    killed, so every receiver sees each key exactly once, and every row is delivered after one attempt."""
+    topic = fresh_topic("warnings")
+    crisis = "cyclone-" + uuid.uuid4().hex[:6]
+    webhook.delay_s = 0.01
+    warnings = [make_warning(add_citizen(database_url, [("webhook", webhook.url(f"/pair/{i}"))]), crisis, seq=i)
+                for i in range(120)]
+    publish(kafka_bootstrap, topic, warnings)
+    settings = settings_for(kafka_bootstrap, database_url, mailbox, dispatch_concurrency=8)
+    group = "dispatch-" + uuid.uuid4().hex[:8]
+    running: list[tuple[threading.Event, threading.Thread]] = []
+    registries: list[CollectorRegistry] = []
+
+    def start() -> None:
+        registries.append(registry := CollectorRegistry())
+        dispatcher = Dispatcher(settings, DispatchMetrics(registry), source_topic=topic, group_id=group, batch_size=20)
+        stop = threading.Event()
+        thread = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
+        thread.start()
+        running.append((stop, thread))
+
+    try:
+        start()
+        wait_for(lambda: len(webhook.keys()) >= 10, what="the first dispatcher under way")
+        start()
+        wait_for(lambda: set(webhook.keys()) >= {w.warning_id for w in warnings}, timeout_s=120, what="every warning")
+
+        def skipped() -> float:
+            return sum(r.get_sample_value("crisiswatch_dispatch_warnings_total", {"outcome": "skipped"}) or 0.0
+                       for r in registries)
+
+        def settled() -> bool:
+            rows_now = deliveries(database_url, [w.warning_id for w in warnings])
+            return len(rows_now) == len(warnings) and {v[0] for v in rows_now.values()} == {"delivered"}
+
+        wait_for(settled, what="every row delivered")
+        time.sleep(1.0)  # the first dispatcher's batches read again after the rebalance are done with
+        before = skipped()  # warnings read again after the rebalance, if any
+        publish(kafka_bootstrap, topic, warnings)  # the replay
+        wait_for(lambda: skipped() >= before + len(warnings), timeout_s=120, what="the replay to be read and skipped")
+        time.sleep(0.5)  # anything sent twice would have arrived by now
+    finally:
+        for stop, _ in running:
+            stop.set()
+        for _, thread in running:
+            thread.join(30)
+            assert not thread.is_alive()
+    counts = Counter(webhook.keys())
+    assert set(counts) == {w.warning_id for w in warnings} and set(counts.values()) == {1}
+    rows = deliveries(database_url, [w.warning_id for w in warnings])
+    assert {v[:2] for v in rows.values()} == {("delivered", 1)}
