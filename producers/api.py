@@ -770,18 +770,42 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
                                   "declare, update or cancel a crisis; everything but geometry has a default "
                                   "(a cancel needs only crisis_id and op)"))
     async def post_crisis(request: Request) -> JSONResponse:
+        return await accept_crisis(request, await body_json(request))
+
+    crisis_update = _body(request_schema("crisis/1", _CRISIS_OPTIONAL),
+                          "the crisis's new version (crisis_id comes from the path; everything but geometry has a default)")
+
+    @app.put("/v1/crises/{crisis_id:path}", status_code=202, dependencies=operator, tags=["operator"],
+             responses={202: {"description": "the crisis/1 event as published"},
+                        **_errors(401, 403, 404, 413, 422, 429, 503)}, openapi_extra=crisis_update)
+    async def put_crisis(crisis_id: str, request: Request) -> JSONResponse:
+        """Update a crisis that exists: 404 for one PostgreSQL does not know."""
         body = await body_json(request)
+        if not isinstance(body, Mapping):
+            raise ApiError(422, "invalid", "expected a JSON object (crisis/1)", "$")
+        return await accept_crisis(request, {**body, "crisis_id": crisis_id, "op": "upsert"}, must_exist=True)
+
+    @app.delete("/v1/crises/{crisis_id:path}", status_code=202, dependencies=operator, tags=["operator"],
+                responses={202: {"description": "the cancel (crisis/1) as published"}, **_errors(401, 403, 404, 429, 503)})
+    async def delete_crisis(crisis_id: str, request: Request) -> JSONResponse:
+        """Cancel a crisis (its citizens get an all-clear): 404 for one PostgreSQL does not know."""
+        return await accept_crisis(request, {"crisis_id": crisis_id, "op": "cancel"})
+
+    async def accept_crisis(request: Request, body: Any, must_exist: bool = False) -> JSONResponse:
+        """Declare (no crisis_id, or a new one the operator chose), update or cancel a crisis. A cancel, and
+        an update through PUT, of a crisis PostgreSQL does not know is a 404."""
         crises = await validated(lambda: parse_crisis(body, clock(), make_crisis_id, rules))
-        if crises[0].op == "cancel" and not await known_crisis(crises[0].crisis_id):
-            raise ApiError(404, "not_found", f"no crisis {crises[0].crisis_id!r} to cancel (a crisis declared a moment "
+        crisis = crises[0]
+        if (crisis.op == "cancel" or must_exist) and not await known_crisis(crisis.crisis_id):
+            what = "cancel" if crisis.op == "cancel" else "update"
+            raise ApiError(404, "not_found", f"no crisis {crisis.crisis_id!r} to {what} (a crisis declared a moment "
                                              "ago reaches the database within seconds: retry then)", "$.crisis_id")
         await publish(_messages(crises, routes.crises))
-        log.info("crisis published", extra={"crisis_id": crises[0].crisis_id, "op": crises[0].op,
-                                             "version": crises[0].version})
-        action = "cancel" if crises[0].op == "cancel" else "update" if "crisis_id" in body else "declare"
-        await audit(request, action, crises[0].crisis_id, {"version": crises[0].version, "severity": crises[0].severity},
+        log.info("crisis published", extra={"crisis_id": crisis.crisis_id, "op": crisis.op, "version": crisis.version})
+        action = "cancel" if crisis.op == "cancel" else "update" if "crisis_id" in body else "declare"
+        await audit(request, action, crisis.crisis_id, {"version": crisis.version, "severity": crisis.severity},
                     required=False)
-        return JSONResponse(crises[0].to_dict(), status_code=202)
+        return JSONResponse(crisis.to_dict(), status_code=202)
 
     async def known_crisis(crisis_id: str) -> bool:
         """Whether PostgreSQL has the crisis. Without a database, or while it is away, a cancel goes

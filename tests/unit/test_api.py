@@ -361,6 +361,39 @@ def test_cancel_needs_only_the_crisis_id(client: TestClient, kafka_bootstrap: st
     assert decode(record.value, Crisis).op == "cancel"
 
 
+class _KnownCrises:
+    """The crisis store's one question PUT and DELETE ask: does PostgreSQL know this crisis?"""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+
+    def versions(self, crisis_id: str) -> list[int]:
+        return [1] if crisis_id in self.known else []
+
+
+def test_put_updates_and_delete_cancels_only_a_crisis_that_exists(settings: Settings, publisher: Publisher,
+                                                                   kafka_bootstrap: str, api_topics: ApiTopics) -> None:
+    known, unknown = new_id("k"), new_id("u")
+    app = create_app(settings, publisher, CollectorRegistry(), fixed_clock, api_topics=api_topics,
+                     crisis_store=_KnownCrises({known}))  # type: ignore[arg-type]
+    api = TestClient(app)
+    area = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.3], [106.9, -6.1], [106.7, -6.1], [106.7, -6.3]]]}
+
+    for refused in (api.put(f"/v1/crises/{unknown}", json={"title": "Flood", "geometry": area}, headers=OPERATOR),
+                    api.delete(f"/v1/crises/{unknown}", headers=OPERATOR)):
+        assert refused.status_code == 404 and refused.json()["error"] == "not_found", refused.text
+    updated = api.put(f"/v1/crises/{known}", json={"title": "Flood, now wider", "geometry": area,
+                                                   "crisis_id": "ignored", "op": "cancel"}, headers=OPERATOR)
+    assert updated.status_code == 202, updated.text
+    assert (updated.json()["crisis_id"], updated.json()["op"], updated.json()["title"]) == (known, "upsert", "Flood, now wider")
+    cancelled = api.delete(f"/v1/crises/{known}", headers=OPERATOR)
+    assert cancelled.status_code == 202 and cancelled.json()["op"] == "cancel"
+    assert api.put(f"/v1/crises/{known}", json=[area], headers=OPERATOR).status_code == 422
+    assert api.delete(f"/v1/crises/{known}", headers=INGEST).status_code == 403
+    records = records_for(kafka_bootstrap, api_topics.crises, {known, unknown}, 2)
+    assert [(r.key.decode(), decode(r.value, Crisis).op) for r in records] == [(known, "upsert"), (known, "cancel")]
+
+
 @pytest.mark.parametrize(("body", "field", "reason"), [
     ({"op": "cancel"}, "$.crisis_id", "must name the crisis_id"),
     ({"title": "no area"}, "$.geometry", "needs a GeoJSON Polygon"),
