@@ -50,12 +50,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pipeline import topics
 from pipeline.accountability import STAGE, AccountabilityRuntime, Rekeyed, Topics, rekey
 from pipeline.app import (
-    FETCH_MAX_WAIT_MS,
     KafkaEmitter,
     Record,
-    _bound_fetch_wait,
-    _rewind_uncommitted,
-    broker_credentials,
+    faust_app,
     finish_or_exit,
     partition_of,
     raw_message,
@@ -96,36 +93,8 @@ def create_accountability_app(settings: Settings, *, registry: CollectorRegistry
                               status_topic: str = topics.CRISIS_STATUS) -> tuple[faust.App, AccountabilityRuntime]:
     registry = registry or CollectorRegistry()
     metrics = DlqMetrics(registry)
-    _bound_fetch_wait(FETCH_MAX_WAIT_MS)
-    _rewind_uncommitted()
-    timeout = settings.rebalance_timeout_s
-    producer_options: dict[str, Any] = {}
-    if settings.producer_max_batch_bytes:
-        producer_options["producer_max_batch_size"] = settings.producer_max_batch_bytes
-    app = faust.App(
-        app_id,
-        broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()],
-        broker_credentials=broker_credentials(settings),
-        store="memory://",
-        key_serializer="raw",
-        value_serializer="raw",
-        topic_partitions=settings.partitions,
-        topic_replication_factor=1,
-        topic_disable_leader=True,
-        table_standby_replicas=0,
-        broker_rebalance_timeout=timeout,
-        broker_session_timeout=max(timeout, 6.0),
-        broker_heartbeat_interval=1.0,
-        broker_commit_interval=1.0,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        web_host=settings.api_host,
-        web_bind=settings.api_host,
-        web_port=settings.accountability_web_port,
-        web_in_thread=False,
-        datadir=str(settings.data_dir / f"accountability-{settings.accountability_web_port}"),
-        **producer_options,
-    )
+    app = faust_app(settings, app_id, settings.accountability_web_port,
+                    f"accountability-{settings.accountability_web_port}")
     names = names or Topics()
     sources = app.topic(*names.all(), key_serializer="raw", value_serializer="raw")
     regrouped = app.topic(regrouped_topic(app_id), key_serializer="raw", value_serializer="raw",

@@ -34,30 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_accountability(settings: Settings, loglevel: str = "info", app_id: str | None = None) -> int:
-    from prometheus_client import CollectorRegistry
-
     from pipeline.accountability_app import APP_ID, create_accountability_app, internal_topics
-    from pipeline.embedded import create_topics
-    from pipeline.health import probe_for
-    from pipeline.worker_cmd import service_worker
+    from pipeline.worker_cmd import run_faust_app
 
     app_id = app_id or APP_ID
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # Created here with the configured partitions: the re-keyed stream must have as many as the crises'
-    # keys are hashed over, and the changelog as many as the table.
-    create_topics(settings.kafka_bootstrap, internal_topics(app_id), settings.partitions, settings.kafka_client_options())
-    registry = CollectorRegistry()
-    probe = probe_for(settings, kafka=True, registry=registry)
-    app, _ = create_accountability_app(settings, app_id=app_id, registry=registry, health=probe)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    probe.start()
-    try:
-        service_worker(app, loglevel).execute_from_commandline()
-    finally:
-        probe.stop()
-    return 0
+    return run_faust_app(settings, loglevel, internal_topics(app_id), lambda registry, probe: create_accountability_app(
+        settings, app_id=app_id, registry=registry, health=probe)[0])

@@ -298,18 +298,19 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
         await consumer.stop()
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
-               clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID,
-               health: HealthProbe | None = None) -> tuple[faust.App, GeofenceRuntime]:
-    registry = registry or CollectorRegistry()
-    metrics = WorkerMetrics(registry)
-    _bound_fetch_wait()
+def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
+              fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS) -> faust.App:
+    """A Faust app configured as every crisiswatch Faust process runs (the worker, the accountability
+    process): raw keys and values, in-memory table stores (their changelogs are the durable copy), the
+    broker's acknowledgement from every replica, short rebalances for the embedded broker, and the web
+    port (``/metrics``, ``/health``) bound to the configured host only."""
+    _bound_fetch_wait(fetch_max_wait_ms)
     _rewind_uncommitted()
     timeout = settings.rebalance_timeout_s
     producer_options: dict[str, Any] = {}
     if settings.producer_max_batch_bytes:
         producer_options["producer_max_batch_size"] = settings.producer_max_batch_bytes
-    app = faust.App(
+    return faust.App(
         app_id,
         broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()],
         broker_credentials=broker_credentials(settings),
@@ -328,11 +329,19 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         producer_acks=-1,
         web_host=settings.api_host,
         web_bind=settings.api_host,  # Faust listens on web_bind (0.0.0.0 unless told); web_host only names it
-        web_port=settings.worker_web_port,
+        web_port=web_port,
         web_in_thread=False,
-        datadir=str(settings.data_dir / f"worker-{settings.worker_web_port}"),
+        datadir=str(settings.data_dir / datadir),
         **producer_options,
     )
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
+               clock: Callable[[], datetime] = utc_now, app_id: str = APP_ID,
+               health: HealthProbe | None = None) -> tuple[faust.App, GeofenceRuntime]:
+    registry = registry or CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    app = faust_app(settings, app_id, settings.worker_web_port, f"worker-{settings.worker_web_port}")
     checkins_topic = app.topic(topics.CHECKINS, key_serializer="raw", value_serializer="raw")
     crisis_topic = app.topic(topics.CRISIS_EVENTS, key_serializer="raw", value_serializer="raw")
     # key_type=bytes makes Faust write and read the changelog keys raw (the citizen id, hashed like the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -32,19 +33,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_worker(settings: Settings, loglevel: str = "info", app_id: str | None = None) -> int:
+    from pipeline.app import APP_ID, create_app, internal_topics
+
+    app_id = app_id or APP_ID
+    return run_faust_app(settings, loglevel, internal_topics(app_id),
+                         lambda registry, probe: create_app(settings, app_id=app_id, registry=registry, health=probe)[0])
+
+
+def run_faust_app(settings: Settings, loglevel: str, own_topics: list[str],
+                  build: Callable[[Any, Any], Any]) -> int:
+    """Run a crisiswatch Faust app (the worker, the accountability process) as a service: its own topics
+    created first with the configured partitions (a changelog must have as many as its table, a re-keyed
+    stream as many as its keys are hashed over), a health probe behind its ``/health``, uvloop."""
     from prometheus_client import CollectorRegistry
 
-    from pipeline.app import APP_ID, changelog_topic, create_app
     from pipeline.embedded import create_topics
     from pipeline.health import probe_for
 
-    app_id = app_id or APP_ID
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    create_topics(settings.kafka_bootstrap, [changelog_topic(app_id)], settings.partitions,
-                  settings.kafka_client_options())
+    create_topics(settings.kafka_bootstrap, own_topics, settings.partitions, settings.kafka_client_options())
     registry = CollectorRegistry()
     probe = probe_for(settings, kafka=True, registry=registry)
-    app, _ = create_app(settings, app_id=app_id, registry=registry, health=probe)
+    app = build(registry, probe)
     try:
         import uvloop
 
