@@ -365,10 +365,15 @@ def publish_plan(settings: Settings, plan: RecoveryPlan, targets: RestoreTargets
     records = [*(outgoing(c, targets.crisis_events) for c in plan.crisis_events),
                *(outgoing(c, targets.citizens) for c in plan.citizens),
                *state_records(plan.states, targets.changelog, changelog_partitions)]
+    publish_acknowledged(settings, records)
+
+
+def publish_acknowledged(settings: Settings, records: Sequence[Outgoing]) -> None:
+    """Publish in chunks, each acknowledged by Kafka (acks=all) before the next; RestoreError if it fails."""
     publisher = Publisher(settings, client_id="crisiswatch-restore", max_batch_bytes=settings.producer_max_batch_bytes)
     try:
         for start in range(0, len(records), PUBLISH_CHUNK):
-            publisher.publish(records[start:start + PUBLISH_CHUNK])
+            publisher.publish(list(records[start:start + PUBLISH_CHUNK]))
     except BrokerUnavailable as exc:
         raise RestoreError(str(exc)) from exc
     finally:
@@ -529,13 +534,6 @@ def restore_standings(settings: Settings, targets: RestoreTargets | None = None,
     _refuse_while_accountability_runs(settings, targets)
     records = standing_records(standings, targets.accountability_changelog,
                                _partitions(settings, targets.accountability_changelog))
-    publisher = Publisher(settings, client_id="crisiswatch-restore", max_batch_bytes=settings.producer_max_batch_bytes)
-    try:
-        for start in range(0, len(records), PUBLISH_CHUNK):
-            publisher.publish(records[start:start + PUBLISH_CHUNK])
-    except BrokerUnavailable as exc:
-        raise RestoreError(str(exc)) from exc
-    finally:
-        publisher.close()
+    publish_acknowledged(settings, records)
     log.info("restored %d accountability standings into %s", len(records), targets.accountability_changelog)
     return len(records)

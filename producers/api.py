@@ -484,6 +484,26 @@ def untracked_field(body: Any, index: int) -> str:
     return "$.citizen_id"
 
 
+S = TypeVar("S")
+
+
+def configured(store: S | None, why: str = "") -> S:
+    """The store, or 503 when the API runs without a database."""
+    if store is None:
+        raise ApiError(503, "unavailable", f"no database is configured for this API (CRISISWATCH_DATABASE_URL){why}",
+                       headers={"Retry-After": "30"})
+    return store
+
+
+async def from_store(store: S | None, read: Callable[[S], T], why: str = "") -> T:
+    """``read(store)`` off the event loop; 503 without a database or while PostgreSQL is unavailable."""
+    found = configured(store, why)
+    try:
+        return await run_in_threadpool(read, found)
+    except StoreUnavailable as exc:
+        raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
 
@@ -820,15 +840,8 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
 
     # CAP out: public alerting, read by other agencies and aggregators, so no token (like every CAP feed).
 
-    async def stored(read: Callable[[CrisisStore], Any]) -> Any:
-        if crisis_store is None:
-            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL)",
-                           headers={"Retry-After": "30"})
-        store = crisis_store
-        try:
-            return await run_in_threadpool(read, store)
-        except StoreUnavailable as exc:
-            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+    async def stored(read: Callable[[CrisisStore], T]) -> T:
+        return await from_store(crisis_store, read)
 
     @app.get("/v1/crises/{crisis_id:path}.cap", tags=["CAP"], response_class=Response,
              responses={200: {"content": {CAP_MEDIA_TYPE: {}}, "description": "the crisis's latest version as a CAP 1.2 alert"},
@@ -853,14 +866,7 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     # Replies, SOS and cases: checked against PostgreSQL (the registry), published to Kafka.
 
     async def looked_up(read: Callable[[ReplyStore], T]) -> T:
-        if reply_store is None:
-            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL); "
-                           "replies, SOS and cases cannot be checked", headers={"Retry-After": "30"})
-        store = reply_store
-        try:
-            return await run_in_threadpool(read, store)
-        except StoreUnavailable as exc:
-            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        return await from_store(reply_store, read, "; replies, SOS and cases cannot be checked")
 
     async def publish_with_case(messages: list[Outgoing], case: Case | None) -> None:
         if case is not None:
@@ -1045,17 +1051,10 @@ def create_app(settings: Settings, publisher: Publisher, registry: CollectorRegi
     # Citizens (operator: minimised view; admin: erasure) and the audit log (admin). Each is audited first.
 
     def registry_store() -> CitizenStore:
-        if citizen_store is None:
-            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL)",
-                           headers={"Retry-After": "30"})
-        return citizen_store
+        return configured(citizen_store)
 
     async def read_registry(read: Callable[[CitizenStore], T]) -> T:
-        store = registry_store()
-        try:
-            return await run_in_threadpool(read, store)
-        except StoreUnavailable as exc:
-            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        return await from_store(citizen_store, read)
 
     @app.get("/v1/citizens/{citizen_id}", dependencies=operator, tags=["operator"],
              responses={200: {"description": "the registration; the location only while inside or near an active crisis"},

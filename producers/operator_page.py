@@ -35,13 +35,12 @@ from importlib.resources.abc import Traversable
 from typing import Any, Final, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from pipeline.domain.accountability import COUNT_NAMES
 from pipeline.domain.map_view import proximity_band
-from producers.api import ApiError, ErrorBody
-from producers.crisis_store import MAX_FEED_ENTRIES, PostgresReader, StoreUnavailable
+from producers.api import ApiError, ErrorBody, from_store
+from producers.crisis_store import MAX_FEED_ENTRIES, PostgresReader
 from schemas import format_time
 
 REFRESH_S: Final = 3.0
@@ -194,14 +193,7 @@ def register_operator_page(app: FastAPI, operator: Sequence[Any], clock: Callabl
     page = files.pop("index.html")
 
     async def read(work: Callable[[OperatorStore], Any]) -> Any:
-        if store is None:
-            raise ApiError(503, "unavailable", "no database is configured for this API (CRISISWATCH_DATABASE_URL)",
-                           headers={"Retry-After": "30"})
-        found = store
-        try:
-            return await run_in_threadpool(work, found)
-        except StoreUnavailable as exc:
-            raise ApiError(503, "database_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        return await from_store(store, work)
 
     @app.get("/operator", include_in_schema=False)
     async def operator_page() -> Response:
