@@ -7,7 +7,9 @@ reason, or a 503 when Kafka is away), and nothing is answered 202 that a later s
 event the API accepted is in PostgreSQL afterwards. ``sent`` is the requests made, ``expected`` the
 distinct events answered 202 (by the key PostgreSQL stores them under), ``stored`` those found in
 PostgreSQL, ``duplicates`` accepted events stored as more than one row, ``lost`` accepted events not
-stored. No process of the stack may exit meanwhile.
+stored. Check-ins of a citizen whose last accepted registration withholds location consent are the
+exception, checked the other way: none of them may be in PostgreSQL. No process of the stack may exit
+meanwhile.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class Ledger:
     statuses: Counter[int] = field(default_factory=Counter)
     server_errors: list[str] = field(default_factory=list)
     accepted: dict[str, set[Key]] = field(default_factory=lambda: {t: set() for t in ("checkins", "citizens", "acks", "crises")})
+    tracking: dict[str, bool] = field(default_factory=dict)  # citizen -> consent of their last accepted registration
+
+    def withheld(self) -> set[Key]:
+        """Accepted check-ins that must not be stored: their citizen's last registration withholds consent
+        (registered later, it deletes what was stored; earlier, the API or the sink refuses them)."""
+        return {k for k in self.accepted["checkins"] if self.tracking.get(k[0]) is False}
 
     def record(self, path: str, request_body: bytes | None, status: int, response_body: bytes) -> None:
         self.requests += 1
@@ -65,7 +73,9 @@ class Ledger:
         if path == "/v1/checkins":
             self.accepted["checkins"] |= {(c.citizen_id, c.observed_at, c.source) for c in parse_checkins(body, datetime.now(UTC))}
         elif path == "/v1/citizens":
-            self.accepted["citizens"].add((parse_citizen(body, datetime.now(UTC)).citizen_id,))
+            citizen = parse_citizen(body, datetime.now(UTC))
+            self.accepted["citizens"].add((citizen.citizen_id,))
+            self.tracking[citizen.citizen_id] = citizen.location_tracking
         elif path == "/v1/acks":
             ack = parse_ack(body, datetime.now(UTC))
             self.accepted["acks"].add((ack.citizen_id, ack.crisis_id, ack.status, ack.channel))
@@ -151,10 +161,17 @@ def test_api_fuzzing_gives_no_5xx_and_loses_nothing_accepted(stack: Stack, scale
     died = dead_children(stack)
     assert not died, f"processes exited during the fuzzing: {died}; see {stack.logs}"
     database_url = settings.database_url.get()
+    withheld = ledger.withheld()
+    ledger.accepted["checkins"] -= withheld
+
+    def kept_without_consent() -> list[Key]:
+        return [k for k in withheld if stored_keys(database_url)["checkins"][k]]
+
     deadline, missing = time.monotonic() + 30.0, missing_from(database_url, ledger.accepted)
-    while any(missing.values()) and time.monotonic() < deadline:
+    while (any(missing.values()) or kept_without_consent()) and time.monotonic() < deadline:
         time.sleep(1.0)
         missing = missing_from(database_url, ledger.accepted)
+    assert not kept_without_consent(), "check-ins of citizens without location_tracking consent are stored"
     stored = stored_keys(database_url)
     expected = sum(len(keys) for keys in ledger.accepted.values())
     lost = sum(len(keys) for keys in missing.values())
