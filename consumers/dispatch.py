@@ -443,6 +443,10 @@ class Dispatcher:
                 self._publisher = Publisher(self.settings, bootstrap=self.bootstrap, client_id="crisiswatch-dispatch-dlq")
             return self._publisher
 
+    def _polled(self) -> None:
+        """Kafka answered a poll: an outage reported while it was away is over."""
+        self.healthy = True
+
     def _outage(self, exc: BaseException, dependency: str = "postgresql") -> None:
         self.healthy = False
         self.metrics.outages.labels(dependency=dependency).inc()
@@ -755,7 +759,7 @@ class Dispatcher:
         is finished first, and nothing past an unsettled warning is committed."""
         try:
             run_consumer(stop, name="dispatcher", handle=self.handle, poll_timeout_s=self.poll_timeout_s,
-                         batch_size=self.batch_size, backoff=self.backoff,
+                         batch_size=self.batch_size, backoff=self.backoff, on_polled=self._polled,
                          on_outage=lambda exc: self._outage(exc, "kafka"),
                          connect=lambda: group_consumer(self.bootstrap, [self.source_topic], self.group_id,
                                                         self.settings.kafka_client_options(), self.timeouts),

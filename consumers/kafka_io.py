@@ -145,6 +145,7 @@ def run_consumer(stop: threading.Event, *, name: str, connect: Callable[[], Any]
                  handle: Callable[[Sequence[Message], threading.Event], None], poll_timeout_s: float, batch_size: int,
                  backoff: Backoff = DEFAULT_BACKOFF, on_outage: Callable[[BaseException], None] = lambda exc: None,
                  after_poll: Callable[[threading.Event], object] | None = None,
+                 on_polled: Callable[[], None] = lambda: None,
                  log_extra: Mapping[str, Any] | None = None) -> None:
     """A consumer stage's loop, until ``stop`` is set: connect (``connect`` makes the kafka-python
     consumer; retried with ``backoff`` while Kafka is down), then poll a batch, ``handle`` it, and
@@ -155,8 +156,9 @@ def run_consumer(stop: threading.Event, *, name: str, connect: Callable[[], Any]
     polled again. ``handle`` retries its own outages; when asked to stop meanwhile it raises
     :class:`Stopped`, and the loop ends without committing (the batch is redelivered). Anything else
     ``handle`` raises propagates (the process exits and is restarted on the same offsets).
-    ``after_poll`` runs after each poll, batch or none (the sink's retention sweep). The consumer is
-    closed without committing, whatever ends the loop."""
+    ``on_polled`` is told of each poll that succeeded (Kafka answers again: a stage that reported an
+    outage is healthy again even if nothing arrives), ``after_poll`` runs after each poll, batch or none
+    (the sink's retention sweep). The consumer is closed without committing, whatever ends the loop."""
     from kafka.errors import KafkaError
 
     consumer: Any = None
@@ -172,6 +174,7 @@ def run_consumer(stop: threading.Event, *, name: str, connect: Callable[[], Any]
                 log.warning("poll failed", extra={"error": repr(exc), "stage": name})
                 stop.wait(backoff.initial_s)
                 continue
+            on_polled()
             if messages:
                 handle(messages, stop)
                 commit(consumer, messages)

@@ -111,6 +111,10 @@ class WarningRouter:
         self._known_topics: set[str] = set()
         self.healthy = True
 
+    def _polled(self) -> None:
+        """Kafka answered a poll: an outage reported while it was away is over."""
+        self.healthy = True
+
     def _outage(self, exc: BaseException) -> None:
         self.healthy = False
 
@@ -158,7 +162,7 @@ class WarningRouter:
         """Consume until ``stop`` is set (:func:`consumers.kafka_io.run_consumer`)."""
         try:
             run_consumer(stop, name="router", handle=self.handle, poll_timeout_s=self.poll_timeout_s,
-                         batch_size=self.batch_size, backoff=self.backoff, on_outage=self._outage,
+                         batch_size=self.batch_size, backoff=self.backoff, on_outage=self._outage, on_polled=self._polled,
                          connect=lambda: group_consumer(self.bootstrap, [self.source_topic], self.group_id,
                                                         self.settings.kafka_client_options(), self.timeouts),
                          log_extra={"topic": self.source_topic, "group": self.group_id})

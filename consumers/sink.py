@@ -564,6 +564,10 @@ class PostgresSink:
         self._next_purge = 0.0
         self.healthy = True
 
+    def _polled(self) -> None:
+        """Kafka answered a poll: an outage reported while it was away is over."""
+        self.healthy = True
+
     def _outage(self, exc: BaseException) -> None:
         self.healthy = False
         self.metrics.errors.inc()
@@ -636,7 +640,8 @@ class PostgresSink:
         try:
             run_consumer(stop, name="sink", connect=self._connect, handle=self.handle, poll_timeout_s=self.poll_timeout_s,
                          batch_size=self.batch_size, backoff=self.backoff, on_outage=self._outage,
-                         after_poll=self.purge_due, log_extra={"topics": sorted(self.models), "group": self.group_id})
+                         after_poll=self.purge_due, on_polled=self._polled,
+                         log_extra={"topics": sorted(self.models), "group": self.group_id})
         finally:
             self.store.close()
             if self._own_publisher:

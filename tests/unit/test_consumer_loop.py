@@ -92,6 +92,16 @@ def test_a_failed_poll_is_an_outage_waited_out_and_the_next_poll_goes_on() -> No
     assert handled == [5] and consumer.committed == [{("w", 0): 6}]
 
 
+def test_a_poll_that_succeeds_after_an_outage_says_so_even_when_nothing_arrives() -> None:
+    stop = threading.Event()
+    consumer = FakeConsumer([[], KafkaConnectionError("broker away"), KafkaConnectionError("still away"), []], stop)
+    said: list[str] = []
+    run_consumer(stop, name="test", connect=lambda: consumer, handle=lambda ms, _: None, poll_timeout_s=0.01,
+                 batch_size=10, backoff=FAST, on_outage=lambda exc: said.append("outage"),
+                 on_polled=lambda: said.append("polled"))
+    assert said == ["polled", "outage", "outage", "polled"]
+
+
 def test_connect_is_retried_while_kafka_is_down() -> None:
     stop = threading.Event()
     consumer = FakeConsumer([records("w", 0, 0)], stop)
