@@ -279,5 +279,5 @@ def test_a_child_that_keeps_dying_stops_up_with_one_line_naming_it(up: Up, tmp_p
     log = tmp_path / "data" / "logs" / "sink.log"
     assert up.later[-1] == f"crisiswatch up: stopped: sink exited with code -9, 3 times within 60s; see {log}"
     assert all(line.startswith("crisiswatch up: sink exited with code -9; restarting it") for line in up.later[:-1]), \
-        up.later
+        "\n".join(up.later)
     assert wait_closed(up.all_ports()) == []
