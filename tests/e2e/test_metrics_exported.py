@@ -14,16 +14,12 @@ that is the process being quiet, not the metric missing."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.embedded import free_port
 from tests import deploy_queries
+from tests.stack_helpers import WebhookReceiver, banner_token, bare_env, start_up
 
 pytestmark = pytest.mark.e2e
 
@@ -43,25 +40,13 @@ class Stack:
     """``crisiswatch up`` in a child process, read until its banner is complete."""
 
     def __init__(self, data_dir: Path, feeds_config: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CRISISWATCH_")}
-        env["CRISISWATCH_DATA_DIR"] = str(data_dir)
-        env.update({"CRISISWATCH_API_PORT": str(free_port()), "CRISISWATCH_WORKER_WEB_PORT": str(free_port()),
-                    "CRISISWATCH_SINK_METRICS_PORT": str(free_port()),
-                    "CRISISWATCH_DISPATCH_METRICS_PORT": str(free_port())})
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "up", "--feeds", str(feeds_config)],
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.banner = ""
-        deadline = time.monotonic() + 120
-        assert self.process.stdout is not None
-        while "Ctrl-C stops everything." not in self.banner:
-            line = self.process.stdout.readline()
-            assert line or self.process.poll() is None, f"up exited: {self.banner}"
-            self.banner += line
-            assert time.monotonic() < deadline, self.banner
+        env = bare_env(CRISISWATCH_DATA_DIR=str(data_dir), CRISISWATCH_API_PORT=str(free_port()),
+                       CRISISWATCH_WORKER_WEB_PORT=str(free_port()), CRISISWATCH_SINK_METRICS_PORT=str(free_port()),
+                       CRISISWATCH_DISPATCH_METRICS_PORT=str(free_port()))
+        self.process, self.banner = start_up(["--feeds", str(feeds_config)], env, timeout_s=120)
         self.metrics_urls = dict(re.findall(r"^\s+(\w[\w ]*?)\s+(http://[\d.]+:\d+)(?:/metrics|\s)", self.banner, re.M))
         self.api = self.metrics_urls["ingest API"]
-        self.ingest_token = re.search(r"ingest\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
-        self.operator_token = re.search(r"operator\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
+        self.ingest_token, self.operator_token = banner_token(self.banner, "ingest"), banner_token(self.banner, "operator")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -126,31 +111,6 @@ def post(stack: Stack, path: str, token: str, body: dict[str, Any]) -> int:
         return int(exc.code)
 
 
-class Receiver:
-    """A citizen's webhook on loopback: answers 200 and counts what it received."""
-
-    def __init__(self) -> None:
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -158,12 +118,12 @@ def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 90) -> Non
         time.sleep(0.5)
 
 
-def a_crisis_unfolds(stack: Stack, receiver: Receiver) -> None:
+def a_crisis_unfolds(stack: Stack, receiver: WebhookReceiver) -> None:
     """Two citizens register with a webhook; one checks in in Paris, a crisis is declared around them
     (the sweep warns them), then the other walks in (the check-in warns them)."""
     for n in (1, 2):
         citizen = {"schema": "citizen/1", "citizen_id": f"metrics-e2e-{n}", "name": "Camille Test", "nationality": "FR",
-                   "language": "fr", "channels": [{"type": "webhook", "address": receiver.url}], "emergency_contacts": [],
+                   "language": "fr", "channels": [{"type": "webhook", "address": receiver.url("/hook")}], "emergency_contacts": [],
                    "consent": {"location_tracking": True}}
         assert post(stack, "/v1/citizens", stack.ingest_token, citizen) == 202
     wait_for("the citizens in PostgreSQL", lambda: sum(values(stack, "sink", "crisiswatch_sink_rows_written_total")) >= 2)
@@ -185,7 +145,7 @@ def a_crisis_unfolds(stack: Stack, receiver: Receiver) -> None:
 
 def test_every_metric_the_dashboard_and_alerts_query_is_served_by_a_running_process(stack: Stack) -> None:
     assert {"ingest API", "worker", "sink", "dispatch", "feeds"} <= set(stack.metrics_urls), stack.banner
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     try:
         a_crisis_unfolds(stack, receiver)
     finally:

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from shapely.geometry import shape
 
-from pipeline.embedded import apply_migrations, free_port
+from pipeline.embedded import free_port
 from pipeline.settings import Settings
 from pipeline.stack import Stack, running_stack
+from tests.stack_helpers import new_database
 
 pytestmark = pytest.mark.e2e
 
@@ -81,11 +81,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def stack(browser: Any, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A database of this module's own on the session's server: the page lists every active crisis.
-    name = "page_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = psycopg.conninfo.make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
+    url = new_database(database_url, "page")
     data_dir: Path = tmp_path_factory.mktemp("operator-page")
     env = {"CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_DATABASE_URL": url,
            "CRISISWATCH_API_PORT": str(free_port()), "CRISISWATCH_WORKER_WEB_PORT": str(free_port()),

@@ -12,8 +12,6 @@ import re
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -28,6 +26,7 @@ from consumers.kafka_io import read_topic
 from pipeline.embedded import free_port
 from pipeline.observability import read_metric
 from schemas import Warning, decode
+from tests.stack_helpers import banner_token, bare_env, start_up
 
 pytestmark = pytest.mark.e2e
 
@@ -40,26 +39,14 @@ def listening(port: int) -> bool:
 
 class Up:
     def __init__(self, data_dir: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CRISISWATCH_")}
-        env["CRISISWATCH_DATA_DIR"] = str(data_dir)
         # ports of its own: other stacks on this machine may come and go on the default ones
-        env.update({"CRISISWATCH_API_PORT": str(free_port()), "CRISISWATCH_WORKER_WEB_PORT": str(free_port()),
-                    "CRISISWATCH_SINK_METRICS_PORT": str(free_port())})
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "up"], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        self.banner = ""
-        deadline = time.monotonic() + 90
-        assert self.process.stdout is not None
-        while "Ctrl-C stops everything." not in self.banner:
-            line = self.process.stdout.readline()
-            assert line or self.process.poll() is None, f"up exited: {self.banner}"
-            self.banner += line
-            assert time.monotonic() < deadline, self.banner
+        env = bare_env(CRISISWATCH_DATA_DIR=str(data_dir), CRISISWATCH_API_PORT=str(free_port()),
+                       CRISISWATCH_WORKER_WEB_PORT=str(free_port()), CRISISWATCH_SINK_METRICS_PORT=str(free_port()))
+        self.process, self.banner = start_up([], env, timeout_s=90)
         self.ports = {name: int(port) for name, port in
                       re.findall(r"^\s+(ingest API|worker|accountability|sink|dispatch)\s+http://127\.0\.0\.1:(\d+)", self.banner, re.M)}
         self.kafka_port = int(re.search(r"kafka\s+127\.0\.0\.1:(\d+)", self.banner).group(1))  # type: ignore[union-attr]
-        self.ingest_token = re.search(r"ingest\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
-        self.operator_token = re.search(r"operator\s+(\S+)$", self.banner, re.M).group(1)  # type: ignore[union-attr]
+        self.ingest_token, self.operator_token = banner_token(self.banner, "ingest"), banner_token(self.banner, "operator")
         self.later: list[str] = []  # what up prints after the banner
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests import stack_helpers
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,8 +30,7 @@ JAKARTA = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.3], [10
 
 def bare_env() -> dict[str, str]:
     """The environment of a user who configured nothing."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRISISWATCH_")}
-    return {**env, "PYTHONPATH": str(REPO)}
+    return stack_helpers.bare_env(PYTHONPATH=str(REPO))
 
 
 def crisiswatch(cwd: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -39,16 +39,7 @@ def crisiswatch(cwd: Path, *args: str, timeout_s: float = 120) -> subprocess.Com
 
 
 def start_up(cwd: Path) -> tuple[subprocess.Popen[str], str]:
-    up = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "up"], cwd=cwd, env=bare_env(), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    banner, deadline = "", time.monotonic() + 120
-    assert up.stdout is not None
-    while "Ctrl-C stops everything." not in banner:
-        line = up.stdout.readline()
-        assert line or up.poll() is None, f"up exited: {banner}"
-        banner += line
-        assert time.monotonic() < deadline, banner
-    return up, banner
+    return stack_helpers.start_up([], bare_env(), timeout_s=120, cwd=cwd)
 
 
 def post(url: str, token: str, body: object) -> int:

@@ -11,42 +11,38 @@ active crisis."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import psycopg.conninfo
 import pytest
-from prometheus_client import CollectorRegistry
-from psycopg import sql
 
-from consumers.dispatch import Dispatcher
 from consumers.escalate import Escalator
 from consumers.kafka_io import read_topic
 from pipeline import topics
 from pipeline.accountability import SEPARATOR
 from pipeline.accountability_app import table_changelog_topic
-from pipeline.domain.accountability import COUNT_NAMES, COUNTS_SQL
+from pipeline.domain.accountability import COUNT_NAMES
 from pipeline.domain.escalation import parse_rules
-from pipeline.domain.ids import warning_id
-from pipeline.embedded import EmbeddedBroker, apply_migrations, create_topics, ensure_topics, free_port
-from pipeline.metrics import DispatchMetrics
-from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
-from pipeline.testing import VerbProcess, make_crisis, records_for, square
-from producers.publisher import Publisher, outgoing
-from schemas import Ack, Channel, Citizen, Crisis, CrisisStatus, Warning, decode
+from pipeline.stack import internal_topics
+from pipeline.testing import make_crisis, records_for, square
+from producers.publisher import outgoing
+from schemas import Ack, Channel, Citizen, CrisisStatus, decode
 from schemas.models import WarningKind
+from tests.stack_helpers import (
+    ACCOUNTABILITY_ENV,
+    ProcessStack,
+    WebhookReceiver,
+    dispatching,
+    new_database,
+    rows,
+    sql_counts,
+    stored_counts,
+    waiter,
+    warning_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,70 +51,11 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 @pytest.fixture(scope="module")
 def own_database(database_url: str) -> str:
-    name = f"acctrestore_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
-    return url
+    return new_database(database_url, "acctrestore")
 
 
-class Receiver:
-    """Answers every POST with 200, except on the paths in ``failing`` (500)."""
-
-    def __init__(self, failing: set[str]) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.send_response(500 if self.path in failing else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class Stage:
+class Stage(ProcessStack):
     """One broker with the sink and the accountability process, on the module's database."""
-
-    def __init__(self, database_url: str, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
-        ensure_topics(self.broker.bootstrap, 4, extra=internal_topics())  # as `crisiswatch up` does
-        create_topics(self.broker.bootstrap, ["cases.ID"], 4)
-        accountability_port, sink_port = free_port(), free_port()
-        self.settings = Settings.from_env({
-            "CRISISWATCH_KAFKA_BOOTSTRAP": self.broker.bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
-            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_ACCOUNTABILITY_WEB_PORT": str(accountability_port),
-            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_STATUS_INTERVAL_S": "0.5",
-            "CRISISWATCH_DISPATCH_MAX_ATTEMPTS": "2", "CRISISWATCH_DISPATCH_RETRY_INITIAL_S": "0.05",
-            "CRISISWATCH_DISPATCH_RETRY_MAX_S": "0.1", "CRISISWATCH_WEBHOOK_SECRET": "test-secret",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
-        self.env = {**os.environ, **self.settings.env()}
-        self.accountability = VerbProcess("accountability", self.env, data_dir / "accountability.log",
-                                          accountability_port)
-        self.sink = VerbProcess("sink", self.env, data_dir / "sink.log", sink_port)
-        self.publisher = Publisher(self.settings)
-
-    def close(self) -> None:
-        self.publisher.close()
-        self.accountability.stop()
-        self.sink.stop()
-        self.broker.stop()
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=120, check=False)
 
     def statuses(self, crisis_id: str, until: Callable[[list[CrisisStatus]], bool],
                  timeout_s: float = 90) -> list[CrisisStatus]:
@@ -130,55 +67,16 @@ class Stage:
                                timeout_s))
 
 
-@contextmanager
-def dispatching(settings: Settings) -> Iterator[None]:
-    dispatcher = Dispatcher(settings, DispatchMetrics(CollectorRegistry()), group_id="dispatch-" + uuid.uuid4().hex[:8])
-    stop = threading.Event()
-    thread = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not thread.is_alive()
+def stage(database_url: str, data_dir: Path) -> Stage:
+    return Stage.on_own_broker(database_url, data_dir, extra_topics=[*internal_topics(), "cases.ID"],
+                               verbs=("sink", "accountability"), env=ACCOUNTABILITY_ENV)
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 120.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-    return result
+wait_for = waiter(120.0, every_s=0.3)
 
 
 def counts_of(status: CrisisStatus) -> dict[str, int]:
     return {name: getattr(status, name) for name in COUNT_NAMES}
-
-
-def sql_counts(database_url: str, crisis_id: str) -> dict[str, int]:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(COUNTS_SQL, {"crisis_id": crisis_id}).fetchone()
-    assert row is not None
-    return dict(zip(COUNT_NAMES, (int(v) for v in row), strict=True))
-
-
-def stored_counts(database_url: str, crisis_id: str) -> dict[str, int] | None:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(f"SELECT {', '.join(COUNT_NAMES)} FROM crisis_status WHERE crisis_id = %s",
-                           (crisis_id,)).fetchone()
-    return None if row is None else dict(zip(COUNT_NAMES, (int(v) for v in row), strict=True))
-
-
-def rows(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(database_url) as conn:
-        return list(conn.execute(query, params).fetchall())
-
-
-def warning_for(citizen_id: str, crisis: Crisis, kind: WarningKind, at: datetime, seq: int = 0) -> Warning:
-    return Warning(warning_id(citizen_id, crisis.crisis_id, crisis.version, kind, seq), citizen_id, crisis.crisis_id,
-                   crisis.version, kind, crisis.severity, crisis.title, "Move to high ground",
-                   2.5 if kind == "near" else 0.0, -6.2, 106.8, at, at, crisis.country_codes)
 
 
 def test_a_restarted_accountability_process_publishes_the_counts_it_published_before_the_broker_was_lost(
@@ -186,7 +84,7 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
     tag = uuid.uuid4().hex[:8]
     crisis = make_crisis(f"ar-{tag}", square(106.8, -6.2, 0.2), severity="severe",
                          effective=NOW - timedelta(hours=1), country_codes=("ID",))
-    receiver = Receiver(failing={"/c-3"})  # citizen 3's only channel always fails: unreached
+    receiver = WebhookReceiver(failing={"/c-3"})  # citizen 3's only channel always fails: unreached
     people = [Citizen(f"a{tag}-{n}", f"Citizen {n}", "ID", "en", (Channel("webhook", receiver.url(f"/c-{n}")),), (),
                       True, None) for n in range(6)]
     at = NOW - timedelta(minutes=30)
@@ -197,7 +95,7 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
     expected = {"inside": 4, "near": 1, "warned": 6, "delivered": 5, "safe": 1, "need_help": 1, "unreached": 1,
                 "escalated": 3}
 
-    first = Stage(own_database, tmp_path / "first")
+    first = stage(own_database, tmp_path / "first")
     try:
         first.sink.start()
         first.accountability.start()
@@ -228,7 +126,7 @@ def test_a_restarted_accountability_process_publishes_the_counts_it_published_be
         receiver.close()
 
     # The broker is gone with every topic; PostgreSQL keeps what the sink and the dispatcher recorded.
-    second = Stage(own_database, tmp_path / "second")
+    second = stage(own_database, tmp_path / "second")
     try:
         dry = second.cli("restore", "--dry-run")
         assert dry.returncode == 0 and dry.stdout.strip().endswith(", 6 accountability standings"), dry

@@ -4,84 +4,44 @@ alone; ``crisiswatch sink`` stores every check-in; a check-in in a batch on the 
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from consumers.kafka_io import read_topic
 from pipeline.app import changelog_topic
-from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
-from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
-from pipeline.testing import VerbProcess, make_checkin, make_crisis, square
-from producers.publisher import Outgoing, Publisher, partition_of
+from pipeline.testing import make_checkin, make_crisis, square
+from producers.publisher import Outgoing, partition_of
 from schemas import Warning, decode, encode
 from schemas.fast import encode_checkin_batch
+from tests.stack_helpers import WORKER_ENV, ProcessStack, started
 
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 4
 
 
-class Stack:
-    def __init__(self, bootstrap: str, database_url: str, data_dir: Path) -> None:
-        worker_port, sink_port = free_port(), free_port()
-        self.settings = Settings.from_env({
-            "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
-            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
-            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PARTITIONS": str(PARTITIONS),
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
-        env = {**os.environ, **self.settings.env()}
-        self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
-        self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)
-        self.publisher = Publisher(self.settings)
-
-    def active_crises(self) -> int:
-        with urllib.request.urlopen(self.worker.health, timeout=5) as response:
-            return int(json.loads(response.read())["active_crises"])
-
-
 @pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("batch-flow")
-    broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
-    ensure_topics(broker.bootstrap, PARTITIONS, extra=[changelog_topic()])
-    s = Stack(broker.bootstrap, database_url, data_dir)
-    try:
-        s.sink.start()
-        s.worker.start()
-        yield s
-    finally:
-        s.publisher.close()
-        s.worker.stop()
-        s.sink.stop()
-        broker.stop()
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:
+    yield from started(ProcessStack.on_own_broker(
+        database_url, tmp_path_factory.mktemp("batch-flow"), extra_topics=[changelog_topic()], partitions=PARTITIONS,
+        env={**WORKER_ENV, "CRISISWATCH_PARTITIONS": str(PARTITIONS)}))
 
 
-def stored(stack: Stack, prefix: str) -> list[str]:
+def stored(stack: ProcessStack, prefix: str) -> list[str]:
     with psycopg.connect(stack.settings.database_url.get()) as conn:
         return [r[0] for r in conn.execute("SELECT citizen_id FROM checkins WHERE citizen_id LIKE %s", (prefix + "%",))]
 
 
-def test_every_checkin_of_a_batch_is_geofenced_once_and_stored(stack: Stack) -> None:
+def test_every_checkin_of_a_batch_is_geofenced_once_and_stored(stack: ProcessStack) -> None:
     prefix = f"cb{uuid.uuid4().hex[:6]}-"
     now = datetime.now(UTC)
-    before = stack.active_crises()
-    stack.publisher.publish_events([make_crisis(prefix + "flood", square(30.0, 10.0, 0.5), effective=now)])
-    deadline = time.monotonic() + 30
-    while stack.active_crises() <= before:
-        assert time.monotonic() < deadline, "the worker never saw the crisis"
-        time.sleep(0.1)
+    stack.publish_crisis_and_wait(make_crisis(prefix + "flood", square(30.0, 10.0, 0.5), effective=now))
 
     inside = [make_checkin(f"{prefix}in-{i}", 10.0, 30.0 + i * 1e-3, observed_at=now) for i in range(30)]
     outside = [make_checkin(f"{prefix}out-{i}", -40.0, -60.0, observed_at=now) for i in range(30)]

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from pipeline.testing import VerbProcess
 from producers.publisher import Publisher, outgoing
 from schemas import Warning
 from schemas.models import WarningKind
+from tests.stack_helpers import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -50,67 +50,7 @@ T0 = datetime(2025, 3, 1, 8, 30, tzinfo=UTC)
 # --- receivers ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-@dataclass
-class WebhookReceiver:
-    """Records every POST; answers ``failures[path]`` (a list of statuses, consumed in order) first."""
-
-    server: ThreadingHTTPServer
-    received: list[Received] = field(default_factory=list)
-    failures: dict[str, list[int]] = field(default_factory=dict)
-    always_fail: set[str] = field(default_factory=set)
-    delay_s: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    def for_path(self, path: str) -> list[Received]:
-        with self.lock:
-            return [r for r in self.received if r.path == path]
-
-    def keys(self) -> list[str]:
-        with self.lock:
-            return [r.headers[IDEMPOTENCY_HEADER] for r in self.received]
-
-
-@pytest.fixture
-def webhook() -> Iterator[WebhookReceiver]:
-    holder: list[WebhookReceiver] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            receiver = holder[0]
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if receiver.delay_s:
-                time.sleep(receiver.delay_s)
-            with receiver.lock:
-                receiver.received.append(Received(self.path, dict(self.headers.items()), body, time.monotonic()))
-                pending = receiver.failures.get(self.path)
-                status = 500 if self.path in receiver.always_fail else (pending.pop(0) if pending else 200)
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    holder.append(WebhookReceiver(server))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield holder[0]
-    finally:
-        server.shutdown()
-        server.server_close()
+# The webhook: the ``webhook`` fixture (tests/integration/conftest.py), a WebhookReceiver.
 
 
 @dataclass
@@ -261,7 +201,7 @@ def test_a_failing_webhook_falls_back_to_email_and_the_all_clear_comes_after_its
     topic = fresh_topic("warnings")
     crisis = "flood-" + uuid.uuid4().hex[:6]
     address = f"{uuid.uuid4().hex[:8]}@example.org"
-    webhook.always_fail.add("/down")
+    webhook.failing.add("/down")
     falls_back = add_citizen(database_url, [("webhook", webhook.url("/down")), ("email", address)])
     webhook.failures["/flaky"] = [503, 429]  # transient twice, then delivered (3 attempts allowed)
     flaky = add_citizen(database_url, [("webhook", webhook.url("/flaky"))])

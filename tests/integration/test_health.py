@@ -21,11 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from consumers.sink_cmd import run_sink
 from pipeline.app import changelog_topic
@@ -33,6 +30,7 @@ from pipeline.embedded import EmbeddedBroker, EmbeddedPostgres, apply_migrations
 from pipeline.observability import read_metric
 from pipeline.settings import Secret, Settings
 from producers.api_cmd import ApiServer
+from tests.stack_helpers import new_database
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +67,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture
 def own_database(database_url: str) -> str:
-    name = f"health_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
-    return url
+    return new_database(database_url, "health")
 
 
 def health(url: str) -> tuple[int, dict[str, Any]]:

@@ -5,21 +5,15 @@ citizens of one active crisis — exactly those whose latest warning there says 
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from consumers.sink import (
     CASES_TABLE,
     CRISES_TABLE,
     CRISIS_STATUS_TABLE,
     WARNINGS_TABLE,
-    TableSpec,
     case_row,
     crisis_row,
     crisis_status_row,
@@ -27,12 +21,12 @@ from consumers.sink import (
 )
 from pipeline.domain.cases import new_case
 from pipeline.domain.ids import warning_id
-from pipeline.embedded import apply_migrations
 from pipeline.testing import make_crisis, square
 from producers.crisis_store import StoreUnavailable
 from producers.operator_page import NotActive, PostgresOperatorStore
 from schemas import Crisis, CrisisStatus, Warning
 from schemas.models import WarningKind
+from tests.stack_helpers import insert, new_database
 
 pytestmark = pytest.mark.integration
 
@@ -42,21 +36,7 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 @pytest.fixture
 def own_database(database_url: str) -> str:
     """A database of this test's own: the overview lists every active crisis and the latest warnings."""
-    name = "opstore_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = psycopg.conninfo.make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
-    return url
-
-
-def insert(url: str, spec: TableSpec, row: tuple[Any, ...]) -> None:
-    values = tuple(Jsonb(v) if c in spec.jsonb and v is not None else v for c, v in zip(spec.columns, row, strict=True))
-    query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-        sql.Identifier(spec.name), sql.SQL(", ").join(map(sql.Identifier, spec.columns)),
-        sql.SQL(", ").join(sql.Placeholder() * len(spec.columns)))
-    with psycopg.connect(url) as conn:
-        conn.execute(query, values)
+    return new_database(database_url, "opstore")
 
 
 def warn(url: str, citizen_id: str, crisis: Crisis, kind: WarningKind, minutes_ago: int, lat: float, distance: float = 0.0) -> None:

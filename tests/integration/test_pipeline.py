@@ -5,15 +5,15 @@ production; this module has a broker of its own so no other test's check-ins rea
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,58 +22,23 @@ from consumers.kafka_io import read_topic
 from pipeline.app import changelog_topic
 from pipeline.domain.timeline import Timeline
 from pipeline.domain.tracking import GeofenceConfig
-from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.observability import read_metric
-from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess, make_checkin, make_crisis, square
-from producers.publisher import Publisher
-from schemas import Checkin, Crisis, Warning, decode
+from schemas import Checkin, Warning
+from tests.stack_helpers import WORKER_ENV, ProcessStack, started
 
 pytestmark = pytest.mark.integration
 
 DWELL_S = 1.0
 
 
+class Pipeline(ProcessStack):
+    warnings_timeout_s = 40.0
 
-
-
-class Pipeline:
-    def __init__(self, bootstrap: str, database_url: str, data_dir: Path) -> None:
-        worker_port, sink_port = free_port(), free_port()
-        self.settings = Settings.from_env({
-            "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
-            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
-            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_DWELL_SECONDS": str(DWELL_S),
-            "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
-        env = {**os.environ, **self.settings.env()}
-        self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
-        self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)
-        self.publisher = Publisher(self.settings)
+    def __init__(self, bootstrap: str, database_url: str, data_dir: Path, **kwargs: Any) -> None:
+        super().__init__(bootstrap, database_url, data_dir, env={**WORKER_ENV, "CRISISWATCH_DWELL_SECONDS": str(DWELL_S)},
+                         **kwargs)
         self.config = GeofenceConfig(self.settings.hysteresis_m, DWELL_S)
-
-    def warnings(self, prefix: str, until: Callable[[list[Warning]], bool], timeout_s: float = 40) -> list[Warning]:
-        def mine(messages: list) -> list[Warning]:  # type: ignore[type-arg]
-            decoded = (decode(m.value, Warning) for m in messages)
-            return [w for w in decoded if w.citizen_id.startswith(prefix)]
-
-        return mine(read_topic(self.settings.kafka_bootstrap, "warnings", lambda seen: until(mine(seen)), timeout_s))
-
-    def active_crises(self) -> int:
-        with urllib.request.urlopen(self.worker.health, timeout=5) as response:
-            return int(json.loads(response.read())["active_crises"])
-
-    def publish_crisis_and_wait(self, crisis: Crisis) -> None:
-        """Publish a crisis and wait until the worker holds it: check-ins published after that are
-        geofenced against it (before, a citizen already inside is warned 'inside' by the sweep, not
-        'entered' — right, but not what these tests pin down)."""
-        before = self.active_crises()
-        self.publisher.publish_events([crisis])
-        deadline = time.monotonic() + 30
-        while self.active_crises() <= before:
-            assert time.monotonic() < deadline, "the worker never saw the crisis"
-            time.sleep(0.1)
 
     def rows(self, prefix: str) -> list[tuple[str, str, str, int]]:
         with psycopg.connect(self.settings.database_url.get()) as conn:
@@ -93,19 +58,8 @@ class Pipeline:
 
 @pytest.fixture(scope="module")
 def pipeline(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    data_dir = tmp_path_factory.mktemp("pipeline")
-    broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
-    ensure_topics(broker.bootstrap, 4, extra=[changelog_topic()])
-    p = Pipeline(broker.bootstrap, database_url, data_dir)
-    try:
-        p.sink.start()
-        p.worker.start()
-        yield p
-    finally:
-        p.publisher.close()
-        p.worker.stop()
-        p.sink.stop()
-        broker.stop()
+    yield from started(Pipeline.on_own_broker(database_url, tmp_path_factory.mktemp("pipeline"),
+                                              extra_topics=[changelog_topic()]))
 
 
 def metrics_url(proc: VerbProcess) -> str:
@@ -222,7 +176,6 @@ def test_worker_restart_mid_stream_loses_and_duplicates_nothing(pipeline: Pipeli
     assert Counter(r[2] for r in rows) == Counter({"entered": 200, "exited": 200})
 
 
-
 def health(proc: VerbProcess) -> dict:  # type: ignore[type-arg]
     with urllib.request.urlopen(proc.health, timeout=5) as response:
         return dict(json.loads(response.read()))
@@ -233,10 +186,7 @@ def test_two_workers_share_the_citizens_and_a_leaving_worker_hands_them_over(
     """Scale-out: a second worker joins the group; each sweeps and geofences only the citizens whose
     partitions it owns, so each warning is sent once. Then it leaves, and the first worker takes its
     partitions over with the citizens' recovered states: their exits are warned, once."""
-    port = free_port()
-    second = VerbProcess("worker", {**pipeline.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
-                             "CRISISWATCH_DATA_DIR": str(tmp_path)},
-                  tmp_path / "worker-2.log", port)
+    second = pipeline.another_worker(tmp_path)
     second.start()
     try:
         deadline = time.monotonic() + 60

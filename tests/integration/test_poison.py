@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from consumers.kafka_io import Message, read_topic
 from pipeline import topics
 from pipeline.app import changelog_topic
 from pipeline.dlq import DEFAULT_MAX_PAYLOAD_BYTES
-from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.observability import read_metric
-from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess, make_checkin, make_crisis, square
-from producers.publisher import Publisher
 from schemas import Warning, decode, encode
+from tests.stack_helpers import WORKER_ENV, ProcessStack, count, started, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,32 +36,19 @@ DEEP = 5000
 OVER_1_MB = 1_100_000
 
 
+class Stack(ProcessStack):
+    """The worker and the sink on the module's broker, and a raw producer beside them."""
 
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
-class Stack:
-    def __init__(self, bootstrap: str, database_url: str, data_dir: Path) -> None:
-        worker_port, sink_port = free_port(), free_port()
-        self.settings = Settings.from_env({
-            "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
-            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
-            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
-        env = {**os.environ, **self.settings.env()}
-        self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
-        self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)
-        self.publisher = Publisher(self.settings)
+    def __init__(self, bootstrap: str, database_url: str, data_dir: Path, **kwargs: Any) -> None:
+        super().__init__(bootstrap, database_url, data_dir, env=WORKER_ENV, **kwargs)
         from kafka import KafkaProducer
 
         # Written straight into Kafka, as anyone with access to the topics could: no API, no size limit of ours.
         self.raw = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=4_000_000)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
     def write(self, topic: str, key: bytes, value: bytes) -> None:
         self.raw.send(topic, key=key, value=value).get(timeout=30)
@@ -92,9 +74,7 @@ class Stack:
         return mine(read_topic(self.settings.kafka_bootstrap, topics.WARNINGS, lambda seen: len(mine(seen)) >= count, 60))
 
     def rows(self, query: str, *params: Any) -> int:
-        with psycopg.connect(self.settings.database_url.get()) as conn:
-            row = conn.execute(query.encode(), params).fetchone()
-            return int(row[0]) if row else 0
+        return count(self.settings.database_url.get(), query, *params)
 
     def still_running(self) -> None:
         for proc in (self.worker, self.sink):
@@ -104,20 +84,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("poison")
-    broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
-    ensure_topics(broker.bootstrap, 4, extra=[changelog_topic()])
-    s = Stack(broker.bootstrap, database_url, data_dir)
-    try:
-        s.sink.start()
-        s.worker.start()
-        yield s
-    finally:
-        s.raw.close()
-        s.publisher.close()
-        s.worker.stop()
-        s.sink.stop()
-        broker.stop()
+    yield from started(Stack.on_own_broker(database_url, tmp_path_factory.mktemp("poison"), extra_topics=[changelog_topic()]))
 
 
 def nested(schema: str, depth: int = DEEP) -> bytes:
@@ -213,9 +180,7 @@ def test_crises_that_break_geofencing_once_a_citizen_is_inside_are_dead_lettered
 def test_with_two_workers_a_refused_crisis_is_dead_lettered_once_and_both_go_on(stack: Stack, tmp_path: Path) -> None:
     """Every worker's crisis reader sees every crisis event; only the crisis agent (one member of the
     group per event) dead-letters, and the readers reach its verdict by the same admission."""
-    port = free_port()
-    second = VerbProcess("worker", {**stack.worker.env, "CRISISWATCH_WORKER_WEB_PORT": str(port),
-                             "CRISISWATCH_DATA_DIR": str(tmp_path)}, tmp_path / "worker-2.log", port)
+    second = stack.another_worker(tmp_path)
     second.start()
     try:
         def partitions(proc: VerbProcess) -> set[int]:

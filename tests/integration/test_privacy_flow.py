@@ -5,10 +5,8 @@ tombstones, the sink applying them), the minimised citizen view and export, and 
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,16 +15,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from consumers.escalate import Escalator
-from consumers.kafka_io import Message, read_topic
-from consumers.sink import PostgresSink, SinkTopics
+from consumers.kafka_io import read_topic
+from consumers.sink import SinkTopics
 from pipeline import topics
 from pipeline.domain.escalation import parse_rules
-from pipeline.embedded import apply_migrations
-from pipeline.metrics import SinkMetrics
 from pipeline.settings import Secret, Settings
 from pipeline.testing import records_for
 from producers.api import ApiTopics, create_app
@@ -37,6 +31,7 @@ from producers.operator_page import PostgresOperatorStore
 from producers.publisher import Outgoing, Publisher, outgoing
 from producers.reply_store import PostgresReplyStore
 from schemas import Channel, Checkin, Citizen, Crisis, Warning, decode, encode
+from tests.stack_helpers import count, dead_letters, make_sink, new_database, running, uid, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +42,6 @@ OPERATOR = {"Authorization": "Bearer operator-secret"}
 ADMIN = {"Authorization": "Bearer admin-secret"}
 # Values that must never leave the places they belong in: a test looks for them in what it should not be in.
 NAME, PHONE, LAT, LON = "Sari Wulandari", "+6281200000001", -6.21234, 106.84321
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def citizen(citizen_id: str, tracking: bool = True) -> Citizen:
@@ -74,35 +65,9 @@ def warning(citizen_id: str, crisis_id: str, kind: str, at: datetime = NOW) -> W
                    "Move to higher ground", 0.0, LAT, LON, at, at, ("ID",))
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def count(url: str, query: str, *params: Any) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(query.encode(), params).fetchone()
-        return int(row[0]) if row else 0
-
-
 @pytest.fixture
 def db(database_url: str) -> str:
-    name = f"privacy_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
-    return url
-
-
-@pytest.fixture
-def sink_topics(fresh_topic: Callable[..., str]) -> SinkTopics:
-    return SinkTopics(checkins=fresh_topic("checkins"), citizens=fresh_topic("citizens"),
-                      crisis_events=fresh_topic("crisis-events"), warnings=fresh_topic("warnings"),
-                      acks=fresh_topic("acks"), cases=fresh_topic("cases"))
+    return new_database(database_url, "privacy")
 
 
 @pytest.fixture
@@ -115,17 +80,8 @@ def publisher(kafka_bootstrap: str) -> Iterator[Publisher]:
 @contextmanager
 def running_sink(kafka_bootstrap: str, url: str, sink_topics: SinkTopics) -> Iterator[CollectorRegistry]:
     registry = CollectorRegistry()
-    sink = PostgresSink(Settings(kafka_bootstrap=kafka_bootstrap, database_url=Secret(url)), SinkMetrics(registry),
-                        sink_topics=sink_topics, group_id=uid("privacy-sink"))
-    stop = threading.Event()
-    thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with running(make_sink(kafka_bootstrap, url, sink_topics, registry)):
         yield registry
-    finally:
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive(), "the sink did not stop"
 
 
 @contextmanager
@@ -144,13 +100,6 @@ def api(kafka_bootstrap: str, url: str, sink_topics: SinkTopics, publisher: Publ
     finally:
         for store in stores:
             store.close()
-
-
-def dead_letters(kafka_bootstrap: str, source_topic: str, expected: int) -> list[Message]:
-    def ours(seen: list[Message]) -> list[Message]:
-        return [m for m in seen if dict(m.headers).get(topics.DLQ_SOURCE_TOPIC_HEADER) == source_topic.encode()]
-
-    return ours(read_topic(kafka_bootstrap, topics.DLQ, lambda seen: len(ours(seen)) >= expected))
 
 
 def audit_rows(url: str, action: str, subject: str) -> list[tuple[Any, ...]]:

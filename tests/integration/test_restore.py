@@ -9,11 +9,7 @@ has a database of its own (restore reads all of it)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -23,12 +19,10 @@ from pathlib import Path
 import psycopg
 import psycopg.conninfo
 import pytest
-from psycopg import sql
 
-from consumers.kafka_io import read_topic
 from pipeline.app import changelog_topic, partition_of
 from pipeline.domain.tracking import CitizenState
-from pipeline.embedded import EmbeddedBroker, apply_migrations, ensure_topics, free_port
+from pipeline.embedded import free_port
 from pipeline.restore import (
     RestoreError,
     RestoreTargets,
@@ -39,77 +33,21 @@ from pipeline.restore import (
     restore_if_needed,
 )
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
-from pipeline.testing import VerbProcess, make_checkin, make_crisis, records_for, square
-from producers.publisher import Publisher
-from schemas import Channel, Citizen, Crisis, Warning, decode
+from pipeline.testing import make_checkin, make_crisis, records_for, square
+from schemas import Channel, Citizen
+from tests.stack_helpers import WORKER_ENV, ProcessStack, new_database
 
 pytestmark = pytest.mark.integration
 
 
-def new_database(database_url: str) -> str:
-    """A database of its own on the session's server, with the migrations applied."""
-    name = f"restore_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
-    return url
-
-
 @pytest.fixture(scope="module")
 def own_database(database_url: str) -> str:
-    return new_database(database_url)
+    return new_database(database_url, "restore")
 
 
-
-
-
-class Stage:
+def stage(database_url: str, data_dir: Path) -> ProcessStack:
     """One broker with its worker and sink, on the module's database."""
-
-    def __init__(self, database_url: str, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
-        ensure_topics(self.broker.bootstrap, 4, extra=[changelog_topic()])  # as `crisiswatch up` does
-        worker_port, sink_port = free_port(), free_port()
-        self.settings = Settings.from_env({
-            "CRISISWATCH_KAFKA_BOOTSTRAP": self.broker.bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
-            "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
-            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
-        self.env = {**os.environ, **self.settings.env()}
-        self.worker = VerbProcess("worker", self.env, data_dir / "worker.log", worker_port)
-        self.sink = VerbProcess("sink", self.env, data_dir / "sink.log", sink_port)
-        self.publisher = Publisher(self.settings)
-
-    def close(self) -> None:
-        self.publisher.close()
-        self.worker.stop()
-        self.sink.stop()
-        self.broker.stop()
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    def warnings(self, prefix: str, until: Callable[[list[Warning]], bool], timeout_s: float = 60) -> list[Warning]:
-        def mine(messages: list) -> list[Warning]:  # type: ignore[type-arg]
-            return [w for w in (decode(m.value, Warning) for m in messages) if w.citizen_id.startswith(prefix)]
-
-        return mine(read_topic(self.settings.kafka_bootstrap, "warnings", lambda seen: until(mine(seen)), timeout_s))
-
-    def active_crises(self) -> int:
-        with urllib.request.urlopen(self.worker.health, timeout=5) as response:
-            return int(json.loads(response.read())["active_crises"])
-
-    def publish_crisis_and_wait(self, crisis: Crisis) -> None:
-        before = self.active_crises()
-        self.publisher.publish_events([crisis])
-        deadline = time.monotonic() + 30
-        while self.active_crises() <= before:
-            assert time.monotonic() < deadline, "the worker never saw the crisis"
-            time.sleep(0.1)
+    return ProcessStack.on_own_broker(database_url, data_dir, extra_topics=[changelog_topic()], env=WORKER_ENV)
 
 
 def count(database_url: str, query: str, prefix: str) -> int:
@@ -150,7 +88,7 @@ def test_after_the_broker_lost_everything_the_restored_worker_warns_and_all_clea
 
     # Life before: a worker warns two citizens; then it stops, the "gone" crisis is cancelled (the
     # sink records it, no worker sends the all-clear), and the broker dies with everything it held.
-    first = Stage(own_database, tmp_path / "first")
+    first = stage(own_database, tmp_path / "first")
     try:
         first.sink.start()
         first.worker.start()
@@ -173,7 +111,7 @@ def test_after_the_broker_lost_everything_the_restored_worker_warns_and_all_clea
         first.close()
     ids_before = {w.warning_id for w in sent_before}
 
-    second = Stage(own_database, tmp_path / "second")
+    second = stage(own_database, tmp_path / "second")
     try:
         done = second.cli("restore", "--if-needed")
         assert done.returncode == 0, done.stderr
@@ -275,7 +213,7 @@ def test_an_unreachable_database_is_a_clear_error(kafka_bootstrap: str, fresh_to
 
 
 def test_rows_that_are_no_valid_event_are_skipped_and_never_stand_in_for_a_newer_version(database_url: str) -> None:
-    url = new_database(database_url)
+    url = new_database(database_url, "restore")
     insert = ("INSERT INTO crises (crisis_id, version, op, source, source_ref, title, category, severity, urgency, "
               "certainty, geometry, buffer_km, effective, instruction, url) VALUES "
               "(%s, %s, %s, 'operator', 'ref', 'Flooding', 'met', %s, 'immediate', 'observed', %s, 0, now(), '', '')")

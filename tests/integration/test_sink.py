@@ -8,12 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,23 +21,19 @@ from prometheus_client import CollectorRegistry
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from consumers.kafka_io import Backoff, Message, read_topic
-from consumers.sink import PostgresSink, SinkTopics, purge_checkin_history
+from consumers.kafka_io import Backoff, read_topic
+from consumers.sink import SinkTopics, purge_checkin_history
 from pipeline import topics
 from pipeline.embedded import apply_migrations, free_port
-from pipeline.metrics import SinkMetrics
 from pipeline.settings import Secret, Settings
 from producers.publisher import Outgoing, Publisher, outgoing
 from schemas import Ack, Channel, Checkin, Citizen, Crisis, Warning, encode
+from tests.stack_helpers import count, dead_letters, make_sink, new_database, running, uid, waiter
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2025, 3, 1, 8, 30, tzinfo=UTC)
 SQUARE = {"type": "Polygon", "coordinates": [[[106.7, -6.3], [106.9, -6.3], [106.9, -6.1], [106.7, -6.1], [106.7, -6.3]]]}
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def citizen(citizen_id: str, name: str = "Sari Wulandari") -> Citizen:
@@ -63,41 +57,13 @@ def checkin(citizen_id: str, at: datetime = T0) -> Checkin:
     return Checkin(citizen_id, -6.2, 106.8, at, "app", 15.0)
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 45.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def count(url: str, query: str, *params: Any) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(query.encode(), params).fetchone()
-        return int(row[0]) if row else 0
-
-
-def create_database(database_url: str, migrate: bool = True) -> tuple[str, str]:
-    name = f"sink_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(database_url, dbname=name)
-    if migrate:
-        apply_migrations(url)
-    return name, url
+wait_until = waiter(45.0)
 
 
 @pytest.fixture
 def sink_db(database_url: str) -> str:
     """A database of its own, migrated: the retention sweep of one test never touches another's rows."""
-    return create_database(database_url)[1]
-
-
-@pytest.fixture
-def sink_topics(fresh_topic: Callable[..., str]) -> SinkTopics:
-    return SinkTopics(checkins=fresh_topic("checkins"), citizens=fresh_topic("citizens"),
-                      crisis_events=fresh_topic("crisis-events"), warnings=fresh_topic("warnings"),
-                      acks=fresh_topic("acks"), cases=fresh_topic("cases"))
+    return new_database(database_url, "sink")
 
 
 @pytest.fixture
@@ -107,12 +73,6 @@ def publisher(kafka_bootstrap: str) -> Iterator[Publisher]:
     pub.close()
 
 
-def make_sink(kafka_bootstrap: str, url: str, sink_topics: SinkTopics, registry: CollectorRegistry,
-              **kwargs: Any) -> PostgresSink:
-    settings = kwargs.pop("settings", Settings(kafka_bootstrap=kafka_bootstrap, database_url=Secret(url)))
-    return PostgresSink(settings, SinkMetrics(registry), sink_topics=sink_topics, group_id=uid("sink-test"), **kwargs)
-
-
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
@@ -120,26 +80,6 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 def dlq_samples(registry: CollectorRegistry) -> list[Any]:
     return [s for metric in registry.collect() if metric.name == "crisiswatch_dlq_messages"
             for s in metric.samples if s.name.endswith("_total")]
-
-
-@contextmanager
-def running(sink: PostgresSink) -> Iterator[threading.Event]:
-    stop = threading.Event()
-    thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield stop
-    finally:
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive(), "the sink did not stop"
-
-
-def dead_letters(kafka_bootstrap: str, source_topic: str, expected: int) -> list[Message]:
-    def ours(seen: list[Message]) -> list[Message]:
-        return [m for m in seen if dict(m.headers).get(topics.DLQ_SOURCE_TOPIC_HEADER) == source_topic.encode()]
-
-    return ours(read_topic(kafka_bootstrap, topics.DLQ, lambda seen: len(ours(seen)) >= expected))
 
 
 def test_every_event_type_lands_once_and_bad_input_is_dead_lettered_once(
@@ -336,8 +276,7 @@ def test_sink_verb_without_configuration_exits_2_with_one_line() -> None:
 
 
 def test_migrate_verb(database_url: str) -> None:
-    name, _ = create_database(database_url, migrate=False)
-    url = make_conninfo(database_url, dbname=name)
+    url = new_database(database_url, "sink", migrate=False)
     first = crisiswatch("migrate", env={"CRISISWATCH_DATABASE_URL": url})
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err

@@ -16,17 +16,15 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from consumers.kafka_io import Message
 from consumers.sink import PostgresStore, SinkTopics, prepare
 from pipeline.domain.validation import decode_event
-from pipeline.embedded import apply_migrations
 from pipeline.testing import square
 from schemas import Ack, Channel, Checkin, Citizen, Crisis, InvalidEvent, Warning, decode, encode
 from schemas.codec import MAX_INTEGER
 from schemas.models import EARLIEST_TIME, LATEST_TIME, Event
+from tests.stack_helpers import new_database
 
 pytestmark = pytest.mark.integration
 
@@ -94,12 +92,7 @@ events = st.lists(st.one_of(checkins, citizens, crises, warnings, acks), min_siz
 
 @pytest.fixture(scope="module")
 def storable_db(database_url: str) -> Iterator[str]:
-    name = f"storable_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(database_url, dbname=name)
-    apply_migrations(url)
-    yield url
+    yield new_database(database_url, "storable")
 
 
 def connect(url: str) -> Any:

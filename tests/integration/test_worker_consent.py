@@ -4,12 +4,10 @@ with a null record on the state's changelog."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -17,27 +15,22 @@ from consumers.kafka_io import read_topic
 from pipeline import topics
 from pipeline.app import changelog_topic, internal_topics
 from pipeline.consent import UNTRACKED_TABLE
-from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.observability import read_metric
-from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess, make_checkin, make_crisis, records_for, square
 from producers.erase import tombstones
-from producers.publisher import Publisher, outgoing
+from producers.publisher import outgoing
 from schemas import Channel, Citizen, Warning, decode
+from tests.stack_helpers import WORKER_ENV, ProcessStack, started
 
 pytestmark = pytest.mark.integration
 
 
-class Worker:
-    def __init__(self, bootstrap: str, data_dir: Path) -> None:
-        port = free_port()
-        self.settings = Settings.from_env({
-            "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATA_DIR": str(data_dir),
-            "CRISISWATCH_WORKER_WEB_PORT": str(port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
-        self.process = VerbProcess("worker", {**os.environ, **self.settings.env()}, data_dir / "worker.log", port)
-        self.publisher = Publisher(self.settings)
+class Worker(ProcessStack):
+    """The worker alone on the module's broker: no database, no sink."""
+
+    @property
+    def process(self) -> VerbProcess:
+        return self.worker
 
     def warnings(self, prefix: str, expected: int, timeout_s: float = 40) -> list[Warning]:
         def mine(messages: list) -> list[Warning]:  # type: ignore[type-arg]
@@ -49,17 +42,8 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    data_dir = tmp_path_factory.mktemp("consent")
-    broker = EmbeddedBroker.start(log_path=data_dir / "broker.log")
-    ensure_topics(broker.bootstrap, 4, extra=internal_topics())
-    w = Worker(broker.bootstrap, data_dir)
-    try:
-        w.process.start()
-        yield w
-    finally:
-        w.publisher.close()
-        w.process.stop()
-        broker.stop()
+    yield from started(Worker.on_own_broker(None, tmp_path_factory.mktemp("consent"), extra_topics=internal_topics(),
+                                            verbs=("worker",), env=WORKER_ENV))
 
 
 def citizen(citizen_id: str, tracking: bool) -> Citizen:
