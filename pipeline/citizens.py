@@ -185,9 +185,12 @@ class KeyIndex:
         return aside if aside is not None else bytes(self.ids[row])
 
     def _position(self, key: bytes) -> int | None:
+        hashes = self._hashes
+        if not len(hashes):
+            return None
         h = hash(key)
-        at = int(np.searchsorted(self._hashes, h))
-        while at < len(self._hashes) and self._hashes[at] == h:
+        at = int(hashes.searchsorted(h))  # the method: np.searchsorted's dispatch costs more than the search
+        while at < len(hashes) and hashes[at] == h:
             row = int(self._hash_rows[at])
             if row >= 0 and self.key(row) == key:
                 return at
