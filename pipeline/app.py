@@ -28,7 +28,9 @@ but an infrastructure failure is isolated and dead-lettered, and the rest goes o
 
 At-least-once, nothing lost: a batch is finished only when its warnings and the citizens' new
 state records are acknowledged by Kafka (:func:`send_all`, :class:`_TableView`); Faust commits a
-batch's offsets only after that. Work that cannot be finished ends the process before anything is
+batch's offsets only after that (the state records of a batch's chunks are acknowledged while the
+next chunk is geofenced, and all of them before the batch is done: :meth:`GeofenceRuntime.settle`).
+Records go out in batches built per partition (:func:`hand_all`). Work that cannot be finished ends the process before anything is
 committed (:func:`finish_or_exit`), and partitions with no committed offset are read from their
 beginning after every seek (:func:`_rewind_uncommitted`).
 """

@@ -21,7 +21,11 @@ acknowledged first, citizen state is written after, and a batch is done only onc
 is durable too (:class:`DurableStates`: the table's changelog records acknowledged). Only then
 may the check-ins' offsets be committed. A crash anywhere before re-processes the check-ins
 against the old state, which yields the same warnings with the same deterministic ids, which
-every sink drops.
+every sink drops. The locate agent overlaps the wait for a chunk's state records with the
+geofencing of the next chunk of the same records (``process_checkins(..., settle=False)``, then
+:meth:`GeofenceRuntime.settle` before their offsets can be committed): the next chunk reads the
+states from memory, where they already are, and its own state records follow its own warnings'
+acknowledgement, so every state record still follows every warning it accounts for.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ accepts it the same way or refuses it with the precise reason and JSON path. So 
 keep their quality, and a property test (``tests/property/test_fast_decode.py``) holds the two
 paths to the same verdict and the same event on valid, mutated and generated messages.
 
+Warnings go out the same way: :func:`encode_warnings` writes what :func:`schemas.encode` writes, by
+msgspec, for the worker's send path (``tests/unit/test_warning_encoding.py`` holds the two to the same
+JSON).
+
 The API's variant lets ``schema`` be left out (as the API always has) and reads a whole request
 body, one check-in, an array or ``{"checkins": [...]}``, in one call
 (:func:`api_checkins`).
