@@ -182,7 +182,8 @@ async def hand_all(app: faust.App, topic: str, records: Sequence[Record],
         if key is None or not count:
             futures.append(await app.producer.send(topic, key, value, None, None, headers))
             continue
-        if len(key) + len(value or b"") + 64 > producer._max_request_size and \
+        rough = len(key) + len(value or b"") + sum(len(k) + len(v) for k, v in headers or ()) + 256
+        if rough > producer._max_request_size and \
                 DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or []) > producer._max_request_size:
             raise MessageSizeTooLargeError(f"a record of {len(value or b'')} bytes for {topic} is larger than the "
                                            "producer's max_request_size")
