@@ -42,7 +42,6 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -120,7 +119,7 @@ def checkin_messages(events: Sequence[Any], partitions: int) -> tuple[list[RawMe
         for item in items:
             citizen = citizen_of(item)
             key = None if citizen is None else citizen.encode("utf-8", "surrogatepass")
-            message = replace(record, value=item, key=key)
+            message = RawMessage(item, key, record.topic, record.partition, record.timestamp, record.offset)
             home = record.partition if key is None else _partition_of_citizen(key, partitions)
             if home == record.partition:
                 messages.append(message)  # (no citizen: decoding says what is wrong)

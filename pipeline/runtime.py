@@ -174,6 +174,10 @@ class GeofenceRuntime:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _state(self, citizen_id: str) -> CitizenState | None:
+        if isinstance(self.states, ColumnarStates):  # read from the columns, not packed into bytes and read back
+            columns = self.states.columns
+            row = columns.row_of(citizen_id.encode("utf-8"))
+            return None if row is None else columns.state(row)
         raw = self.states.get(citizen_id)
         return None if raw is None else decode_state(citizen_id, raw)
 
