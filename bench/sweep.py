@@ -124,6 +124,7 @@ async def one_round(bootstrap: str, citizens: int, inside: int, n_crises: int, s
                     state = CitizenState(f"citizen-{cid:07d}", float(lats[j]), float(lons[j]), 12.0, observed, presence)
                     runtime.states[state.citizen_id] = store_value(state)
                 runtime.states.unsent.clear()  # type: ignore[attr-defined]  # as recovered: nothing left to send
+                getattr(runtime.states, "unsent_partitions", []).clear()
             gc.collect()
             per_citizen = (psutil.Process().memory_info().rss - rss0) / citizens
             filled = time.perf_counter()

@@ -28,7 +28,9 @@ but an infrastructure failure is isolated and dead-lettered, and the rest goes o
 
 At-least-once, nothing lost: a batch is finished only when its warnings and the citizens' new
 state records are acknowledged by Kafka (:func:`send_all`, :class:`_TableView`); Faust commits a
-batch's offsets only after that. Work that cannot be finished ends the process before anything is
+batch's offsets only after that (the state records of a batch's chunks are acknowledged while the
+next chunk is geofenced, and all of them before the batch is done: :meth:`GeofenceRuntime.settle`).
+Records go out in batches built per partition (:func:`hand_all`). Work that cannot be finished ends the process before anything is
 committed (:func:`finish_or_exit`), and partitions with no committed offset are read from their
 beginning after every seek (:func:`_rewind_uncommitted`).
 """
@@ -40,7 +42,6 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -60,8 +61,8 @@ from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import LOCATE, READER, ColumnarStates, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
 from pipeline.settings import Settings
-from schemas import Crisis, InvalidEvent, Warning, encode
-from schemas.fast import citizen_of, split_checkin_batch
+from schemas import Crisis, InvalidEvent, Warning
+from schemas.fast import citizen_of, encode_warnings, split_checkin_batch
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def checkin_messages(events: Sequence[Any], partitions: int) -> tuple[list[RawMe
         for item in items:
             citizen = citizen_of(item)
             key = None if citizen is None else citizen.encode("utf-8", "surrogatepass")
-            message = replace(record, value=item, key=key)
+            message = RawMessage(item, key, record.topic, record.partition, record.timestamp, record.offset)
             home = record.partition if key is None else _partition_of_citizen(key, partitions)
             if home == record.partition:
                 messages.append(message)  # (no citizen: decoding says what is wrong)
@@ -132,16 +133,81 @@ def checkin_messages(events: Sequence[Any], partitions: int) -> tuple[list[RawMe
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]  # key, value, headers
 
 
-async def send_all(app: faust.App, topic: str, records: Sequence[Record]) -> None:
-    """Hand records to the app's producer in order and return once Kafka acknowledged them all.
+def _transport_producer(app: faust.App) -> Any:
+    """The aiokafka producer under the app's Faust producer, when it places keys as Kafka's default
+    partitioner does (murmur2, what :func:`partition_of` computes); else None."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    try:
+        producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+    except Exception:  # not started, or another transport: the plain path says what is wrong
+        return None
+    if not isinstance(producer, AIOKafkaProducer) or not isinstance(producer._partitioner, DefaultPartitioner):
+        return None
+    return producer
+
+
+async def hand_all(app: faust.App, topic: str, records: Sequence[Record],
+                   partitions: Sequence[int] | None = None) -> list[Awaitable[Any]]:
+    """Hand records to the app's producer, in order within each partition, and return the futures of
+    their acknowledgements (nothing is awaited but room in the producer's buffer).
+
+    Records with a key go in record batches built here, one partition at a time (aiokafka's
+    ``create_batch``/``send_batch``): a record costs an append to a batch instead of a ``send`` call with
+    its serializer, partitioner and future each (about 75 µs of a worker's CPU a record, the larger
+    share of a sweep's). A record lands in the partition Kafka's default partitioner gives its key,
+    or ``partitions[i]`` when the caller knows it (the citizen-state table knows each row's). A batch
+    holds at most the producer's ``max_batch_size`` (``CRISISWATCH_PRODUCER_MAX_BATCH_BYTES``), a
+    record alone if it is larger; a record larger than the producer's ``max_request_size`` raises
+    ``MessageSizeTooLargeError`` as ``send`` would. Records without a key (a dead letter of a keyless
+    message) go through ``send``."""
+    if not records:
+        return []
+    producer = _transport_producer(app)
+    if producer is None:
+        return [await app.producer.send(topic, key, value, None, None, headers) for key, value, headers in records]
+    from aiokafka.errors import MessageSizeTooLargeError
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    await producer.client._wait_on_metadata(topic)
+    count = len(producer.client.cluster.partitions_for_topic(topic) or ())
+    if partitions is not None and (len(partitions) != len(records) or not all(0 <= p < count for p in partitions)):
+        partitions = None  # not the topic's partitions after all: place by key
+    by_partition: dict[int, list[Record]] = {}
+    futures: list[Awaitable[Any]] = []
+    for i, record in enumerate(records):
+        key, value, headers = record
+        if key is None or not count:
+            futures.append(await app.producer.send(topic, key, value, None, None, headers))
+            continue
+        rough = len(key) + len(value or b"") + sum(len(k) + len(v) for k, v in headers or ()) + 256
+        if rough > producer._max_request_size and \
+                DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or []) > producer._max_request_size:
+            raise MessageSizeTooLargeError(f"a record of {len(value or b'')} bytes for {topic} is larger than the "
+                                           "producer's max_request_size")
+        partition = partitions[i] if partitions is not None else _partition_of_citizen(key, count)
+        by_partition.setdefault(partition, []).append(record)
+    for partition, batch_records in by_partition.items():
+        batch = producer.create_batch()
+        for key, value, headers in batch_records:
+            if batch.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=headers or [])
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
+
+
+async def send_all(app: faust.App, topic: str, records: Sequence[Record], partitions: Sequence[int] | None = None) -> None:
+    """Hand records to the app's producer (:func:`hand_all`) and return once Kafka acknowledged them all.
 
     This is the transport-level send, not ``Topic.send``: no per-message channel, serializer and
     future bookkeeping (a large share of a busy worker's time when every warning and state record
     went through it; ``python -m bench.worker`` shows the worker's rate), and nothing buffered or
     attached to the event being processed — Faust publishes a message sent that way only when the
     event is acknowledged, so a crash in between lost it."""
-    send = app.producer.send
-    futures = [await send(topic, key, value, None, None, headers) for key, value, headers in records]
+    futures = await hand_all(app, topic, records, partitions)
     if futures:
         await asyncio.gather(*futures)
 
@@ -154,7 +220,9 @@ class KafkaEmitter:
         self.max_dlq_payload_bytes = max_dlq_payload_bytes
 
     async def warnings(self, warnings: Sequence[Warning]) -> None:
-        await send_all(self.app, topics.WARNINGS, [(w.citizen_id.encode(), encode(w), None) for w in warnings])
+        values = encode_warnings(warnings)
+        await send_all(self.app, topics.WARNINGS, [(w.citizen_id.encode(), value, None)
+                                                   for w, value in zip(warnings, values, strict=True)])
 
     async def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         records = [dlq.build(letter.raw.value, reason=letter.reason, stage=letter.stage, error_type=letter.error_type,
@@ -374,7 +442,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
             await runtime.dead_letter(letters)
         admitted = await consent.admit(messages)
         for start in range(0, len(admitted), settings.batch_size):  # a record may hold many check-ins
-            await runtime.process_checkins(admitted[start:start + settings.batch_size])
+            await runtime.process_checkins(admitted[start:start + settings.batch_size], settle=False)
+        await runtime.settle()  # every state durable before Faust may commit these records' offsets
 
     @app.agent(checkins_topic, name="locate")
     async def locate(stream: Any) -> None:
@@ -510,8 +579,12 @@ class _DurableTableView(DurableStates):
         self.unsent.append((raw, None, None))
 
     async def persisted(self) -> None:
+        await asyncio.gather(*await self.handed())
+
+    async def handed(self) -> list[Awaitable[Any]]:
+        """Hand every write made so far to the producer; the futures of their acknowledgements."""
         unsent, self.unsent = self.unsent, []
-        await send_all(self.app, self.topic, unsent)
+        return await hand_all(self.app, self.topic, unsent)
 
     def __iter__(self) -> Iterator[str]:
         return iter([k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in list(self.table.keys())])
@@ -523,15 +596,45 @@ class _DurableTableView(DurableStates):
 class _TableView(_DurableTableView, ColumnarStates):
     """The citizen-state table: values are :func:`pipeline.citizens.encode_state`'s bytes, stored as
     they are and kept in columns (:class:`pipeline.citizens.CitizenStore`) that know this worker's
-    partitions."""
+    partitions. Reads and writes go to the columns directly (Faust's table and store add a lookup and
+    two calls to each, for sensors this worker has none of), and each changelog record goes to the
+    partition its row says (the key's, as the check-ins'), so no key is hashed again to send it."""
 
     def __init__(self, app: faust.App, table: Any, owned: Callable[[], Collection[int]]) -> None:
         super().__init__(app, table)
         self.owned = owned
+        self.unsent_partitions: list[int] = []
 
     def record(self, value: Any) -> bytes:
         encoded: bytes = value
         return encoded
+
+    def __getitem__(self, key: str) -> Any:
+        return self.columns[key.encode("utf-8")]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raw = key.encode("utf-8")
+        columns = self.columns
+        row = columns.put(raw, value)
+        self.unsent.append((raw, value, None))
+        self.unsent_partitions.append(int(columns.part[row]))
+
+    def __delitem__(self, key: str) -> None:
+        raw = key.encode("utf-8")
+        columns = self.columns
+        row = columns.row_of(raw)
+        if row is None:
+            raise KeyError(key)
+        partition = int(columns.part[row])
+        del columns[raw]
+        self.unsent.append((raw, None, None))
+        self.unsent_partitions.append(partition)
+
+    async def handed(self) -> list[Awaitable[Any]]:
+        unsent, self.unsent = self.unsent, []
+        partitions, self.unsent_partitions = self.unsent_partitions, []
+        known = len(partitions) == len(unsent) and all(p >= 0 for p in partitions)
+        return await hand_all(self.app, self.topic, unsent, partitions if known else None)
 
     @property
     def columns(self) -> CitizenColumns:

@@ -158,10 +158,13 @@ class KeyIndex:
     longer ids, and ids ending in a NUL byte, which the column would lose, are kept aside). To find
     a row: the ids added lately are in a small dict; the others in a sorted column of their hashes,
     searched by bisection and confirmed against the id column. The dict is merged into the sorted
-    column once it holds an eighth of the ids, so the merges cost O(log n) sorts while the index grows."""
+    column once it holds an eighth of the ids, so the merges cost O(log n) sorts while the index grows.
+    A bisection costs microseconds, so the rows of ids just read are remembered for a while
+    (:meth:`remember`): a sweep reads its citizens by row and writes their new states by id."""
 
     WIDTH_LIMIT: Final = 64
     MERGE_AT: Final = 16_384
+    HINTS: Final = 16_384  # rows of ids lately read, remembered
 
     def __init__(self, capacity: int) -> None:
         self.ids = np.zeros(capacity, dtype="S16")
@@ -169,6 +172,7 @@ class KeyIndex:
         self._hashes = np.empty(0, dtype=np.int64)
         self._hash_rows = np.empty(0, dtype=np.int32)  # -1: removed
         self._recent: dict[bytes, int] = {}
+        self._hints: dict[bytes, int] = {}
         self.count = 0
 
     def grow(self, capacity: int) -> None:
@@ -181,17 +185,29 @@ class KeyIndex:
         return aside if aside is not None else bytes(self.ids[row])
 
     def _position(self, key: bytes) -> int | None:
+        hashes = self._hashes
+        if not len(hashes):
+            return None
         h = hash(key)
-        at = int(np.searchsorted(self._hashes, h))
-        while at < len(self._hashes) and self._hashes[at] == h:
+        at = int(hashes.searchsorted(h))  # the method: np.searchsorted's dispatch costs more than the search
+        while at < len(hashes) and hashes[at] == h:
             row = int(self._hash_rows[at])
             if row >= 0 and self.key(row) == key:
                 return at
             at += 1
         return None
 
+    def remember(self, key: bytes, row: int) -> None:
+        """A row just read by its index: its id will likely be written soon."""
+        if len(self._hints) >= self.HINTS:
+            self._hints.clear()
+        self._hints[key] = row
+
     def row(self, key: bytes) -> int | None:
         row = self._recent.get(key)
+        if row is not None:
+            return row
+        row = self._hints.get(key)
         if row is not None:
             return row
         at = self._position(key)
@@ -212,6 +228,7 @@ class KeyIndex:
 
     def remove(self, key: bytes) -> int | None:
         """Forget an id; returns its row (None if unknown)."""
+        self._hints.pop(key, None)
         row = self._recent.pop(key, None)
         if row is None:
             at = self._position(key)
@@ -272,6 +289,7 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         row = self._index.row(key)
         if row is None:
             raise KeyError(key)
+        self._index.remember(key, row)
         whole = self._whole.get(row)
         if whole is not None:
             return whole
@@ -306,9 +324,9 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         self._reset(1024)
 
     # -- writing ---------------------------------------------------------------------------------
-    def put(self, key: bytes, value: bytes | Mapping[str, Any], partition: int | None = None) -> None:
+    def put(self, key: bytes, value: bytes | Mapping[str, Any], partition: int | None = None) -> int:
         """Store a citizen's state (any format :func:`decode_state` reads); ``partition``: the
-        changelog partition it was read from (else computed from the key when first seen)."""
+        changelog partition it was read from (else computed from the key when first seen). Returns its row."""
         row = self._index.row(key)
         if row is None:
             row = self._new_row(key, partition)
@@ -321,20 +339,20 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
                 ids = _crisis_ids(segment)
             except (struct.error, UnicodeDecodeError) as exc:
                 self._keep_whole(row, key, value, exc)
-                return
+                return row
             _, self.lat[row], self.lon[row], self._t[row], self._acc[row], self._zone[row] = head
             self._set_presence(row, segment, ids)
-            return
+            return row
         try:
             state = decode_state(key.decode("utf-8"), value)
             binary = _encode_binary(state)
         except (Unrepresentable, struct.error) as exc:  # readable, but the columns cannot hold it exactly
             self._keep_whole(row, key, value, exc, readable=True)
-            return
+            return row
         except Exception as exc:  # a stored value no sweep can use; reading it raises again
             self._keep_whole(row, key, value, exc)
-            return
-        self.put(key, binary, partition)
+            return row
+        return self.put(key, binary, partition)
 
     def _new_row(self, key: bytes, partition: int | None) -> int:
         if self._free:
@@ -447,7 +465,9 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
 
     def state(self, row: int) -> CitizenState:
         """The state of the citizen in a row."""
-        citizen_id = self.key(row).decode("utf-8")
+        key = self.key(row)
+        self._index.remember(key, row)
+        citizen_id = key.decode("utf-8")
         whole = self._whole.get(row)
         if whole is not None:
             return decode_state(citizen_id, whole)

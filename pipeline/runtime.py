@@ -21,7 +21,11 @@ acknowledged first, citizen state is written after, and a batch is done only onc
 is durable too (:class:`DurableStates`: the table's changelog records acknowledged). Only then
 may the check-ins' offsets be committed. A crash anywhere before re-processes the check-ins
 against the old state, which yields the same warnings with the same deterministic ids, which
-every sink drops.
+every sink drops. The locate agent overlaps the wait for a chunk's state records with the
+geofencing of the next chunk of the same records (``process_checkins(..., settle=False)``, then
+:meth:`GeofenceRuntime.settle` before their offsets can be committed): the next chunk reads the
+states from memory, where they already are, and its own state records follow its own warnings'
+acknowledgement, so every state record still follows every warning it accounts for.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import contextlib
 import logging
 import time
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -107,6 +112,11 @@ class DurableStates(MutableMapping[str, Any]):
     async def persisted(self) -> None:
         """Return once every write made so far is durable; raise if one failed."""
 
+    async def handed(self) -> Sequence[Awaitable[Any]]:
+        """Hand every write made so far to durable storage without waiting: what to await for it."""
+        await self.persisted()
+        return ()
+
 
 class ColumnarStates(DurableStates):
     """Durable states kept in :class:`~pipeline.citizens.CitizenColumns` (values: :func:`encode_state`),
@@ -157,12 +167,17 @@ class GeofenceRuntime:
         self.owns = owns  # whether a citizen's partition is currently assigned to this worker
         self.outages = outages  # outage types of this worker beyond pipeline.stage's
         self.lock = asyncio.Lock()
+        self._unsettled: list[Awaitable[Any]] = []  # state writes handed over, not yet known durable
         # A worker geofences nothing before it knows every active crisis and has recovered its citizens.
         self.crises_loaded = asyncio.Event()
         self.table_recovered = asyncio.Event()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _state(self, citizen_id: str) -> CitizenState | None:
+        if isinstance(self.states, ColumnarStates):  # read from the columns, not packed into bytes and read back
+            columns = self.states.columns
+            row = columns.row_of(citizen_id.encode("utf-8"))
+            return None if row is None else columns.state(row)
         raw = self.states.get(citizen_id)
         return None if raw is None else decode_state(citizen_id, raw)
 
@@ -185,16 +200,28 @@ class GeofenceRuntime:
         self.metrics.stage_skipped.labels(stage=stage, reason=failure.label).inc()
         log.error("skipped %s (stage %s): %s", what, stage, failure.reason)
 
-    async def _commit(self, outcome: Outcome) -> None:
+    async def _commit(self, outcome: Outcome, settle: bool = True) -> None:
+        """Warnings handed to Kafka and acknowledged, then the citizens' states written; with ``settle``
+        return once those are durable too, else leave their acknowledgement to :meth:`settle`."""
         if outcome.warnings:
             await self.emitter.warnings(outcome.warnings)
-            for warning in outcome.warnings:
-                self.metrics.warnings.labels(kind=warning.kind).inc()
+            for kind, count in Counter(w.kind for w in outcome.warnings).items():
+                self.metrics.warnings.labels(kind=kind).inc(count)
             self.metrics.first_warning.sent((w.crisis_id for w in outcome.warnings), time.time())
         for citizen_id, state in outcome.states.items():
             self.states[citizen_id] = self._value(state)
         if isinstance(self.states, DurableStates):
-            await self.states.persisted()
+            if settle:
+                await self.states.persisted()
+            else:
+                self._unsettled += await self.states.handed()
+
+    async def settle(self) -> None:
+        """Return once every state write of the check-ins processed with ``settle=False`` is durable;
+        raise (an outage: the worker exits without committing) if one failed."""
+        unsettled, self._unsettled = self._unsettled, []
+        if unsettled:
+            await asyncio.gather(*unsettled)
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         """Bad messages to the DLQ with their reasons, counted by stage and (bounded) reason label."""
@@ -206,9 +233,16 @@ class GeofenceRuntime:
                             letter.raw.offset, letter.stage, letter.reason)
 
     # -- check-ins -------------------------------------------------------------------------------
-    async def process_checkins(self, messages: Sequence[RawMessage]) -> tuple[Warning, ...]:
+    async def process_checkins(self, messages: Sequence[RawMessage], settle: bool = True) -> tuple[Warning, ...]:
         """Geofence a batch of check-ins. One that cannot be decoded, or that makes the geofencing raise
-        (the batch is split until it is alone), is dead-lettered; the others are processed."""
+        (the batch is split until it is alone), is dead-lettered; the others are processed.
+
+        With ``settle`` it returns once the new states are durable. Without, their records are on their
+        way to Kafka when it returns, and the caller awaits :meth:`settle` before it lets the check-ins'
+        offsets be committed: the next batch is geofenced meanwhile (its states are read from memory,
+        where this batch's already are). The order of effects is the same per citizen: a batch's
+        warnings are acknowledged before its state records are handed over, and those before the next
+        batch's; a crash before :meth:`settle` returned re-processes every unsettled batch."""
         started = time.perf_counter()
         self.metrics.checkins_received.inc(len(messages))
         now = self.clock()
@@ -236,6 +270,8 @@ class GeofenceRuntime:
             self.metrics.batch_size.observe(geofenced)
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.citizens.set(len(self.states))
+        if settle:
+            await self.settle()
         return warnings
 
     async def _geofence_locked(self, batch: Sequence[tuple[RawMessage, Checkin]]) -> Outcome:
@@ -244,7 +280,7 @@ class GeofenceRuntime:
         checkins = [checkin for _, checkin in batch]
         states = {c.citizen_id: s for c in checkins if (s := self._state(c.citizen_id)) is not None}
         outcome = self.tracker.on_checkins(checkins, states, self.clock())
-        await self._commit(outcome)
+        await self._commit(outcome, settle=False)
         return outcome
 
     # -- crises ----------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ accepts it the same way or refuses it with the precise reason and JSON path. So 
 keep their quality, and a property test (``tests/property/test_fast_decode.py``) holds the two
 paths to the same verdict and the same event on valid, mutated and generated messages.
 
+Warnings go out the same way: :func:`encode_warnings` writes what :func:`schemas.encode` writes, by
+msgspec, for the worker's send path (``tests/unit/test_warning_encoding.py`` holds the two to the same
+JSON).
+
 The API's variant lets ``schema`` be left out (as the API always has) and reads a whole request
 body, one check-in, an array or ``{"checkins": [...]}``, in one call
 (:func:`api_checkins`).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Annotated, Any, Final, Literal, cast
@@ -37,7 +42,7 @@ from typing import Annotated, Any, Final, Literal, cast
 import msgspec
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, ecma_pattern
-from schemas.models import Checkin, CheckinSource, parse_time
+from schemas.models import Checkin, CheckinSource, Warning, format_time, parse_time
 
 _UNSET: Final = msgspec.UNSET
 
@@ -189,3 +194,29 @@ def citizen_of(item: bytes) -> str | None:
     except (msgspec.DecodeError, RecursionError):
         return None
     return citizen if isinstance(citizen, str) else None
+
+
+# --- warning/1 out: the worker's most frequent write ------------------------------------------------------
+
+_WARNING_ENCODER: Final = msgspec.json.Encoder()
+
+
+def encode_warnings(warnings: Sequence[Warning]) -> list[bytes]:
+    """Warnings as :func:`schemas.encode` writes them (the same keys in the same order, the same values),
+    by msgspec: a sweep writes one per citizen inside, and ``json.dumps`` of each warning's dict, with its
+    two instants formatted anew, was the larger share of the worker's own CPU per warning. The instants
+    of a batch are few (one ``emitted_at``, a check-in time per citizen), so each is formatted once."""
+    times: dict[datetime, str] = {}
+
+    def instant(at: datetime) -> str:
+        text = times.get(at)
+        if text is None:
+            text = times[at] = format_time(at)
+        return text
+
+    return [_WARNING_ENCODER.encode({
+        "schema": w.SCHEMA, "warning_id": w.warning_id, "citizen_id": w.citizen_id, "crisis_id": w.crisis_id,
+        "crisis_version": w.crisis_version, "kind": w.kind, "severity": w.severity, "title": w.title,
+        "instruction": w.instruction, "distance_km": w.distance_km, "lat": w.lat, "lon": w.lon,
+        "observed_at": instant(w.observed_at), "emitted_at": instant(w.emitted_at),
+        "country_codes": list(w.country_codes)}) for w in warnings]
