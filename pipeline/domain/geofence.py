@@ -3,8 +3,9 @@
 One STRtree over the bounding box of each crisis's *search area* — the area grown by its
 proximity band, in degrees, generously; the area itself for a crisis without a band — finds the
 candidate (point, crisis) pairs of a whole batch in one vectorised call. One point-in-area test over all the pairs says
-which are inside; the others with a band get an exact distance, all in one pass (one nearest-point
-call, one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
+which are inside; the others with a band get an exact distance, all in one pass (one call of the
+compiled nearest-point kernel of :mod:`pipeline.domain.nearest`, which gives GEOS's nearest point
+bit for bit at a fraction of its cost; one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
 geofence about four times slower on batches that touch hundreds of crises (docs/benchmarks.md).
 
 Distances are computed on the WGS84 ellipsoid, for a whole array of points at once: the nearest
@@ -33,6 +34,7 @@ from shapely.affinity import scale, translate
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
+from pipeline.domain.nearest import RingSegments
 from schemas import Crisis
 
 KM_PER_DEGREE_LAT = 110.574  # the shortest degree of latitude (at the equator); a conservative bound
@@ -45,9 +47,10 @@ class IndexedCrisis:
     area: BaseGeometry
     # The area in the crisis's local frame (lon scaled by cos(lat0)), with ±360° copies when it touches ±180°.
     frame_area: BaseGeometry
-    # Its rings, prepared: the nearest point of an area to a point outside it is on them, and GEOS
-    # finds it from the rings' indexed segments about twice as fast as from the polygon.
+    # Its rings: the nearest point of an area to a point outside it is on them. As segments for the
+    # compiled nearest-point kernel (pipeline/domain/nearest.py), which gives what GEOS gives from them.
     frame_rings: BaseGeometry
+    segments: RingSegments
     lon_scale: float
     touches_antimeridian: bool
 
@@ -65,10 +68,10 @@ class IndexedCrisis:
         out = np.zeros(len(lats), dtype=float)
         outside = ~inside
         if outside.any():
-            local = shapely.points(lons[outside] * self.lon_scale, lats[outside])
-            nearest = shapely.get_coordinates(shapely.shortest_line(self.frame_rings, local))[0::2]
-            near_lons = nearest[:, 0] / self.lon_scale
-            near_lats = np.clip(nearest[:, 1], -90.0, 90.0)
+            near_x, near_y = self.segments.nearest_points(lons[outside] * self.lon_scale, lats[outside],
+                                                          np.zeros(int(outside.sum()), dtype=np.int64))
+            near_lons = near_x / self.lon_scale
+            near_lats = np.clip(near_y, -90.0, 90.0)
             out[outside] = ellipsoid_distance_km(lats[outside], lons[outside], near_lats, near_lons)
         return out
 
@@ -114,8 +117,7 @@ def _index_crisis(crisis: Crisis) -> IndexedCrisis:
         frame_source = shapely.union_all([area, translate(area, 360.0), translate(area, -360.0)])
     frame_area = scale(frame_source, xfact=lon_scale, yfact=1.0, origin=(0, 0))
     frame_rings = shapely.boundary(frame_area)
-    shapely.prepare(frame_rings)
-    return IndexedCrisis(crisis, area, frame_area, frame_rings, lon_scale, touches)
+    return IndexedCrisis(crisis, area, frame_area, frame_rings, RingSegments.of(frame_rings), lon_scale, touches)
 
 
 def _search_area(item: IndexedCrisis) -> BaseGeometry:
@@ -158,7 +160,7 @@ class CrisisIndex:
 
     A batch is geofenced in a fixed number of array calls whatever its size and however many crises
     it touches: one STRtree query (bounding boxes) for the candidate (point, crisis) pairs, one vectorised
-    point-in-area test over all pairs, one nearest-point call over the pairs outside an area with a
+    point-in-area test over all pairs, one nearest-point kernel call over the pairs outside an area with a
     proximity band, one ellipsoid distance over those. No Python loop runs per pair or per crisis.
     """
 
@@ -166,9 +168,10 @@ class CrisisIndex:
         self.items: tuple[IndexedCrisis, ...] = tuple(_index_crisis(c) for c in crises if c.geometry is not None)
         self.by_id: dict[str, IndexedCrisis] = {i.crisis_id: i for i in self.items}
         self.position: dict[str, int] = {i.crisis_id: k for k, i in enumerate(self.items)}
-        self._ids = np.array([i.crisis_id for i in self.items], dtype=object)
+        self.ids: tuple[str, ...] = tuple(i.crisis_id for i in self.items)  # row k of a Matches is crisis ids[k]
+        self._ids = np.array(self.ids, dtype=object)
         self._areas_arr = np.array([i.area for i in self.items], dtype=object)
-        self._rings = np.array([i.frame_rings for i in self.items], dtype=object)
+        self._segments = RingSegments.concat([i.segments for i in self.items])
         self._scales = np.array([i.lon_scale for i in self.items], dtype=float)
         self._bands = np.array([i.crisis.buffer_km for i in self.items], dtype=float)
         # Candidates by bounding box alone: a search area with a band is a rectangle already, and for
@@ -216,10 +219,9 @@ class CrisisIndex:
             out[~inside & ~measure] = np.inf
         if measure.any():
             c, mlat, mlon = crisis[measure], plat[measure], plon[measure]
-            local = shapely.points(mlon * self._scales[c], mlat)
-            nearest = shapely.get_coordinates(shapely.shortest_line(self._rings[c], local))[0::2]
-            near_lons = nearest[:, 0] / self._scales[c]
-            near_lats = np.clip(nearest[:, 1], -90.0, 90.0)
+            near_x, near_y = self._segments.nearest_points(mlon * self._scales[c], mlat, c)
+            near_lons = near_x / self._scales[c]
+            near_lats = np.clip(near_y, -90.0, 90.0)
             out[measure] = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
         return out
 

@@ -229,9 +229,11 @@ class Tracker:
         index = self.index
         lats = np.fromiter((c.lat for c in checkins), dtype=float, count=len(checkins))
         lons = np.fromiter((c.lon for c in checkins), dtype=float, count=len(checkins))
+        found = index.match_columns(lats, lons)
         matches: list[dict[str, float]] = [{} for _ in checkins]
-        for m in index.match(lats, lons):
-            matches[m.point][m.crisis_id] = m.distance_km
+        ids = index.ids
+        for p, c, d in zip(found.point.tolist(), found.crisis.tolist(), found.distance_km.tolist(), strict=True):
+            matches[p][ids[c]] = d
         self._distances_to_known_crises(checkins, states, matches, lats, lons)
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
@@ -262,7 +264,7 @@ class Tracker:
                                    matches: list[dict[str, float]], lats: np.ndarray, lons: np.ndarray) -> None:
         """Add to ``matches`` the distance of each check-in to the crises its citizen may be in or near
         (from the stored state, or from another check-in of the batch): the exit rules need them. One
-        vectorised call per crisis, not one per check-in."""
+        vectorised call for the whole batch, whatever crises it touches."""
         index = self.index
         of_citizen: dict[str, set[str]] = {}
         for i, checkin in enumerate(checkins):
@@ -272,15 +274,21 @@ class Tracker:
                 known = of_citizen[checkin.citizen_id] = {cid for cid, p in state.presence.items()
                                                           if p.status != "out"} if state else set()
             known.update(matches[i])
-        wanted: dict[str, list[int]] = {}
+        point: list[int] = []
+        crisis: list[int] = []
+        position = index.position
         for i, checkin in enumerate(checkins):
             for cid in of_citizen[checkin.citizen_id]:
-                if cid not in matches[i] and cid in index.by_id:
-                    wanted.setdefault(cid, []).append(i)
-        for cid, rows in wanted.items():
-            at = np.asarray(rows, dtype=int)
-            for i, distance in zip(rows, index.by_id[cid].distances_km(lats[at], lons[at]).tolist(), strict=True):
-                matches[i][cid] = distance
+                if cid not in matches[i] and cid in position:
+                    point.append(i)
+                    crisis.append(position[cid])
+        if not point:
+            return
+        distances = index.pair_distances_km(np.asarray(point, dtype=np.int64), np.asarray(crisis, dtype=np.int64),
+                                            lats, lons)
+        ids = index.ids
+        for i, k, distance in zip(point, crisis, distances.tolist(), strict=True):
+            matches[i][ids[k]] = distance
 
     def _margin_km(self, state: CitizenState) -> float:
         return max(self.config.hysteresis_m, state.accuracy_m or 0.0) / 1000.0

@@ -1,0 +1,95 @@
+"""The compiled body of :mod:`pipeline.domain.nearest` (imported on first use: numba costs half a second).
+
+Each formula is GEOS's (``Distance::pointToSegment``, ``LineSegment::closestPoint`` and its
+``projectionFactor``), written with the same operations in the same order, and compiled without
+fast-math, so that every value rounds as GEOS's does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+# Box pruning may only skip a chunk that cannot hold the nearest segment, rounding included: the
+# bound is widened by far more than the rounding of any distance here (degrees, values below 400).
+RELATIVE_SLACK = 1e-9
+ABSOLUTE_SLACK = 1e-9
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def point_to_segment(px: float, py: float, ax: float, ay: float, bx: float, by: float) -> float:
+    """GEOS ``Distance::pointToSegment``."""
+    if ax == bx and ay == by:
+        return math.sqrt((px - ax) * (px - ax) + (py - ay) * (py - ay))
+    len2 = (bx - ax) * (bx - ax) + (by - ay) * (by - ay)
+    r = ((px - ax) * (bx - ax) + (py - ay) * (by - ay)) / len2
+    if r <= 0.0:
+        return math.sqrt((px - ax) * (px - ax) + (py - ay) * (py - ay))
+    if r >= 1.0:
+        return math.sqrt((px - bx) * (px - bx) + (py - by) * (py - by))
+    s = ((ay - py) * (bx - ax) - (ax - px) * (by - ay)) / len2
+    return abs(s) * math.sqrt(len2)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def box_distance2(px: float, py: float, minx: float, miny: float, maxx: float, maxy: float) -> float:
+    """Squared distance from a point to a box (0 inside): no segment in the box is nearer."""
+    dx = max(minx - px, 0.0, px - maxx)
+    dy = max(miny - py, 0.0, py - maxy)
+    return dx * dx + dy * dy
+
+
+@numba.njit(cache=True, nogil=True)
+def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, chunks: np.ndarray, chunk_start: np.ndarray,
+            boxes: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
+            out_x: np.ndarray, out_y: np.ndarray) -> None:
+    """For each ``k``: the nearest point of geometry ``geometry[k]``'s segments to ``(xs[k], ys[k])``."""
+    for k in range(len(xs)):
+        px, py = xs[k], ys[k]
+        first, last = chunks[geometry[k]], chunks[geometry[k] + 1]
+        # an upper bound: the segments of the chunk whose box is nearest
+        closest_box, closest_d2 = first, math.inf
+        for h in range(first, last):
+            d2 = box_distance2(px, py, boxes[h, 0], boxes[h, 1], boxes[h, 2], boxes[h, 3])
+            if d2 < closest_d2:
+                closest_box, closest_d2 = h, d2
+        bound = math.inf
+        for s in range(chunk_start[closest_box], chunk_start[closest_box + 1]):
+            bound = min(bound, point_to_segment(px, py, x0[s], y0[s], x1[s], y1[s]))
+        bound = bound * (1.0 + RELATIVE_SLACK) + ABSOLUTE_SLACK
+        bound2 = bound * bound
+        # GEOS's choice: the first strictly nearest segment in ring order, stopping at a distance of 0
+        best, chosen = math.inf, -1
+        for h in range(first, last):
+            if box_distance2(px, py, boxes[h, 0], boxes[h, 1], boxes[h, 2], boxes[h, 3]) > bound2:
+                continue
+            for s in range(chunk_start[h], chunk_start[h + 1]):
+                d = point_to_segment(px, py, x0[s], y0[s], x1[s], y1[s])
+                if d < best:
+                    best, chosen = d, s
+                    if best <= 0.0:
+                        break
+            if best <= 0.0:
+                break
+        # GEOS LineSegment::closestPoint (with projectionFactor's exact answers at the ends)
+        ax, ay, bx, by = x0[chosen], y0[chosen], x1[chosen], y1[chosen]
+        if px == ax and py == ay:
+            factor = 0.0
+        elif px == bx and py == by:
+            factor = 1.0
+        else:
+            dx = bx - ax
+            dy = by - ay
+            factor = ((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy)
+        if factor > 0.0 and factor < 1.0:
+            out_x[k] = ax + factor * (bx - ax)
+            out_y[k] = ay + factor * (by - ay)
+        elif math.sqrt((ax - px) * (ax - px) + (ay - py) * (ay - py)) < \
+                math.sqrt((bx - px) * (bx - px) + (by - py) * (by - py)):
+            out_x[k] = ax
+            out_y[k] = ay
+        else:
+            out_x[k] = bx
+            out_y[k] = by
