@@ -42,10 +42,11 @@ def box_distance2(px: float, py: float, minx: float, miny: float, maxx: float, m
 
 
 @numba.njit(cache=True, nogil=True)
-def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, chunks: np.ndarray, chunk_start: np.ndarray,
-            boxes: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
-            out_x: np.ndarray, out_y: np.ndarray) -> None:
-    """For each ``k``: the nearest point of geometry ``geometry[k]``'s segments to ``(xs[k], ys[k])``."""
+def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, beyond: np.ndarray, chunks: np.ndarray,
+            chunk_start: np.ndarray, boxes: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray,
+            y1: np.ndarray, out_x: np.ndarray, out_y: np.ndarray) -> None:
+    """For each ``k``: the nearest point of geometry ``geometry[k]``'s segments to ``(xs[k], ys[k])``, or
+    NaN when every chunk's box is farther than ``beyond[k]`` (so is every segment)."""
     for k in range(len(xs)):
         px, py = xs[k], ys[k]
         first, last = chunks[geometry[k]], chunks[geometry[k] + 1]
@@ -55,6 +56,10 @@ def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, chunks: np.nda
             d2 = box_distance2(px, py, boxes[h, 0], boxes[h, 1], boxes[h, 2], boxes[h, 3])
             if d2 < closest_d2:
                 closest_box, closest_d2 = h, d2
+        if closest_d2 > beyond[k] * beyond[k]:
+            out_x[k] = math.nan
+            out_y[k] = math.nan
+            continue
         bound = math.inf
         for s in range(chunk_start[closest_box], chunk_start[closest_box + 1]):
             bound = min(bound, point_to_segment(px, py, x0[s], y0[s], x1[s], y1[s]))

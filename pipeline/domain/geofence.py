@@ -134,6 +134,29 @@ def _search_area(item: IndexedCrisis) -> BaseGeometry:
     return area.envelope.buffer(degrees, quad_segs=2, join_style="mitre")
 
 
+BAND_SLACK = 1.05  # a point skipped as beyond the band is more than 5 % past it by the bound below
+
+
+def _frame_units_beyond_band(item: IndexedCrisis) -> float:
+    """A distance in the crisis's frame past which a point is surely farther than the proximity band.
+
+    The distance the geofence reports is the ellipsoid distance from a point to the frame-nearest point
+    of the area: a great-circle angle times a radius of curvature of at least ``KM_PER_DEGREE_LAT``
+    km per degree; and between two points of latitude at most ``worst`` a few hundred kilometres
+    apart, the angle is at least ``min(1, cos(worst) / lon_scale)`` times their frame distance (the
+    frame shrinks longitudes by ``lon_scale``, the sphere by the cosine of the latitude). ``worst`` is
+    the search area's worst latitude plus a degree for the great circle's poleward bulge, and the
+    band is widened by ``BAND_SLACK``: points near the limit are measured exactly, the bound only
+    skips the many that are clearly out (docs/benchmarks.md, "Geofence kernel")."""
+    band = item.crisis.buffer_km
+    if band <= 0 or item.touches_antimeridian:
+        return math.inf
+    _, miny, _, maxy = item.area.bounds
+    worst = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT + 1.0, MAX_SEARCH_LAT)
+    km_per_unit = KM_PER_DEGREE_LAT * min(1.0, math.cos(math.radians(worst)) / item.lon_scale)
+    return BAND_SLACK * band / km_per_unit
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     """One (check-in, crisis) pair that is inside or within the proximity band."""
@@ -174,6 +197,10 @@ class CrisisIndex:
         self._segments = RingSegments.concat([i.segments for i in self.items])
         self._scales = np.array([i.lon_scale for i in self.items], dtype=float)
         self._bands = np.array([i.crisis.buffer_km for i in self.items], dtype=float)
+        self._bounds = np.array([i.area.bounds for i in self.items], dtype=float).reshape(-1, 4)
+        # Past this many frame units from an area's rings, a point is surely beyond the proximity band:
+        # skipped without an exact distance (infinite across the antimeridian: not worth a proof there).
+        self._beyond_band = np.array([_frame_units_beyond_band(i) for i in self.items], dtype=float)
         # Candidates by bounding box alone: a search area with a band is a rectangle already, and for
         # one without, the point-in-area test that follows decides; a predicate in the query would
         # only test the same thing twice.
@@ -205,24 +232,33 @@ class CrisisIndex:
         """For every pair ``k``, the distance on the ellipsoid from point ``(lats[point[k]], lons[point[k]])``
         to the area of ``items[crisis[k]]``, 0 inside: what :meth:`IndexedCrisis.distances_km` gives, for
         any mix of crises in one pass. With ``band_only``, a point outside a crisis without a proximity
-        band gets ``inf`` (no distance to it can matter to a match), and its distance is not computed."""
+        band, or surely beyond the band (by :func:`_frame_units_beyond_band`), gets ``inf`` (no distance
+        to it can matter to a match), and its distance is not computed."""
         point = np.asarray(point, dtype=np.int64)
         crisis = np.asarray(crisis, dtype=np.int64)
         out = np.zeros(len(point), dtype=float)
         if len(point) == 0:
             return out
         plat, plon = lats[point], lons[point]
-        inside = np.asarray(shapely.contains_xy(self._areas_arr[crisis], plon, plat), dtype=bool)
+        # Outside an area's bounding box nothing is inside it: GEOS is asked only about the others.
+        box = self._bounds[crisis]
+        maybe = (plon >= box[:, 0]) & (plon <= box[:, 2]) & (plat >= box[:, 1]) & (plat <= box[:, 3])
+        inside = np.zeros(len(point), dtype=bool)
+        if maybe.any():
+            inside[maybe] = shapely.contains_xy(self._areas_arr[crisis[maybe]], plon[maybe], plat[maybe])
         measure = ~inside
         if band_only:
             measure &= self._bands[crisis] > 0
             out[~inside & ~measure] = np.inf
         if measure.any():
             c, mlat, mlon = crisis[measure], plat[measure], plon[measure]
-            near_x, near_y = self._segments.nearest_points(mlon * self._scales[c], mlat, c)
+            beyond = self._beyond_band[c] if band_only else None
+            near_x, near_y = self._segments.nearest_points(mlon * self._scales[c], mlat, c, beyond)
             near_lons = near_x / self._scales[c]
             near_lats = np.clip(near_y, -90.0, 90.0)
-            out[measure] = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
+            with np.errstate(invalid="ignore"):
+                distance = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
+            out[measure] = np.where(np.isnan(near_x), np.inf, distance)
         return out
 
     def inside_mask(self, crisis_id: str, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:

@@ -96,15 +96,20 @@ class RingSegments:
             np.concatenate([s.chunks[:-1] + o for s, o in zip(many, chunk_offsets, strict=False)]
                            + [np.array([chunk_offsets[-1]])]).astype(np.int64))
 
-    def nearest_points(self, x: np.ndarray, y: np.ndarray, geometry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def nearest_points(self, x: np.ndarray, y: np.ndarray, geometry: np.ndarray,
+                       beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For each ``k``, the nearest point of geometry ``geometry[k]``'s rings to ``(x[k], y[k])``:
-        ``shapely.shortest_line(rings, point)``'s first point."""
+        ``shapely.shortest_line(rings, point)``'s first point. With ``beyond``, NaN instead for a point
+        whose distance to the rings is surely more than ``beyond[k]`` (a lower bound says so: the
+        nearest bounding box of the rings' chunks is farther), without measuring it."""
         kernel = _kernel()
         out_x = np.empty(len(x), dtype=float)
         out_y = np.empty(len(x), dtype=float)
+        if beyond is None:
+            beyond = np.full(len(x), np.inf)
         kernel(np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
-               np.ascontiguousarray(geometry, dtype=np.int64), self.chunks, self.chunk_start, self.boxes,
-               self.x0, self.y0, self.x1, self.y1, out_x, out_y)
+               np.ascontiguousarray(geometry, dtype=np.int64), np.ascontiguousarray(beyond, dtype=float),
+               self.chunks, self.chunk_start, self.boxes, self.x0, self.y0, self.x1, self.y1, out_x, out_y)
         return out_x, out_y
 
 

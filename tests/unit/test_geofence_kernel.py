@@ -193,3 +193,46 @@ def test_the_warnings_over_the_workload_are_those_of_geos(monkeypatch: pytest.Mo
     assert {w["kind"] for w in warnings} >= {"entered", "near", "exited", "inside"}  # the case is not vacuous
     assert len([w for w in warnings if w["kind"] == "near"]) > 100
     assert ours == theirs
+
+
+# -- pairs skipped as surely beyond the band ---------------------------------------------------------
+
+
+def exact_matches(index: CrisisIndex, lats: np.ndarray, lons: np.ndarray) -> set[tuple[int, str, float]]:
+    """Every point against every crisis, one exact distance each: no bound skips anything."""
+    found = set()
+    for item in index.items:
+        for i, d in enumerate(item.distances_km(lats, lons).tolist()):
+            if d == 0.0 or (item.crisis.buffer_km > 0 and d <= item.crisis.buffer_km):
+                found.add((i, item.crisis_id, d))
+    return found
+
+
+def test_the_band_bound_skips_no_match_of_the_workload() -> None:
+    load = workload(120)
+    index = CrisisIndex(load.crises)
+    citizens = load.citizens(20_000, inside_share=0.1, seed=4)
+    found = index.match_columns(citizens.lats, citizens.lons)
+    got = set(zip(found.point.tolist(), [index.ids[c] for c in found.crisis.tolist()], found.distance_km.tolist(),
+                  strict=True))
+    assert got == exact_matches(index, citizens.lats, citizens.lons)
+
+
+@pytest.mark.parametrize("lat", [-75.0, -40.0, 0.0, 55.0, 70.0, 80.0])
+def test_the_band_bound_skips_no_match_at_any_latitude(lat: float) -> None:
+    """Wide bands and tall areas far from the equator, where the frame and the ellipsoid differ most;
+    points packed around the band's edge, where a loose bound would drop a match."""
+    rng = np.random.default_rng(int(lat) + 100)
+    crises = [make_crisis("tall", {"type": "Polygon", "coordinates": [[[10.0, lat - 1.5], [10.4, lat - 1.5],
+                                   [10.2, lat + 1.5], [10.0, lat - 1.5]]]}, buffer_km=300.0),
+              make_crisis("small", square(12.0, lat, 0.05), buffer_km=25.0),
+              make_crisis("mid", square(9.0, lat + 0.5, 0.3), buffer_km=100.0)]
+    index = CrisisIndex(crises)
+    lats = np.clip(lat + rng.uniform(-5.0, 5.0, 6000), -89.0, 89.0)
+    lons = 10.0 + rng.uniform(-25.0, 25.0, 6000)
+    found = index.match_columns(lats, lons)
+    got = set(zip(found.point.tolist(), [index.ids[c] for c in found.crisis.tolist()], found.distance_km.tolist(),
+                  strict=True))
+    want = exact_matches(index, lats, lons)
+    assert got == want
+    assert {c for _, c, d in want if d > 0} == {"tall", "small", "mid"}  # near matches of every crisis were tested
