@@ -120,18 +120,31 @@ def _index_crisis(crisis: Crisis) -> IndexedCrisis:
     return IndexedCrisis(crisis, area, frame_area, frame_rings, RingSegments.of(frame_rings), lon_scale, touches)
 
 
-def _search_area(item: IndexedCrisis) -> BaseGeometry:
-    """The area grown by its proximity band, in degrees, never smaller than the true band."""
+def search_box(item: IndexedCrisis) -> tuple[float, float, float, float]:
+    """Bounds (min lon, min lat, max lon, max lat) of every point that may be inside the area or within
+    its proximity band: the area's bounds grown by the band in degrees, never smaller than the true
+    band (the shortest degree of latitude, the longitude degree at the worst latitude the band can
+    reach, and 1 % and a micro-degree more, so that no rounding drops a point on the edge). Across the
+    antimeridian a band reaches round the world's edge: the longitudes are then unbounded (±inf).
+
+    The one formula behind the index's candidates (:meth:`CrisisIndex.match_columns`) and the sweep's
+    selection of citizens from columns (:meth:`pipeline.domain.tracking.Tracker.search_bounds`)."""
+    minx, miny, maxx, maxy = item.area.bounds
     band = item.crisis.buffer_km
-    area = item.area
-    if item.touches_antimeridian and band > 0:
-        area = shapely.union_all([area, translate(area, 360.0), translate(area, -360.0)])
-    if band <= 0:
-        return area
-    _, miny, _, maxy = item.area.bounds
     worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
-    degrees = band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat)))
-    return area.envelope.buffer(degrees, quad_segs=2, join_style="mitre")
+    margin = 1.01 * band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat))) + 1e-6
+    if item.touches_antimeridian and band > 0:
+        return (-math.inf, miny - margin, math.inf, maxy + margin)
+    return (minx - margin, miny - margin, maxx + margin, maxy + margin)
+
+
+def _search_area(item: IndexedCrisis) -> BaseGeometry:
+    """Where a point may be inside or near the crisis: the area itself without a band (only the inside
+    matters), else :func:`search_box` as a geometry (longitudes over two turns of the world when unbounded)."""
+    if item.crisis.buffer_km <= 0:
+        return item.area
+    minx, miny, maxx, maxy = search_box(item)
+    return shapely.box(max(minx, -540.0), miny, min(maxx, 540.0), maxy)
 
 
 BAND_SLACK = 1.05  # a point skipped as beyond the band is more than 5 % past it by the bound below

@@ -24,7 +24,6 @@ about the same thing: an update of a crisis warns only citizens whose situation 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.domain.geofence import KM_PER_DEGREE_LAT, MAX_SEARCH_LAT, CrisisIndex, IndexedCrisis
+from pipeline.domain.geofence import CrisisIndex, IndexedCrisis, search_box
 from pipeline.domain.ids import warning_id
 from pipeline.domain.messages import instruction_for
 from schemas import Checkin, Crisis, Warning, format_time, parse_time
@@ -161,18 +160,14 @@ class Tracker:
 
     def search_bounds(self, crisis_id: str) -> tuple[float, float, float, float] | None:
         """Bounds (min lat, max lat, min lon, max lon) that hold every point a sweep of this crisis may
-        find inside or near it: a superset of :meth:`CrisisIndex.candidate_mask`, to select the citizens
-        worth sweeping from columns before the exact test. None when the crisis is not indexed."""
+        find inside or near it (:func:`pipeline.domain.geofence.search_box`, the index's own candidate
+        bounds), to select the citizens worth sweeping from columns before the exact test. None when
+        the crisis is not indexed."""
         item = self.sweep_index(crisis_id).by_id.get(crisis_id)
         if item is None:
             return None
-        minx, miny, maxx, maxy = item.area.bounds
-        band = item.crisis.buffer_km
-        worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
-        margin = 1.01 * band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat))) + 1e-6
-        if item.touches_antimeridian:
-            return (miny - margin, maxy + margin, -math.inf, math.inf)
-        return (miny - margin, maxy + margin, minx - margin, maxx + margin)
+        minx, miny, maxx, maxy = search_box(item)
+        return (miny, maxy, minx, maxx)
 
     def reaches_citizens(self, crisis: Crisis) -> bool:
         return crisis.status == "actual" or self.config.exercise_mode
