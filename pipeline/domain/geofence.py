@@ -101,7 +101,19 @@ def ellipsoid_distance_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, 
     return np.asarray(radius * angle, dtype=float)
 
 
-def _index_crisis(crisis: Crisis) -> IndexedCrisis:
+def _index_crises(crises: Iterable[Crisis]) -> tuple[IndexedCrisis, ...]:
+    """Each crisis indexed; the rings' segments of all of them cut in one vectorised pass (one crisis
+    at a time, that took as long as the rest of the indexing)."""
+    frames = [_frame(c) for c in crises if c.geometry is not None]
+    if not frames:
+        return ()
+    segments = RingSegments.of([f[3] for f in frames])
+    return tuple(IndexedCrisis(*f[:4], segments.part(k), *f[4:]) for k, f in enumerate(frames))
+
+
+def _frame(crisis: Crisis) -> tuple[Crisis, BaseGeometry, BaseGeometry, BaseGeometry, float, bool]:
+    """The crisis, its area (prepared), the area and its rings in the crisis's frame, the frame's
+    longitude scale, and whether the area touches the antimeridian."""
     if crisis.geometry is None:
         raise ValueError(f"crisis {crisis.crisis_id} has no geometry")
     area = shape(crisis.geometry)
@@ -116,8 +128,7 @@ def _index_crisis(crisis: Crisis) -> IndexedCrisis:
     if touches:
         frame_source = shapely.union_all([area, translate(area, 360.0), translate(area, -360.0)])
     frame_area = scale(frame_source, xfact=lon_scale, yfact=1.0, origin=(0, 0))
-    frame_rings = shapely.boundary(frame_area)
-    return IndexedCrisis(crisis, area, frame_area, frame_rings, RingSegments.of(frame_rings), lon_scale, touches)
+    return crisis, area, frame_area, shapely.boundary(frame_area), lon_scale, touches
 
 
 def search_box(item: IndexedCrisis) -> tuple[float, float, float, float]:
@@ -201,7 +212,7 @@ class CrisisIndex:
     """
 
     def __init__(self, crises: Iterable[Crisis]) -> None:
-        self.items: tuple[IndexedCrisis, ...] = tuple(_index_crisis(c) for c in crises if c.geometry is not None)
+        self.items: tuple[IndexedCrisis, ...] = _index_crises(crises)
         self.by_id: dict[str, IndexedCrisis] = {i.crisis_id: i for i in self.items}
         self.position: dict[str, int] = {i.crisis_id: k for k, i in enumerate(self.items)}
         self.ids: tuple[str, ...] = tuple(i.crisis_id for i in self.items)  # row k of a Matches is crisis ids[k]

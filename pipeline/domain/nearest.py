@@ -96,6 +96,13 @@ class RingSegments:
             np.concatenate([s.chunks[:-1] + o for s, o in zip(many, chunk_offsets, strict=False)]
                            + [np.array([chunk_offsets[-1]])]).astype(np.int64))
 
+    def part(self, g: int) -> RingSegments:
+        """Geometry ``g``'s segments alone (views of these arrays)."""
+        c0, c1 = int(self.chunks[g]), int(self.chunks[g + 1])
+        s0, s1 = int(self.chunk_start[c0]), int(self.chunk_start[c1])
+        return RingSegments(self.x0[s0:s1], self.y0[s0:s1], self.x1[s0:s1], self.y1[s0:s1],
+                            self.chunk_start[c0:c1 + 1] - s0, self.boxes[c0:c1], np.array([0, c1 - c0], dtype=np.int64))
+
     def nearest_points(self, x: np.ndarray, y: np.ndarray, geometry: np.ndarray,
                        beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For each ``k``, the nearest point of geometry ``geometry[k]``'s rings to ``(x[k], y[k])``:

@@ -120,6 +120,9 @@ def test_chunks_cover_every_segment_once_and_never_span_two_areas(bench_index: C
         lo, hi = segments.chunk_start[segments.chunks[k]], segments.chunk_start[segments.chunks[k + 1]]
         assert hi - lo == len(item.segments.x0) == shapely.get_num_coordinates(item.frame_rings) - \
             shapely.get_num_geometries(item.frame_rings)
+        alone = RingSegments.of(item.frame_rings)  # an item's part of the index's segments is its own
+        for name in ("x0", "y0", "x1", "y1", "chunk_start", "boxes", "chunks"):
+            assert np.array_equal(getattr(item.segments, name), getattr(alone, name)), (item.crisis_id, name)
 
 
 # -- the warnings: the tracker with the kernel against the tracker with GEOS's nearest points ---------
