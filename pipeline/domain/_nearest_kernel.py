@@ -47,6 +47,10 @@ def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, beyond: np.nda
             y1: np.ndarray, out_x: np.ndarray, out_y: np.ndarray) -> None:
     """For each ``k``: the nearest point of geometry ``geometry[k]``'s segments to ``(xs[k], ys[k])``, or
     NaN when every chunk's box is farther than ``beyond[k]`` (so is every segment)."""
+    widest = 0
+    for g in range(len(chunks) - 1):
+        widest = max(widest, chunks[g + 1] - chunks[g])
+    box_d2 = np.empty(widest)  # each chunk's box distance, measured once per point
     for k in range(len(xs)):
         px, py = xs[k], ys[k]
         first, last = chunks[geometry[k]], chunks[geometry[k] + 1]
@@ -54,6 +58,7 @@ def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, beyond: np.nda
         closest_box, closest_d2 = first, math.inf
         for h in range(first, last):
             d2 = box_distance2(px, py, boxes[h, 0], boxes[h, 1], boxes[h, 2], boxes[h, 3])
+            box_d2[h - first] = d2
             if d2 < closest_d2:
                 closest_box, closest_d2 = h, d2
         if closest_d2 > beyond[k] * beyond[k]:
@@ -68,7 +73,7 @@ def nearest(xs: np.ndarray, ys: np.ndarray, geometry: np.ndarray, beyond: np.nda
         # GEOS's choice: the first strictly nearest segment in ring order, stopping at a distance of 0
         best, chosen = math.inf, -1
         for h in range(first, last):
-            if box_distance2(px, py, boxes[h, 0], boxes[h, 1], boxes[h, 2], boxes[h, 3]) > bound2:
+            if box_d2[h - first] > bound2:
                 continue
             for s in range(chunk_start[h], chunk_start[h + 1]):
                 d = point_to_segment(px, py, x0[s], y0[s], x1[s], y1[s])

@@ -278,11 +278,15 @@ class CrisisIndex:
             c, mlat, mlon = crisis[measure], plat[measure], plon[measure]
             beyond = self._beyond_band[c] if band_only else None
             near_x, near_y = self._segments.nearest_points(mlon * self._scales[c], mlat, c, beyond)
+            found = ~np.isnan(near_x)  # the others are surely beyond the band
+            if not found.all():
+                c, mlat, mlon, near_x, near_y = c[found], mlat[found], mlon[found], near_x[found], near_y[found]
+                measured = np.flatnonzero(measure)
+                out[measured[~found]] = np.inf
+                measure = measured[found]
             near_lons = near_x / self._scales[c]
             near_lats = np.clip(near_y, -90.0, 90.0)
-            with np.errstate(invalid="ignore"):
-                distance = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
-            out[measure] = np.where(np.isnan(near_x), np.inf, distance)
+            out[measure] = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
         return out
 
     def inside_mask(self, crisis_id: str, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
