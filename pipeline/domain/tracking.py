@@ -344,14 +344,18 @@ class Tracker:
         lons = np.fromiter((s.lon for s in pool), dtype=float, count=len(pool))
         inside = index.inside_mask(crisis.crisis_id, lats, lons)
         candidates = inside | index.candidate_mask(crisis.crisis_id, lats, lons)
+        held = np.fromiter(((p := s.presence.get(crisis.crisis_id)) is not None and p.status != "out" for s in pool),
+                           dtype=bool, count=len(pool))
+        swept = candidates | held
+        measure = swept & ~inside
+        distances = np.zeros(len(pool), dtype=float)  # one vectorised call, not one per citizen
+        if measure.any():
+            distances[measure] = item.distances_km(lats[measure], lons[measure])
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
-        for i, state in enumerate(pool):
-            presence = state.presence.get(crisis.crisis_id)
-            if not candidates[i] and (presence is None or presence.status == "out"):
-                continue
-            distance = 0.0 if inside[i] else item.distance_km(state.lat, state.lon)
-            new_state, warning = self._sweep_one(state, item, distance, now)
+        for i in np.flatnonzero(swept).tolist():
+            state = pool[i]
+            new_state, warning = self._sweep_one(state, item, float(distances[i]), now)
             if new_state is not state:
                 changed[state.citizen_id] = new_state
             if warning is not None:

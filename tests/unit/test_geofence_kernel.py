@@ -125,6 +125,15 @@ def test_chunks_cover_every_segment_once_and_never_span_two_areas(bench_index: C
             assert np.array_equal(getattr(item.segments, name), getattr(alone, name)), (item.crisis_id, name)
 
 
+def test_one_point_at_a_time_or_many_at_once_the_same_distances(bench_index: CrisisIndex) -> None:
+    """The sweep measures its citizens in one call, a check-in's fallback one at a time: same values."""
+    citizens = workload(300).citizens(600, inside_share=0.1, seed=2)
+    for k in range(0, len(bench_index), 7):
+        item = bench_index.items[k]
+        many = item.distances_km(citizens.lats, citizens.lons).tolist()
+        assert many == [item.distance_km(float(a), float(o)) for a, o in zip(citizens.lats, citizens.lons, strict=True)]
+
+
 # -- the warnings: the tracker with the kernel against the tracker with GEOS's nearest points ---------
 
 
