@@ -221,6 +221,7 @@ class CrisisIndex:
         self._segments = RingSegments.concat([i.segments for i in self.items])
         self._scales = np.array([i.lon_scale for i in self.items], dtype=float)
         self._bands = np.array([i.crisis.buffer_km for i in self.items], dtype=float)
+        self._antimeridian = np.array([i.touches_antimeridian for i in self.items], dtype=bool)
         self._bounds = np.array([i.area.bounds for i in self.items], dtype=float).reshape(-1, 4)
         # Past this many frame units from an area's rings, a point is surely beyond the proximity band:
         # skipped without an exact distance (infinite across the antimeridian: not worth a proof there).
@@ -269,7 +270,7 @@ class CrisisIndex:
         maybe = (plon >= box[:, 0]) & (plon <= box[:, 2]) & (plat >= box[:, 1]) & (plat <= box[:, 3])
         inside = np.zeros(len(point), dtype=bool)
         if maybe.any():
-            inside[maybe] = shapely.contains_xy(self._areas_arr[crisis[maybe]], plon[maybe], plat[maybe])
+            inside[maybe] = self._inside(crisis[maybe], plat[maybe], plon[maybe])
         measure = ~inside
         if band_only:
             measure &= self._bands[crisis] > 0
@@ -287,6 +288,17 @@ class CrisisIndex:
             near_lons = near_x / self._scales[c]
             near_lats = np.clip(near_y, -90.0, 90.0)
             out[measure] = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
+        return out
+
+    def _inside(self, crisis: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+        """Whether each point is inside its crisis's area: GEOS's ``contains_xy``, answered by the kernel's
+        ray parity for points clear of every edge (the same answer there), by GEOS for the others and for
+        areas across the antimeridian (whose frame merges the area with its shifted copies)."""
+        verdict = self._segments.inside(lons * self._scales[crisis], lats, crisis)
+        ask = (verdict < 0) | self._antimeridian[crisis]
+        out: np.ndarray = verdict == 1
+        if ask.any():
+            out[ask] = shapely.contains_xy(self._areas_arr[crisis[ask]], lons[ask], lats[ask])
         return out
 
     def inside_mask(self, crisis_id: str, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:

@@ -50,11 +50,14 @@ class RingSegments:
     chunk_start: np.ndarray  # int64, one more than the chunks
     boxes: np.ndarray  # float64 (chunks, 4): min x, min y, max x, max y of each chunk's segments
     chunks: np.ndarray  # int64, one more than the geometries
+    rings: np.ndarray  # the geometries themselves (prepared), for GEOS to settle exact ties
 
     @classmethod
     def of(cls, rings: BaseGeometry | np.ndarray | list[BaseGeometry]) -> RingSegments:
         """The segments of each (multi)linestring, in the order GEOS stores them."""
-        geoms = np.atleast_1d(np.asarray(rings, dtype=object))
+        geoms = np.empty(1 if isinstance(rings, BaseGeometry) else len(rings), dtype=object)
+        geoms[:] = [rings] if isinstance(rings, BaseGeometry) else list(rings)
+        shapely.prepare(geoms)
         parts, owner = shapely.get_parts(geoms, return_index=True)
         coords, part = shapely.get_coordinates(parts, return_index=True)
         same = part[1:] == part[:-1]  # consecutive vertices of one part make a segment
@@ -78,7 +81,7 @@ class RingSegments:
             boxes[:, 2] = np.maximum.reduceat(xs_max, begin)
             boxes[:, 3] = np.maximum.reduceat(ys_max, begin)
         return cls(np.ascontiguousarray(x0), np.ascontiguousarray(y0), np.ascontiguousarray(x1),
-                   np.ascontiguousarray(y1), chunk_start, boxes, chunks)
+                   np.ascontiguousarray(y1), chunk_start, boxes, chunks, geoms)
 
     @classmethod
     def concat(cls, many: list[RingSegments]) -> RingSegments:
@@ -94,14 +97,16 @@ class RingSegments:
                            + [np.array([seg_offsets[-1]])]).astype(np.int64),
             np.concatenate([s.boxes for s in many]).reshape(-1, 4),
             np.concatenate([s.chunks[:-1] + o for s, o in zip(many, chunk_offsets, strict=False)]
-                           + [np.array([chunk_offsets[-1]])]).astype(np.int64))
+                           + [np.array([chunk_offsets[-1]])]).astype(np.int64),
+            np.concatenate([s.rings for s in many]))
 
     def part(self, g: int) -> RingSegments:
         """Geometry ``g``'s segments alone (views of these arrays)."""
         c0, c1 = int(self.chunks[g]), int(self.chunks[g + 1])
         s0, s1 = int(self.chunk_start[c0]), int(self.chunk_start[c1])
         return RingSegments(self.x0[s0:s1], self.y0[s0:s1], self.x1[s0:s1], self.y1[s0:s1],
-                            self.chunk_start[c0:c1 + 1] - s0, self.boxes[c0:c1], np.array([0, c1 - c0], dtype=np.int64))
+                            self.chunk_start[c0:c1 + 1] - s0, self.boxes[c0:c1], np.array([0, c1 - c0], dtype=np.int64),
+                            self.rings[g:g + 1])
 
     def nearest_points(self, x: np.ndarray, y: np.ndarray, geometry: np.ndarray,
                        beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -110,14 +115,33 @@ class RingSegments:
         whose distance to the rings is surely more than ``beyond[k]`` (a lower bound says so: the
         nearest bounding box of the rings' chunks is farther), without measuring it."""
         kernel = _kernel()
+        x = np.ascontiguousarray(x, dtype=float)
+        y = np.ascontiguousarray(y, dtype=float)
+        geometry = np.ascontiguousarray(geometry, dtype=np.int64)
         out_x = np.empty(len(x), dtype=float)
         out_y = np.empty(len(x), dtype=float)
+        tied = np.empty(len(x), dtype=bool)
         if beyond is None:
             beyond = np.full(len(x), np.inf)
-        kernel(np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
-               np.ascontiguousarray(geometry, dtype=np.int64), np.ascontiguousarray(beyond, dtype=float),
-               self.chunks, self.chunk_start, self.boxes, self.x0, self.y0, self.x1, self.y1, out_x, out_y)
+        kernel(x, y, geometry, np.ascontiguousarray(beyond, dtype=float), self.chunks, self.chunk_start,
+               self.boxes, self.x0, self.y0, self.x1, self.y1, out_x, out_y, tied)
+        if tied.any():  # equally near segments: GEOS's own choice, from GEOS
+            nearest = shapely.get_coordinates(shapely.shortest_line(self.rings[geometry[tied]],
+                                                                    shapely.points(x[tied], y[tied])))[0::2]
+            out_x[tied], out_y[tied] = nearest[:, 0], nearest[:, 1]
         return out_x, out_y
+
+
+    def inside(self, x: np.ndarray, y: np.ndarray, geometry: np.ndarray) -> np.ndarray:
+        """For each ``k``, 1 when ``(x[k], y[k])`` is inside geometry ``geometry[k]``'s rings, 0 when
+        outside, -1 when it is too near an edge to say without an exact predicate (ask GEOS)."""
+        from pipeline.domain import _nearest_kernel
+
+        out = np.empty(len(x), dtype=np.int8)
+        _nearest_kernel.inside(np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
+                               np.ascontiguousarray(geometry, dtype=np.int64), self.chunks, self.chunk_start,
+                               self.boxes, self.x0, self.y0, self.x1, self.y1, out)
+        return out
 
 
 def _kernel() -> Callable[..., Any]:

@@ -54,6 +54,19 @@ def assert_same_as_geos(index: CrisisIndex, crisis: np.ndarray, lats: np.ndarray
                               f"{(got_x[differ[0]], got_y[differ[0]])} != {tuple(want[differ[0]])}")
 
 
+def assert_inside_as_geos(index: CrisisIndex, crisis: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> int:
+    """The index's inside test (the kernel's ray parity, GEOS near edges) answers what GEOS answers.
+    Returns how many points the kernel left to GEOS."""
+    areas = np.array([i.area for i in index.items], dtype=object)
+    want = np.asarray(shapely.contains_xy(areas[crisis], lons, lats), dtype=bool)
+    got = index._inside(crisis, lats, lons)
+    differ = np.flatnonzero(got != want)
+    assert differ.size == 0, f"{differ.size} of {len(lats)} differ, e.g. {(lons[differ[0]], lats[differ[0]])}"
+    scales = np.array([i.lon_scale for i in index.items])
+    verdict = RingSegments.concat([i.segments for i in index.items]).inside(lons * scales[crisis], lats, crisis)
+    return int((verdict < 0).sum())
+
+
 @pytest.fixture(scope="module")
 def bench_index() -> CrisisIndex:
     return CrisisIndex(workload(300).crises)
@@ -73,6 +86,8 @@ def test_the_benchmark_areas_and_their_citizens(bench_index: CrisisIndex) -> Non
     assert_same_as_geos(bench_index, crisis, citizens.lats, citizens.lons)
     other = rng.integers(0, len(bench_index), len(citizens))  # and against any other, far away
     assert_same_as_geos(bench_index, other, citizens.lats, citizens.lons)
+    assert_inside_as_geos(bench_index, crisis, citizens.lats, citizens.lons)
+    assert_inside_as_geos(bench_index, other, citizens.lats, citizens.lons)
 
 
 def test_vertices_edges_and_their_neighbourhood(bench_index: CrisisIndex) -> None:
@@ -93,6 +108,25 @@ def test_vertices_edges_and_their_neighbourhood(bench_index: CrisisIndex) -> Non
     assert_same_as_geos(bench_index, crisis, y, x / scales[crisis])
 
 
+def test_inside_on_and_next_to_the_areas_own_vertices_and_edges(bench_index: CrisisIndex) -> None:
+    """In degrees, where GEOS decides: points on the areas' vertices and edges and a hair off them are
+    left to GEOS or answered as GEOS answers; the kernel never guesses near an edge."""
+    rng = np.random.default_rng(13)
+    crisis = rng.integers(0, len(bench_index), 20_000)
+    lons, lats = np.empty(len(crisis)), np.empty(len(crisis))
+    for k in np.unique(crisis).tolist():
+        rows = np.flatnonzero(crisis == k)
+        ring = shapely.get_coordinates(bench_index.items[k].area)
+        at = rng.integers(0, len(ring) - 1, len(rows))
+        t = np.where(rng.random(len(rows)) < 0.3, 0.0, rng.random(len(rows)))
+        lons[rows] = ring[at, 0] + t * (ring[at + 1, 0] - ring[at, 0])
+        lats[rows] = ring[at, 1] + t * (ring[at + 1, 1] - ring[at, 1])
+    nudge = rng.choice([0.0, 1e-15, 1e-12, 1e-9, 1e-6, 1e-3], len(crisis))
+    lons, lats = lons + nudge * rng.standard_normal(len(crisis)), lats + nudge * rng.standard_normal(len(crisis))
+    left_to_geos = assert_inside_as_geos(bench_index, crisis, lats, lons)
+    assert left_to_geos > len(crisis) // 3  # the points on and next to the edges were left to GEOS
+
+
 coordinate = st.floats(min_value=-0.6, max_value=0.6, allow_nan=False)
 
 
@@ -110,6 +144,16 @@ def test_random_points_around_holes_parts_and_the_antimeridian(small_index: Cris
         lon, lat = round(lon * 20) / 20, round(lat * 20) / 20
     lon = (lon + 180.0) % 360.0 - 180.0
     assert_same_as_geos(small_index, np.array([which]), np.array([lat]), np.array([lon]))
+    assert_inside_as_geos(small_index, np.array([which]), np.array([lat]), np.array([lon]))
+
+
+def test_exact_ties_take_geos_choice(small_index: CrisisIndex) -> None:
+    """Midway between the donut's outer ring and its hole, two edges are exactly as near with different
+    nearest points: GEOS's facet tree picks one (not the first in ring order), and so does the geofence."""
+    donut = small_index.position["donut"]
+    lats = np.array([11.75, 10.25, 11.0, 11.0, 11.75])
+    lons = np.array([11.0, 11.0, 10.25, 11.75, 10.25])
+    assert_same_as_geos(small_index, np.full(len(lats), donut), lats, lons)
 
 
 def test_chunks_cover_every_segment_once_and_never_span_two_areas(bench_index: CrisisIndex) -> None:
