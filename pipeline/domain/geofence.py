@@ -3,7 +3,8 @@
 One STRtree over the bounding box of each crisis's *search area* — the area grown by its
 proximity band, in degrees, generously; the area itself for a crisis without a band — finds the
 candidate (point, crisis) pairs of a whole batch in one vectorised call. One point-in-area test over all the pairs says
-which are inside; the others with a band get an exact distance, all in one pass (one call of the
+which are inside (the compiled kernel's ray parity where a point is clear of every edge, GEOS's
+``contains_xy`` near the edges); the others with a band get an exact distance, all in one pass (one call of the
 compiled nearest-point kernel of :mod:`pipeline.domain.nearest`, which gives GEOS's nearest point
 bit for bit at a fraction of its cost; one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
 geofence about four times slower on batches that touch hundreds of crises (docs/benchmarks.md).

@@ -12,12 +12,17 @@ Here the rings are flat arrays of segments, in the rings' own order, cut into ch
 box is nearest, measures its segments for an upper bound, then walks every chunk in order, skipping
 those whose box is farther than that bound, and measures the rest segment by segment. Each segment
 is measured with GEOS's own formulas (``Distance::pointToSegment`` to choose the segment, the first
-strictly nearest one winning, with GEOS's early stop at a distance of 0; ``LineSegment::closestPoint``
-for the point on it), evaluated in the same order of operations, so the nearest point is the one
-GEOS gives, bit for bit (tests/unit/test_geofence_kernel.py compares them on the benchmark's areas
-and on random and adversarial points). Where two segments are exactly as near, GEOS's facet tree may
-visit another one first; that takes a point equidistant, to the last bit, from two edges, and both
-answers are then equally near in the frame.
+strictly nearest one winning; ``LineSegment::closestPoint`` for the point on it), evaluated in the
+same order of operations, so the nearest point is the one GEOS gives, bit for bit
+(tests/unit/test_geofence_kernel.py compares them on the benchmark's areas and on random and
+adversarial points). Where two segments are exactly as near with different nearest points (a point
+midway between a ring and its hole), GEOS's facet tree, not ring order, decides which one it
+reports: the kernel flags such pairs and GEOS answers them.
+
+The same chunks answer "is the point inside?" by the parity of the edges a ray crosses, exactly
+where the point is clear of every edge; nearer than ``EDGE_CLEARANCE`` (1e-9 frame units, see
+:mod:`pipeline.domain._nearest_kernel`) the kernel says it cannot tell, and the caller asks GEOS's
+robust predicate.
 
 numba is imported and the kernel compiled (or loaded from numba's on-disk cache) on first use, so a
 process that never geofences does not pay its half second of import.
