@@ -5,8 +5,9 @@
 The workload is :mod:`bench.workload`'s: 1,000 crisis areas of 20–500 vertices around real cities,
 citizens clustered around them, 10 % inside. Each round times, on the same points:
 
-1. :meth:`CrisisIndex.match` over batches of ``CRISISWATCH_BATCH_SIZE`` points, as a worker calls it
-   (inside and within the proximity band, with distances on the ellipsoid);
+1. :meth:`CrisisIndex.match_columns` over batches of ``CRISISWATCH_BATCH_SIZE`` points, as the worker's
+   tracker calls it (inside and within the proximity band, with distances on the ellipsoid, as
+   columns);
 2. bare shapely on the same batches: ``STRtree.query(shapely.points(lons, lats), "within")`` over
    the crisis areas alone (only "inside", no band, no distances): the floor for any geofence
    built on shapely on this machine;
@@ -32,7 +33,7 @@ import numpy as np
 import shapely
 
 from bench.workload import workload
-from pipeline.domain.geofence import CrisisIndex, Match
+from pipeline.domain.geofence import CrisisIndex, Matches
 from pipeline.settings import Settings
 
 FULL = {"points": 1_000_000, "crises": 1000, "rounds": 3, "naive_points": 20}
@@ -66,12 +67,12 @@ def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int
                                    "geofence_naive_points_per_s": [], "geofence_vs_bare_shapely_ratio": [],
                                    "geofence_vs_naive_ratio": []}
     for s in slices[:10]:  # warm-up, not counted: first calls pay for lazily built indexes and caches
-        index.match(lats[s], lons[s])
+        index.match_columns(lats[s], lons[s])
         bare_tree.query(shapely.points(lons[s], lats[s]), predicate="within")
     for round_no in range(rounds):
         with _no_gc():
             started = time.process_time()
-            found = [index.match(lats[s], lons[s]) for s in slices]  # what the tracker calls, Match objects and all
+            found = [index.match_columns(lats[s], lons[s]) for s in slices]  # what the tracker calls
             ours = points / (time.process_time() - started)
         with _no_gc():
             started = time.process_time()
@@ -98,7 +99,7 @@ def measure(points: int, crises: int, rounds: int, naive_points: int, batch: int
     return out
 
 
-def _check(index: CrisisIndex, slices: list[slice], found: list[list[Match]], bare: list[np.ndarray],
+def _check(index: CrisisIndex, slices: list[slice], found: list[Matches], bare: list[np.ndarray],
            naive: set[tuple[int, str]], sample: set[int]) -> None:
     """The batch answer agrees with bare shapely on "inside" and with the naive loop on its sample."""
     ids = [item.crisis_id for item in index.items]
@@ -107,10 +108,10 @@ def _check(index: CrisisIndex, slices: list[slice], found: list[list[Match]], ba
     floor: set[tuple[int, str]] = set()
     for s, matches, (points, crises) in zip(slices, found, bare, strict=True):
         start = s.start
-        for m in matches:
-            ours.add((start + m.point, m.crisis_id))
-            if m.distance_km == 0.0:
-                ours_inside.add((start + m.point, m.crisis_id))
+        for p, c, d in zip(matches.point.tolist(), matches.crisis.tolist(), matches.distance_km.tolist(), strict=True):
+            ours.add((start + p, ids[c]))
+            if d == 0.0:
+                ours_inside.add((start + p, ids[c]))
         floor.update((start + p, ids[c]) for p, c in zip(points.tolist(), crises.tolist(), strict=True))
     if ours_inside != floor:
         raise AssertionError(f"geofence and bare shapely disagree on {len(ours_inside ^ floor)} inside pairs")

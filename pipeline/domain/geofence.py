@@ -3,8 +3,10 @@
 One STRtree over the bounding box of each crisis's *search area* — the area grown by its
 proximity band, in degrees, generously; the area itself for a crisis without a band — finds the
 candidate (point, crisis) pairs of a whole batch in one vectorised call. One point-in-area test over all the pairs says
-which are inside; the others with a band get an exact distance, all in one pass (one nearest-point
-call, one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
+which are inside (the compiled kernel's ray parity where a point is clear of every edge, GEOS's
+``contains_xy`` near the edges); the others with a band get an exact distance, all in one pass (one call of the
+compiled nearest-point kernel of :mod:`pipeline.domain.nearest`, which gives GEOS's nearest point
+bit for bit at a fraction of its cost; one ellipsoid formula), however many crises the batch touches. A loop per crisis made the
 geofence about four times slower on batches that touch hundreds of crises (docs/benchmarks.md).
 
 Distances are computed on the WGS84 ellipsoid, for a whole array of points at once: the nearest
@@ -33,6 +35,7 @@ from shapely.affinity import scale, translate
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
+from pipeline.domain.nearest import RingSegments
 from schemas import Crisis
 
 KM_PER_DEGREE_LAT = 110.574  # the shortest degree of latitude (at the equator); a conservative bound
@@ -45,9 +48,10 @@ class IndexedCrisis:
     area: BaseGeometry
     # The area in the crisis's local frame (lon scaled by cos(lat0)), with ±360° copies when it touches ±180°.
     frame_area: BaseGeometry
-    # Its rings, prepared: the nearest point of an area to a point outside it is on them, and GEOS
-    # finds it from the rings' indexed segments about twice as fast as from the polygon.
+    # Its rings: the nearest point of an area to a point outside it is on them. As segments for the
+    # compiled nearest-point kernel (pipeline/domain/nearest.py), which gives what GEOS gives from them.
     frame_rings: BaseGeometry
+    segments: RingSegments
     lon_scale: float
     touches_antimeridian: bool
 
@@ -65,10 +69,10 @@ class IndexedCrisis:
         out = np.zeros(len(lats), dtype=float)
         outside = ~inside
         if outside.any():
-            local = shapely.points(lons[outside] * self.lon_scale, lats[outside])
-            nearest = shapely.get_coordinates(shapely.shortest_line(self.frame_rings, local))[0::2]
-            near_lons = nearest[:, 0] / self.lon_scale
-            near_lats = np.clip(nearest[:, 1], -90.0, 90.0)
+            near_x, near_y = self.segments.nearest_points(lons[outside] * self.lon_scale, lats[outside],
+                                                          np.zeros(int(outside.sum()), dtype=np.int64))
+            near_lons = near_x / self.lon_scale
+            near_lats = np.clip(near_y, -90.0, 90.0)
             out[outside] = ellipsoid_distance_km(lats[outside], lons[outside], near_lats, near_lons)
         return out
 
@@ -98,7 +102,19 @@ def ellipsoid_distance_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, 
     return np.asarray(radius * angle, dtype=float)
 
 
-def _index_crisis(crisis: Crisis) -> IndexedCrisis:
+def _index_crises(crises: Iterable[Crisis]) -> tuple[IndexedCrisis, ...]:
+    """Each crisis indexed; the rings' segments of all of them cut in one vectorised pass (one crisis
+    at a time, that took as long as the rest of the indexing)."""
+    frames = [_frame(c) for c in crises if c.geometry is not None]
+    if not frames:
+        return ()
+    segments = RingSegments.of([f[3] for f in frames])
+    return tuple(IndexedCrisis(*f[:4], segments.part(k), *f[4:]) for k, f in enumerate(frames))
+
+
+def _frame(crisis: Crisis) -> tuple[Crisis, BaseGeometry, BaseGeometry, BaseGeometry, float, bool]:
+    """The crisis, its area (prepared), the area and its rings in the crisis's frame, the frame's
+    longitude scale, and whether the area touches the antimeridian."""
     if crisis.geometry is None:
         raise ValueError(f"crisis {crisis.crisis_id} has no geometry")
     area = shape(crisis.geometry)
@@ -113,23 +129,57 @@ def _index_crisis(crisis: Crisis) -> IndexedCrisis:
     if touches:
         frame_source = shapely.union_all([area, translate(area, 360.0), translate(area, -360.0)])
     frame_area = scale(frame_source, xfact=lon_scale, yfact=1.0, origin=(0, 0))
-    frame_rings = shapely.boundary(frame_area)
-    shapely.prepare(frame_rings)
-    return IndexedCrisis(crisis, area, frame_area, frame_rings, lon_scale, touches)
+    return crisis, area, frame_area, shapely.boundary(frame_area), lon_scale, touches
+
+
+def search_box(item: IndexedCrisis) -> tuple[float, float, float, float]:
+    """Bounds (min lon, min lat, max lon, max lat) of every point that may be inside the area or within
+    its proximity band: the area's bounds grown by the band in degrees, never smaller than the true
+    band (the shortest degree of latitude, the longitude degree at the worst latitude the band can
+    reach, and 1 % and a micro-degree more, so that no rounding drops a point on the edge). Across the
+    antimeridian a band reaches round the world's edge: the longitudes are then unbounded (±inf).
+
+    The one formula behind the index's candidates (:meth:`CrisisIndex.match_columns`) and the sweep's
+    selection of citizens from columns (:meth:`pipeline.domain.tracking.Tracker.search_bounds`)."""
+    minx, miny, maxx, maxy = item.area.bounds
+    band = item.crisis.buffer_km
+    worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
+    margin = 1.01 * band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat))) + 1e-6
+    if item.touches_antimeridian and band > 0:
+        return (-math.inf, miny - margin, math.inf, maxy + margin)
+    return (minx - margin, miny - margin, maxx + margin, maxy + margin)
 
 
 def _search_area(item: IndexedCrisis) -> BaseGeometry:
-    """The area grown by its proximity band, in degrees, never smaller than the true band."""
+    """Where a point may be inside or near the crisis: the area itself without a band (only the inside
+    matters), else :func:`search_box` as a geometry (longitudes over two turns of the world when unbounded)."""
+    if item.crisis.buffer_km <= 0:
+        return item.area
+    minx, miny, maxx, maxy = search_box(item)
+    return shapely.box(max(minx, -540.0), miny, min(maxx, 540.0), maxy)
+
+
+BAND_SLACK = 1.05  # a point skipped as beyond the band is more than 5 % past it by the bound below
+
+
+def _frame_units_beyond_band(item: IndexedCrisis) -> float:
+    """A distance in the crisis's frame past which a point is surely farther than the proximity band.
+
+    The distance the geofence reports is the ellipsoid distance from a point to the frame-nearest point
+    of the area: a great-circle angle times a radius of curvature of at least ``KM_PER_DEGREE_LAT``
+    km per degree; and between two points of latitude at most ``worst`` a few hundred kilometres
+    apart, the angle is at least ``min(1, cos(worst) / lon_scale)`` times their frame distance (the
+    frame shrinks longitudes by ``lon_scale``, the sphere by the cosine of the latitude). ``worst`` is
+    the search area's worst latitude plus a degree for the great circle's poleward bulge, and the
+    band is widened by ``BAND_SLACK``: points near the limit are measured exactly, the bound only
+    skips the many that are clearly out (docs/benchmarks.md, "Geofence kernel")."""
     band = item.crisis.buffer_km
-    area = item.area
-    if item.touches_antimeridian and band > 0:
-        area = shapely.union_all([area, translate(area, 360.0), translate(area, -360.0)])
-    if band <= 0:
-        return area
+    if band <= 0 or item.touches_antimeridian:
+        return math.inf
     _, miny, _, maxy = item.area.bounds
-    worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
-    degrees = band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat)))
-    return area.envelope.buffer(degrees, quad_segs=2, join_style="mitre")
+    worst = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT + 1.0, MAX_SEARCH_LAT)
+    km_per_unit = KM_PER_DEGREE_LAT * min(1.0, math.cos(math.radians(worst)) / item.lon_scale)
+    return BAND_SLACK * band / km_per_unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,19 +208,25 @@ class CrisisIndex:
 
     A batch is geofenced in a fixed number of array calls whatever its size and however many crises
     it touches: one STRtree query (bounding boxes) for the candidate (point, crisis) pairs, one vectorised
-    point-in-area test over all pairs, one nearest-point call over the pairs outside an area with a
+    point-in-area test over all pairs, one nearest-point kernel call over the pairs outside an area with a
     proximity band, one ellipsoid distance over those. No Python loop runs per pair or per crisis.
     """
 
     def __init__(self, crises: Iterable[Crisis]) -> None:
-        self.items: tuple[IndexedCrisis, ...] = tuple(_index_crisis(c) for c in crises if c.geometry is not None)
+        self.items: tuple[IndexedCrisis, ...] = _index_crises(crises)
         self.by_id: dict[str, IndexedCrisis] = {i.crisis_id: i for i in self.items}
         self.position: dict[str, int] = {i.crisis_id: k for k, i in enumerate(self.items)}
-        self._ids = np.array([i.crisis_id for i in self.items], dtype=object)
+        self.ids: tuple[str, ...] = tuple(i.crisis_id for i in self.items)  # row k of a Matches is crisis ids[k]
+        self._ids = np.array(self.ids, dtype=object)
         self._areas_arr = np.array([i.area for i in self.items], dtype=object)
-        self._rings = np.array([i.frame_rings for i in self.items], dtype=object)
+        self._segments = RingSegments.concat([i.segments for i in self.items])
         self._scales = np.array([i.lon_scale for i in self.items], dtype=float)
         self._bands = np.array([i.crisis.buffer_km for i in self.items], dtype=float)
+        self._antimeridian = np.array([i.touches_antimeridian for i in self.items], dtype=bool)
+        self._bounds = np.array([i.area.bounds for i in self.items], dtype=float).reshape(-1, 4)
+        # Past this many frame units from an area's rings, a point is surely beyond the proximity band:
+        # skipped without an exact distance (infinite across the antimeridian: not worth a proof there).
+        self._beyond_band = np.array([_frame_units_beyond_band(i) for i in self.items], dtype=float)
         # Candidates by bounding box alone: a search area with a band is a rectangle already, and for
         # one without, the point-in-area test that follows decides; a predicate in the query would
         # only test the same thing twice.
@@ -202,25 +258,48 @@ class CrisisIndex:
         """For every pair ``k``, the distance on the ellipsoid from point ``(lats[point[k]], lons[point[k]])``
         to the area of ``items[crisis[k]]``, 0 inside: what :meth:`IndexedCrisis.distances_km` gives, for
         any mix of crises in one pass. With ``band_only``, a point outside a crisis without a proximity
-        band gets ``inf`` (no distance to it can matter to a match), and its distance is not computed."""
+        band, or surely beyond the band (by :func:`_frame_units_beyond_band`), gets ``inf`` (no distance
+        to it can matter to a match), and its distance is not computed."""
         point = np.asarray(point, dtype=np.int64)
         crisis = np.asarray(crisis, dtype=np.int64)
         out = np.zeros(len(point), dtype=float)
         if len(point) == 0:
             return out
         plat, plon = lats[point], lons[point]
-        inside = np.asarray(shapely.contains_xy(self._areas_arr[crisis], plon, plat), dtype=bool)
+        # Outside an area's bounding box nothing is inside it: GEOS is asked only about the others.
+        box = self._bounds[crisis]
+        maybe = (plon >= box[:, 0]) & (plon <= box[:, 2]) & (plat >= box[:, 1]) & (plat <= box[:, 3])
+        inside = np.zeros(len(point), dtype=bool)
+        if maybe.any():
+            inside[maybe] = self._inside(crisis[maybe], plat[maybe], plon[maybe])
         measure = ~inside
         if band_only:
             measure &= self._bands[crisis] > 0
             out[~inside & ~measure] = np.inf
         if measure.any():
             c, mlat, mlon = crisis[measure], plat[measure], plon[measure]
-            local = shapely.points(mlon * self._scales[c], mlat)
-            nearest = shapely.get_coordinates(shapely.shortest_line(self._rings[c], local))[0::2]
-            near_lons = nearest[:, 0] / self._scales[c]
-            near_lats = np.clip(nearest[:, 1], -90.0, 90.0)
+            beyond = self._beyond_band[c] if band_only else None
+            near_x, near_y = self._segments.nearest_points(mlon * self._scales[c], mlat, c, beyond)
+            found = ~np.isnan(near_x)  # the others are surely beyond the band
+            if not found.all():
+                c, mlat, mlon, near_x, near_y = c[found], mlat[found], mlon[found], near_x[found], near_y[found]
+                measured = np.flatnonzero(measure)
+                out[measured[~found]] = np.inf
+                measure = measured[found]
+            near_lons = near_x / self._scales[c]
+            near_lats = np.clip(near_y, -90.0, 90.0)
             out[measure] = ellipsoid_distance_km(mlat, mlon, near_lats, near_lons)
+        return out
+
+    def _inside(self, crisis: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+        """Whether each point is inside its crisis's area: GEOS's ``contains_xy``, answered by the kernel's
+        ray parity for points clear of every edge (the same answer there), by GEOS for the others and for
+        areas across the antimeridian (whose frame merges the area with its shifted copies)."""
+        verdict = self._segments.inside(lons * self._scales[crisis], lats, crisis)
+        ask = (verdict < 0) | self._antimeridian[crisis]
+        out: np.ndarray = verdict == 1
+        if ask.any():
+            out[ask] = shapely.contains_xy(self._areas_arr[crisis[ask]], lons[ask], lats[ask])
         return out
 
     def inside_mask(self, crisis_id: str, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ about the same thing: an update of a crisis warns only citizens whose situation 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.domain.geofence import KM_PER_DEGREE_LAT, MAX_SEARCH_LAT, CrisisIndex, IndexedCrisis
+from pipeline.domain.geofence import CrisisIndex, IndexedCrisis, search_box
 from pipeline.domain.ids import warning_id
 from pipeline.domain.messages import instruction_for
 from schemas import Checkin, Crisis, Warning, format_time, parse_time
@@ -161,18 +160,14 @@ class Tracker:
 
     def search_bounds(self, crisis_id: str) -> tuple[float, float, float, float] | None:
         """Bounds (min lat, max lat, min lon, max lon) that hold every point a sweep of this crisis may
-        find inside or near it: a superset of :meth:`CrisisIndex.candidate_mask`, to select the citizens
-        worth sweeping from columns before the exact test. None when the crisis is not indexed."""
+        find inside or near it (:func:`pipeline.domain.geofence.search_box`, the index's own candidate
+        bounds), to select the citizens worth sweeping from columns before the exact test. None when
+        the crisis is not indexed."""
         item = self.sweep_index(crisis_id).by_id.get(crisis_id)
         if item is None:
             return None
-        minx, miny, maxx, maxy = item.area.bounds
-        band = item.crisis.buffer_km
-        worst_lat = min(max(abs(miny), abs(maxy)) + band / KM_PER_DEGREE_LAT, MAX_SEARCH_LAT)
-        margin = 1.01 * band / (KM_PER_DEGREE_LAT * math.cos(math.radians(worst_lat))) + 1e-6
-        if item.touches_antimeridian:
-            return (miny - margin, maxy + margin, -math.inf, math.inf)
-        return (miny - margin, maxy + margin, minx - margin, maxx + margin)
+        minx, miny, maxx, maxy = search_box(item)
+        return (miny, maxy, minx, maxx)
 
     def reaches_citizens(self, crisis: Crisis) -> bool:
         return crisis.status == "actual" or self.config.exercise_mode
@@ -229,9 +224,11 @@ class Tracker:
         index = self.index
         lats = np.fromiter((c.lat for c in checkins), dtype=float, count=len(checkins))
         lons = np.fromiter((c.lon for c in checkins), dtype=float, count=len(checkins))
+        found = index.match_columns(lats, lons)
         matches: list[dict[str, float]] = [{} for _ in checkins]
-        for m in index.match(lats, lons):
-            matches[m.point][m.crisis_id] = m.distance_km
+        ids = index.ids
+        for p, c, d in zip(found.point.tolist(), found.crisis.tolist(), found.distance_km.tolist(), strict=True):
+            matches[p][ids[c]] = d
         self._distances_to_known_crises(checkins, states, matches, lats, lons)
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
@@ -262,7 +259,7 @@ class Tracker:
                                    matches: list[dict[str, float]], lats: np.ndarray, lons: np.ndarray) -> None:
         """Add to ``matches`` the distance of each check-in to the crises its citizen may be in or near
         (from the stored state, or from another check-in of the batch): the exit rules need them. One
-        vectorised call per crisis, not one per check-in."""
+        vectorised call for the whole batch, whatever crises it touches."""
         index = self.index
         of_citizen: dict[str, set[str]] = {}
         for i, checkin in enumerate(checkins):
@@ -272,15 +269,21 @@ class Tracker:
                 known = of_citizen[checkin.citizen_id] = {cid for cid, p in state.presence.items()
                                                           if p.status != "out"} if state else set()
             known.update(matches[i])
-        wanted: dict[str, list[int]] = {}
+        point: list[int] = []
+        crisis: list[int] = []
+        position = index.position
         for i, checkin in enumerate(checkins):
             for cid in of_citizen[checkin.citizen_id]:
-                if cid not in matches[i] and cid in index.by_id:
-                    wanted.setdefault(cid, []).append(i)
-        for cid, rows in wanted.items():
-            at = np.asarray(rows, dtype=int)
-            for i, distance in zip(rows, index.by_id[cid].distances_km(lats[at], lons[at]).tolist(), strict=True):
-                matches[i][cid] = distance
+                if cid not in matches[i] and cid in position:
+                    point.append(i)
+                    crisis.append(position[cid])
+        if not point:
+            return
+        distances = index.pair_distances_km(np.asarray(point, dtype=np.int64), np.asarray(crisis, dtype=np.int64),
+                                            lats, lons)
+        ids = index.ids
+        for i, k, distance in zip(point, crisis, distances.tolist(), strict=True):
+            matches[i][ids[k]] = distance
 
     def _margin_km(self, state: CitizenState) -> float:
         return max(self.config.hysteresis_m, state.accuracy_m or 0.0) / 1000.0
@@ -341,14 +344,18 @@ class Tracker:
         lons = np.fromiter((s.lon for s in pool), dtype=float, count=len(pool))
         inside = index.inside_mask(crisis.crisis_id, lats, lons)
         candidates = inside | index.candidate_mask(crisis.crisis_id, lats, lons)
+        held = np.fromiter(((p := s.presence.get(crisis.crisis_id)) is not None and p.status != "out" for s in pool),
+                           dtype=bool, count=len(pool))
+        swept = candidates | held
+        measure = swept & ~inside
+        distances = np.zeros(len(pool), dtype=float)  # one vectorised call, not one per citizen
+        if measure.any():
+            distances[measure] = item.distances_km(lats[measure], lons[measure])
         changed: dict[str, CitizenState] = {}
         warnings: list[Warning] = []
-        for i, state in enumerate(pool):
-            presence = state.presence.get(crisis.crisis_id)
-            if not candidates[i] and (presence is None or presence.status == "out"):
-                continue
-            distance = 0.0 if inside[i] else item.distance_km(state.lat, state.lon)
-            new_state, warning = self._sweep_one(state, item, distance, now)
+        for i in np.flatnonzero(swept).tolist():
+            state = pool[i]
+            new_state, warning = self._sweep_one(state, item, float(distances[i]), now)
             if new_state is not state:
                 changed[state.citizen_id] = new_state
             if warning is not None:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Pure libraries the domain may use. defusedxml and feedparser are parsers handed bytes (never a URL):
 # the hardened XML entry point and the RSS/Atom reader of the feed parsers.
-DOMAIN_THIRD_PARTY = {"shapely", "numpy", "geopy", "defusedxml", "feedparser"}
+DOMAIN_THIRD_PARTY = {"shapely", "numpy", "numba", "geopy", "defusedxml", "feedparser"}
 # Standard-library modules that reach outside the process.
 IO_STDLIB = {"socket", "ssl", "http", "urllib", "ftplib", "smtplib", "poplib", "imaplib", "subprocess", "asyncio",
              "sqlite3", "multiprocessing", "selectors", "telnetlib", "xmlrpc", "webbrowser", "wsgiref", "socketserver"}
