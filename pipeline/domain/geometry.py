@@ -276,15 +276,8 @@ def _unwrapped_polygon(rings: list[np.ndarray]) -> BaseGeometry | None:
             raise GeometryError("a hole encircles a pole")
         lon = lon + 360.0 * round((centre - float(np.mean(lon))) / 360.0)
         holes.append(shapely.linearrings(np.column_stack([lon, lat])))
-    repaired = _areal(_valid(shapely.polygons(shell, holes=holes or None)))
+    repaired = _areal(shapely.make_valid(shapely.polygons(shell, holes=holes or None)))
     return None if repaired.is_empty else repaired
-
-
-def _valid(geom: BaseGeometry) -> BaseGeometry:
-    """:func:`shapely.make_valid`, which gives a valid geometry back unchanged
-    (``tests/unit/test_geometry_fast_path.py`` holds it to that): asking :func:`shapely.is_valid`
-    first costs a third of what ``make_valid`` does, and most areas arrive valid."""
-    return geom if shapely.is_valid(geom) else shapely.make_valid(geom)
 
 
 def _areal(geom: BaseGeometry) -> BaseGeometry:
@@ -337,7 +330,7 @@ def _finish(shapes: Iterable[BaseGeometry], *, max_globe_share: float, max_verti
     # was closed, at coordinates that went through +360 and -360 and may differ in the last bit,
     # so they are united on a fine grid (1e-10°) to dissolve that seam.
     grid = _POLAR_GRID_DEG if any(s.bounds[2] - s.bounds[0] >= 360.0 - 1e-6 for s in shapes) else None
-    merged = _areal(_valid(shapely.union_all(pieces, grid_size=grid))) if pieces else Polygon()
+    merged = _areal(shapely.make_valid(shapely.union_all(pieces, grid_size=grid))) if pieces else Polygon()
     if merged.is_empty or merged.area < _MIN_AREA_DEG2:
         raise GeometryError("empty geometry: no area left after repair")
     if _has_wide_edge(merged):

@@ -1,7 +1,7 @@
 """The normaliser's fast path gives exactly what the per-vertex one gave.
 
 :func:`pipeline.domain.geometry.normalise_geometry` reads plain rings in one array call, builds the
-polygon from arrays and skips ``make_valid`` on a valid shape, because admitting a thousand active
+polygon from arrays and writes coordinates back from arrays, because admitting a thousand active
 crises at a worker's start spent most of its time reading coordinates one by one. Every stage must
 still see the very area it saw before (a crisis's area is compared and republished byte for byte),
 so here the earlier implementation of those three steps is put back in place and both are run on
@@ -99,7 +99,6 @@ def reference(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Any], Any]]
             patch.setattr(geometry, "_read_polygon", _reference_read_polygon)
             patch.setattr(geometry, "_unwrapped_polygon", _reference_unwrapped_polygon)
             patch.setattr(geometry, "_to_geojson", _reference_to_geojson)
-            patch.setattr(geometry, "_valid", shapely.make_valid)
             return outcome(area)
 
     yield run
@@ -200,15 +199,6 @@ def test_the_benchmark_areas_come_out_as_before(reference: Callable[[Any], Any])
     assert [repr(outcome(a)) for a in areas] == [repr(reference(a)) for a in areas]
 
 
-def test_make_valid_keeps_a_valid_shape_as_it_is() -> None:
-    """What the skipped ``make_valid`` relies on, for the shapes normalising builds."""
-    shapes = [shapely.geometry.shape(normalise_geometry(a)) for name, a in AWKWARD.items()
-              if not isinstance(outcome(a), tuple)]
-    for shape in shapes:
-        assert shapely.is_valid(shape)
-        assert shapely.make_valid(shape).equals_exact(shape, tolerance=0.0)
-
-
 @st.composite
 def rings(draw: st.DrawFn) -> dict[str, Any]:
     """Any ring, often invalid: near the antimeridian or a pole, with repeats, ints and open ends."""
@@ -232,6 +222,5 @@ def test_random_rings_come_out_as_before(area: dict[str, Any]) -> None:
         patch.setattr(geometry, "_read_polygon", _reference_read_polygon)
         patch.setattr(geometry, "_unwrapped_polygon", _reference_unwrapped_polygon)
         patch.setattr(geometry, "_to_geojson", _reference_to_geojson)
-        patch.setattr(geometry, "_valid", shapely.make_valid)
         old = outcome(area)
     assert repr(outcome(area)) == repr(old)
