@@ -9,8 +9,8 @@
 - **crisis agent** (``crisis-events``, one member of the group sees each event): admits every
   crisis event (decoded, then rehearsed: :mod:`pipeline.domain.admission`) and dead-letters the
   ones it refuses, once.
-- **crisis reader** (a task on every worker, no consumer group): reads ``crisis-events`` from
-  the beginning so every worker holds every active crisis, then follows it live; each upsert
+- **crisis reader** (on every worker, no consumer group, started with the app: :class:`StartsWithTheApp`):
+  reads ``crisis-events`` from the beginning so every worker holds every active crisis, then follows it live; each upsert
   or cancel sweeps the citizens this worker owns (``inside``/``near`` at once, ``all_clear``
   on cancel). It admits each event the same way and skips (counts, never dead-letters) what is
   refused: admission depends on the event alone, so the crisis agent's verdict is every
@@ -38,6 +38,7 @@ beginning after every seek (:func:`_rewind_uncommitted`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -366,6 +367,23 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
         await consumer.stop()
 
 
+class StartsWithTheApp(faust.Service):
+    """Runs a coroutine from the moment the app starts, for as long as it runs.
+
+    A Faust ``app.task`` starts only after the consumer group is joined and the tables recovered;
+    the crisis reader needs neither (it reads ``crisis-events`` without a group), and loading a
+    thousand crises takes seconds. Started with the app, it loads them while the group join waits
+    (on the embedded broker, three seconds for the first member), so a worker is ready when the
+    join ends instead of seconds after. Stopping the app stops it (its future is cancelled)."""
+
+    def __init__(self, work: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.work = work
+
+    async def on_start(self) -> None:
+        self.add_future(self.work())
+
+
 def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
               fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS) -> faust.App:
     """A Faust app configured as every crisiswatch Faust process runs (the worker, the accountability
@@ -464,6 +482,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
         async for batch in read_crisis_log(settings, follow):
             admitted: list[Crisis] = []
             for message in batch:
+                await asyncio.sleep(0)  # a thousand admissions at start: let the web page and Faust's start go on between them
                 verdict = runtime.admit_crisis(message, READER)
                 if isinstance(verdict, Crisis):
                     admitted.append(verdict)
@@ -476,6 +495,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
                 if follow.is_set():
                     runtime.remember(backlog)
                     backlog.clear()
+                    with contextlib.suppress(Exception):  # the first check-ins need every crisis indexed: index them
+                        _ = runtime.tracker.index  # now, while the group join waits (one that cannot be raises again there)
                     crises_loaded.set()
                     log.info("crisis table loaded: %d active crises", len(runtime.tracker.crises))
                     if table_recovered.is_set():
@@ -488,7 +509,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     async def crisis_reader() -> None:
         await finish_or_exit(follow_crises(), "following crisis-events")
 
-    app.task(crisis_reader)
+    app.add_dependency(StartsWithTheApp(crisis_reader))
 
     @table.on_recover
     async def on_recovered() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,9 @@ _POLAR_GRID_DEG = 1e-10
 # Below this (square degrees, about 1 m² at the equator) an area is a rounding artefact, not a place.
 _MIN_AREA_DEG2 = 1e-10
 _GLOBE_EQUAL_AREA = 4.0 * math.pi  # the Earth in Lambert cylindrical equal-area units (2π × 2)
+# What a ring read in one array call may hold (bool is an int subclass, but not its type).
+_PLAIN_POSITIONS = frozenset({list, tuple})
+_PLAIN_NUMBERS = frozenset({float, int})
 
 
 class GeometryError(ValueError):
@@ -178,11 +182,11 @@ def _check_lon(lon: float) -> None:
         raise GeometryError(f"longitude out of range: {lon}")
 
 
-def _read_polygon(raw: Any) -> list[list[tuple[float, float]]]:
+def _read_polygon(raw: Any) -> list[np.ndarray]:
     """Rings of one GeoJSON polygon, checked and closed; degenerate rings are dropped."""
     if not isinstance(raw, Sequence) or isinstance(raw, str):
         raise GeometryError("polygon coordinates must be a list of rings")
-    rings: list[list[tuple[float, float]]] = []
+    rings: list[np.ndarray] = []
     for index, raw_ring in enumerate(raw):
         ring = _read_ring(raw_ring)
         if ring is None:
@@ -193,9 +197,44 @@ def _read_polygon(raw: Any) -> list[list[tuple[float, float]]]:
     return rings
 
 
-def _read_ring(raw: Any) -> list[tuple[float, float]] | None:
+def _read_ring(raw: Any) -> np.ndarray | None:
+    """A ring as an (n, 2) array of lon,lat, consecutive repeats dropped, closed; None if it has no area.
+
+    A ring of plain ``[lon, lat]`` numbers, all finite and in range (what every feed parser and the
+    API write), is read in one array call; anything else goes through :func:`_checked_positions`,
+    which names the first bad position. Both read the same numbers, so both give the same ring."""
     if not isinstance(raw, Sequence) or isinstance(raw, str):
         raise GeometryError("a ring must be a list of positions")
+    xy = _plain_positions(raw)
+    if xy is None:
+        xy = _checked_positions(raw)
+    if len(xy) > 1:  # a position equal to the one before it adds nothing
+        xy = xy[np.concatenate(([True], (xy[1:] != xy[:-1]).any(axis=1)))]
+    if len(xy) > 1 and (xy[0] == xy[-1]).all():
+        xy = xy[:-1]
+    if len(xy) < 3:
+        return None
+    return np.concatenate((xy, xy[:1]))
+
+
+def _plain_positions(raw: Sequence[Any]) -> np.ndarray | None:
+    """The positions as floats if every one is a two-number list or tuple within range, else None."""
+    if not raw or not set(map(type, raw)) <= _PLAIN_POSITIONS or set(map(len, raw)) != {2}:
+        return None
+    if not set(map(type, chain.from_iterable(raw))) <= _PLAIN_NUMBERS:  # not bool (an int), not text
+        return None
+    try:
+        xy = np.array(raw, dtype=float)
+    except (ValueError, TypeError, OverflowError):  # an int too large for a float: named by the slow path
+        return None
+    lon, lat = xy[:, 0], xy[:, 1]
+    if not (np.isfinite(xy).all() and (np.abs(lon) <= _MAX_ABS_LON).all() and (np.abs(lat) <= 90.0).all()):
+        return None
+    return xy
+
+
+def _checked_positions(raw: Sequence[Any]) -> np.ndarray:
+    """The positions one by one, raising :class:`GeometryError` on the first one that is not usable."""
     ring: list[tuple[float, float]] = []
     for position in raw:
         if not isinstance(position, Sequence) or isinstance(position, str) or len(position) < 2:
@@ -203,20 +242,13 @@ def _read_ring(raw: Any) -> list[tuple[float, float]] | None:
         lon, lat = _number(position[0], "longitude"), _number(position[1], "latitude")
         _check_lon(lon)
         _check_lat(lat)
-        if not ring or ring[-1] != (lon, lat):
-            ring.append((lon, lat))
-    if len(ring) > 1 and ring[0] == ring[-1]:
-        ring.pop()
-    if len(ring) < 3:
-        return None
-    ring.append(ring[0])
-    return ring
+        ring.append((lon, lat))
+    return np.array(ring, dtype=float).reshape(-1, 2)
 
 
-def _unwrap(ring: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray, int]:
+def _unwrap(ring: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Longitudes shifted by whole turns so no edge spans more than 180°, and the ring's winding."""
-    xy = np.asarray(ring, dtype=float)
-    lon, lat = xy[:, 0], xy[:, 1]
+    lon, lat = ring[:, 0], ring[:, 1]
     step = np.diff(lon)
     step -= 360.0 * np.round(step / 360.0)
     continuous = lon[0] + np.concatenate(([0.0], np.cumsum(step)))
@@ -228,14 +260,14 @@ def _unwrap(ring: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray, in
     return shifted, lat, turns
 
 
-def _unwrapped_polygon(rings: list[list[tuple[float, float]]]) -> BaseGeometry | None:
+def _unwrapped_polygon(rings: list[np.ndarray]) -> BaseGeometry | None:
     shell_lon, shell_lat, turns = _unwrap(rings[0])
     if abs(turns) > 1:
         raise GeometryError("a ring winds around the globe more than once")
-    shell = list(zip(shell_lon.tolist(), shell_lat.tolist(), strict=True))
+    shell = np.column_stack([shell_lon, shell_lat])
     if turns:  # encircles a pole: close the ring over the pole nearer to its mean latitude
         pole = -90.0 if float(np.mean(shell_lat)) < 0 else 90.0
-        shell = [*shell, (float(shell_lon[-1]), pole), (float(shell_lon[0]), pole), shell[0]]
+        shell = np.vstack([shell, [[shell_lon[-1], pole], [shell_lon[0], pole]], shell[:1]])
     centre = float(np.mean(shell_lon))
     holes = []
     for ring in rings[1:]:
@@ -243,8 +275,8 @@ def _unwrapped_polygon(rings: list[list[tuple[float, float]]]) -> BaseGeometry |
         if hole_turns:
             raise GeometryError("a hole encircles a pole")
         lon = lon + 360.0 * round((centre - float(np.mean(lon))) / 360.0)
-        holes.append(list(zip(lon.tolist(), lat.tolist(), strict=True)))
-    repaired = _areal(shapely.make_valid(Polygon(shell, holes)))
+        holes.append(shapely.linearrings(np.column_stack([lon, lat])))
+    repaired = _areal(shapely.make_valid(shapely.polygons(shell, holes=holes or None)))
     return None if repaired.is_empty else repaired
 
 
@@ -316,7 +348,7 @@ def _finish(shapes: Iterable[BaseGeometry], *, max_globe_share: float, max_verti
 
 
 def _to_geojson(polygons: Sequence[Polygon]) -> dict[str, Any]:
-    coordinates = [[[[x, y] for x, y in ring.coords] for ring in (p.exterior, *p.interiors)] for p in polygons]
+    coordinates = [[shapely.get_coordinates(ring).tolist() for ring in (p.exterior, *p.interiors)] for p in polygons]
     if len(coordinates) == 1:
         return {"type": "Polygon", "coordinates": coordinates[0]}
     return {"type": "MultiPolygon", "coordinates": coordinates}
