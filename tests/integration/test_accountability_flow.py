@@ -43,7 +43,7 @@ from pipeline.embedded import EmbeddedBroker, apply_migrations, create_topics, e
 from pipeline.metrics import DispatchMetrics
 from pipeline.observability import read_metric
 from pipeline.settings import Secret, Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
+from pipeline.stack import internal_topics
 from pipeline.testing import VerbProcess, make_crisis, square
 from producers.api import create_app
 from producers.crisis_store import PostgresCrisisStore
@@ -107,8 +107,7 @@ class Stack:
             "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_STATUS_INTERVAL_S": "0.5",
             "CRISISWATCH_OPERATOR_TOKEN": OPERATOR, "CRISISWATCH_DISPATCH_MAX_ATTEMPTS": "2",
             "CRISISWATCH_DISPATCH_RETRY_INITIAL_S": "0.05", "CRISISWATCH_DISPATCH_RETRY_MAX_S": "0.1",
-            "CRISISWATCH_WEBHOOK_SECRET": "test-secret",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
+            "CRISISWATCH_WEBHOOK_SECRET": "test-secret"})
         env = {**os.environ, **self.settings.env()}
         self.accountability = VerbProcess("accountability", env, data_dir / "accountability.log", accountability_port)
         self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)

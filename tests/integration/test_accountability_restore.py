@@ -42,7 +42,7 @@ from pipeline.domain.ids import warning_id
 from pipeline.embedded import EmbeddedBroker, apply_migrations, create_topics, ensure_topics, free_port
 from pipeline.metrics import DispatchMetrics
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
+from pipeline.stack import internal_topics
 from pipeline.testing import VerbProcess, make_crisis, records_for, square
 from producers.publisher import Publisher, outgoing
 from schemas import Ack, Channel, Citizen, Crisis, CrisisStatus, Warning, decode
@@ -102,8 +102,7 @@ class Stage:
             "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_ACCOUNTABILITY_WEB_PORT": str(accountability_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_STATUS_INTERVAL_S": "0.5",
             "CRISISWATCH_DISPATCH_MAX_ATTEMPTS": "2", "CRISISWATCH_DISPATCH_RETRY_INITIAL_S": "0.05",
-            "CRISISWATCH_DISPATCH_RETRY_MAX_S": "0.1", "CRISISWATCH_WEBHOOK_SECRET": "test-secret",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
+            "CRISISWATCH_DISPATCH_RETRY_MAX_S": "0.1", "CRISISWATCH_WEBHOOK_SECRET": "test-secret"})
         self.env = {**os.environ, **self.settings.env()}
         self.accountability = VerbProcess("accountability", self.env, data_dir / "accountability.log",
                                           accountability_port)

@@ -21,7 +21,6 @@ from consumers.kafka_io import read_topic
 from pipeline.app import changelog_topic
 from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess, make_checkin, make_crisis, square
 from producers.publisher import Outgoing, Publisher, partition_of
 from schemas import Warning, decode, encode
@@ -39,8 +38,7 @@ class Stack:
             "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
             "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
             "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PARTITIONS": str(PARTITIONS),
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
+            "CRISISWATCH_PARTITIONS": str(PARTITIONS)})
         env = {**os.environ, **self.settings.env()}
         self.worker = VerbProcess("worker", env, data_dir / "worker.log", worker_port)
         self.sink = VerbProcess("sink", env, data_dir / "sink.log", sink_port)

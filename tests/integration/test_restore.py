@@ -39,7 +39,6 @@ from pipeline.restore import (
     restore_if_needed,
 )
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess, make_checkin, make_crisis, records_for, square
 from producers.publisher import Publisher
 from schemas import Channel, Citizen, Crisis, Warning, decode
@@ -76,8 +75,7 @@ class Stage:
         self.settings = Settings.from_env({
             "CRISISWATCH_KAFKA_BOOTSTRAP": self.broker.bootstrap, "CRISISWATCH_DATABASE_URL": database_url,
             "CRISISWATCH_DATA_DIR": str(data_dir), "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
-            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
+            "CRISISWATCH_SINK_METRICS_PORT": str(sink_port), "CRISISWATCH_BATCH_WAIT_S": "0.02"})
         self.env = {**os.environ, **self.settings.env()}
         self.worker = VerbProcess("worker", self.env, data_dir / "worker.log", worker_port)
         self.sink = VerbProcess("sink", self.env, data_dir / "sink.log", sink_port)

@@ -20,7 +20,6 @@ from pipeline.consent import UNTRACKED_TABLE
 from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.observability import read_metric
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess, make_checkin, make_crisis, records_for, square
 from producers.erase import tombstones
 from producers.publisher import Publisher, outgoing
@@ -34,8 +33,7 @@ class Worker:
         port = free_port()
         self.settings = Settings.from_env({
             "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, "CRISISWATCH_DATA_DIR": str(data_dir),
-            "CRISISWATCH_WORKER_WEB_PORT": str(port), "CRISISWATCH_BATCH_WAIT_S": "0.02",
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES)})
+            "CRISISWATCH_WORKER_WEB_PORT": str(port), "CRISISWATCH_BATCH_WAIT_S": "0.02"})
         self.process = VerbProcess("worker", {**os.environ, **self.settings.env()}, data_dir / "worker.log", port)
         self.publisher = Publisher(self.settings)
 
