@@ -333,6 +333,7 @@ def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger=0.0,  # Faust's default, said here: see the docstring
         web_host=settings.api_host,
         web_bind=settings.api_host,  # Faust listens on web_bind (0.0.0.0 unless told); web_host only names it
         web_port=web_port,

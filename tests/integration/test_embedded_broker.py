@@ -30,7 +30,8 @@ async def write_bursts(bootstrap: str, topic: str, max_batch_size: int, bursts: 
 
 
 async def ends_after(bootstrap: str, topic: str, max_batch_size: int) -> tuple[int, int, int]:
-    """(what ListOffsets says, what :func:`end_offsets` says, how many records partition 0 holds)."""
+    """(what ListOffsets says, what :func:`end_offsets` says, how many records partition 0 holds); and
+    the high watermark of a fetch response (aiokafka's ``highwater``, Faust's lag monitor) is exact."""
     await write_bursts(bootstrap, topic, max_batch_size)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
@@ -41,6 +42,7 @@ async def ends_after(bootstrap: str, topic: str, max_batch_size: int) -> tuple[i
         exact = (await end_offsets(consumer, [tp]))[tp]
         await consumer.seek_to_beginning(tp)
         records = [r for batch in (await consumer.getmany(timeout_ms=2000)).values() for r in batch]
+        assert consumer.highwater(tp) == len(records)
         return listed, exact, len(records)
     finally:
         await consumer.stop()
