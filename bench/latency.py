@@ -1,7 +1,7 @@
 """Check-in → warning latency at a steady rate, next to a raw passthrough's latency at the same rate.
 
     python -m bench.latency [--quick] [--rate 1000] [--seconds 20] [--rounds 3] [--crises 1000]
-                            [--producer-batch-bytes N]
+                            [--producer-batch-bytes N] [--batch-wait S]
 
 On one embedded broker, two processes read check-ins the whole time:
 
@@ -252,7 +252,7 @@ async def rounds_against(bootstrap: str, rate: float, seconds: float, rounds: in
 
 
 def measure(rate: float, seconds: float, rounds: int, crises: int,
-            producer_batch_bytes: int | None = None) -> dict[str, list[float]]:
+            producer_batch_bytes: int | None = None, batch_wait_s: float | None = None) -> dict[str, list[float]]:
     load = workload(crises)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -267,6 +267,7 @@ def measure(rate: float, seconds: float, rounds: int, crises: int,
                 "CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
                 "CRISISWATCH_DATA_DIR": str(data), "CRISISWATCH_PARTITIONS": str(PARTITIONS),
                 "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(producer_batch_bytes or ""),
+                **({"CRISISWATCH_BATCH_WAIT_S": str(batch_wait_s)} if batch_wait_s is not None else {}),
                 "CRISISWATCH_LOG_LEVEL": "WARNING"})
             env = {**os.environ, **settings.env()}
             roles: dict[subprocess.Popen[bytes], str] = {}
@@ -313,6 +314,8 @@ def main() -> None:
     parser.add_argument("--crises", type=int)
     parser.add_argument("--producer-batch-bytes", type=int, metavar="N",
                         help="CRISISWATCH_PRODUCER_MAX_BATCH_BYTES of the worker (default: the producer's own batching)")
+    parser.add_argument("--batch-wait", type=float, metavar="S",
+                        help="CRISISWATCH_BATCH_WAIT_S of the worker (default: the setting's default)")
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--as-relay", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -329,9 +332,9 @@ def main() -> None:
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
     result = measure(float(sizes["rate"]), float(sizes["seconds"]), int(sizes["rounds"]), int(sizes["crises"]),
-                     args.producer_batch_bytes)
+                     args.producer_batch_bytes, args.batch_wait)
     print(f"latency: {sizes['rate']:g} check-ins/s, {sizes['seconds']:g} s a round, {sizes['crises']} crises, "
-          f"producer batches of {args.producer_batch_bytes or 'default'} bytes")
+          f"producer batches of {args.producer_batch_bytes or 'default'} bytes, batch wait {args.batch_wait or 'default'} s")
     for key, values in result.items():
         print(f"  {key:<36} {float(np.median(values)):>9.1f}   rounds: {', '.join(f'{v:.1f}' for v in values)}")
 
