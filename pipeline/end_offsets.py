@@ -65,7 +65,7 @@ async def end_offsets(consumer: AIOKafkaConsumer, partitions: Collection[TopicPa
         exact.update(_ends(response, listed))
     if missing := [tp for tps in by_leader.values() for tp in tps if tp not in exact]:
         raise kafka_errors.KafkaError(f"no answer to the fetch of the last batch of {missing}")
-    return exact
+    return {tp: exact[tp] for tp in listed}  # keyed and ordered as asked (Faust's TPs stay Faust's)
 
 
 def _probe(partitions: Iterable[TopicPartition], listed: Mapping[TopicPartition, int]) -> FetchRequest:
