@@ -34,7 +34,7 @@ from pipeline.accountability_app import APP_ID, regrouped_topic
 from pipeline.domain.ids import warning_id
 from pipeline.embedded import EmbeddedBroker, ensure_topics, free_port
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES, internal_topics
+from pipeline.stack import internal_topics
 from schemas import Ack, Delivery, Warning, encode
 
 PARTITIONS = 4
@@ -100,7 +100,6 @@ def one_run(messages: list[tuple[str, bytes, bytes]], code: Path, data_dir: Path
         settings = Settings.from_env({
             "CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_DATA_DIR": str(data_dir),
             "CRISISWATCH_ACCOUNTABILITY_WEB_PORT": str(free_port()), "CRISISWATCH_PARTITIONS": str(PARTITIONS),
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES),
             "CRISISWATCH_LOG_LEVEL": "WARNING", "CRISISWATCH_STATUS_INTERVAL_S": "1.0"})
         env = {**os.environ, **settings.env(), "PYTHONPATH": str(code)}
         log_path = data_dir / "accountability.log"

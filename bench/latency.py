@@ -1,11 +1,13 @@
 """Check-in → warning latency at a steady rate, next to a raw passthrough's latency at the same rate.
 
     python -m bench.latency [--quick] [--rate 1000] [--seconds 20] [--rounds 3] [--crises 1000]
+                            [--producer-batch-bytes N] [--batch-wait S]
 
 On one embedded broker, two processes read check-ins the whole time:
 
-1. ``crisiswatch worker`` (the embedded profile: one-record producer batches), with the workload's
-   crisis areas (:mod:`bench.workload`) loaded before the first measured check-in;
+1. ``crisiswatch worker`` (the embedded profile; ``--producer-batch-bytes 1`` sets
+   ``CRISISWATCH_PRODUCER_MAX_BATCH_BYTES=1``, the one-record batches of earlier builds, for a side by
+   side comparison), with the workload's crisis areas (:mod:`bench.workload`) loaded before the first measured check-in;
 2. a raw aiokafka passthrough: consume a record, produce it to another topic (no decoding, no
    geofence, no state): the latency any Kafka-to-Kafka step in Python has on this machine. It
    fetches with the worker's bounded wait (``pipeline.app.FETCH_MAX_WAIT_MS``).
@@ -46,7 +48,6 @@ from pipeline import topics
 from pipeline.app import FETCH_MAX_WAIT_MS
 from pipeline.embedded import EmbeddedBroker, create_topics, die_with_parent, ensure_topics, free_port
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import make_checkin
 from schemas import encode
 
@@ -250,7 +251,8 @@ async def rounds_against(bootstrap: str, rate: float, seconds: float, rounds: in
     return out
 
 
-def measure(rate: float, seconds: float, rounds: int, crises: int) -> dict[str, list[float]]:
+def measure(rate: float, seconds: float, rounds: int, crises: int,
+            producer_batch_bytes: int | None = None, batch_wait_s: float | None = None) -> dict[str, list[float]]:
     load = workload(crises)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -264,7 +266,8 @@ def measure(rate: float, seconds: float, rounds: int, crises: int) -> dict[str, 
             settings = Settings.from_env({
                 "CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_WORKER_WEB_PORT": str(worker_port),
                 "CRISISWATCH_DATA_DIR": str(data), "CRISISWATCH_PARTITIONS": str(PARTITIONS),
-                "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES),
+                "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(producer_batch_bytes or ""),
+                **({"CRISISWATCH_BATCH_WAIT_S": str(batch_wait_s)} if batch_wait_s is not None else {}),
                 "CRISISWATCH_LOG_LEVEL": "WARNING"})
             env = {**os.environ, **settings.env()}
             roles: dict[subprocess.Popen[bytes], str] = {}
@@ -309,6 +312,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--crises", type=int)
+    parser.add_argument("--producer-batch-bytes", type=int, metavar="N",
+                        help="CRISISWATCH_PRODUCER_MAX_BATCH_BYTES of the worker (default: the producer's own batching)")
+    parser.add_argument("--batch-wait", type=float, metavar="S",
+                        help="CRISISWATCH_BATCH_WAIT_S of the worker (default: the setting's default)")
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--as-relay", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -324,8 +331,10 @@ def main() -> None:
     for key in sizes:
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
-    result = measure(float(sizes["rate"]), float(sizes["seconds"]), int(sizes["rounds"]), int(sizes["crises"]))
-    print(f"latency: {sizes['rate']:g} check-ins/s, {sizes['seconds']:g} s a round, {sizes['crises']} crises")
+    result = measure(float(sizes["rate"]), float(sizes["seconds"]), int(sizes["rounds"]), int(sizes["crises"]),
+                     args.producer_batch_bytes, args.batch_wait)
+    print(f"latency: {sizes['rate']:g} check-ins/s, {sizes['seconds']:g} s a round, {sizes['crises']} crises, "
+          f"producer batches of {args.producer_batch_bytes or 'default'} bytes, batch wait {args.batch_wait or 'default'} s")
     for key, values in result.items():
         print(f"  {key:<36} {float(np.median(values)):>9.1f}   rounds: {', '.join(f'{v:.1f}' for v in values)}")
 

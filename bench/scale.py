@@ -32,7 +32,6 @@ from pipeline import topics
 from pipeline.embedded import EmbeddedBroker, die_with_parent, ensure_topics, free_port
 from pipeline.observability import read_metric
 from pipeline.settings import Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from schemas import encode
 
 APP_ID = "crisiswatch-bench-scale"
@@ -72,7 +71,6 @@ def one(n_workers: int, partitions: int, backlog: list[tuple[str, bytes, bytes]]
             settings = Settings.from_env({
                 "CRISISWATCH_KAFKA_BOOTSTRAP": broker.bootstrap, "CRISISWATCH_WORKER_WEB_PORT": str(port),
                 "CRISISWATCH_DATA_DIR": str(data / f"w{n_workers}-{w}"), "CRISISWATCH_PARTITIONS": str(partitions),
-                "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES),
                 "CRISISWATCH_LOG_LEVEL": "WARNING"})
             with (data / f"worker-{n_workers}-{w}.log").open("wb") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--as-worker"],

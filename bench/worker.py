@@ -288,7 +288,7 @@ def main() -> None:
                         help="what the worker's rounds read: checkin-batch/1 records as the API writes them, or one per check-in")
     parser.add_argument("--producer-batch-bytes", default="",
                         help="CRISISWATCH_PRODUCER_MAX_BATCH_BYTES of the workers (default: the producer's own batching, "
-                             "as on Apache Kafka; the embedded stack runs with 1)")
+                             "as the stack runs; 1: the one-record batches of earlier builds)")
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.as_worker:

@@ -58,6 +58,7 @@ from pipeline.citizens import CitizenColumns
 from pipeline.citizens import partition_of as partition_of  # the key's partition, as the table places it
 from pipeline.consent import UNTRACKED_TABLE, ConsentGate, forget_states
 from pipeline.domain.tracking import GeofenceConfig
+from pipeline.end_offsets import end_offsets, exact_faust_highwaters
 from pipeline.health import HealthProbe
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import LOCATE, READER, ColumnarStates, DeadLetter, DurableStates, GeofenceRuntime, RawMessage
@@ -348,10 +349,9 @@ async def read_crisis_log(settings: Settings, follow: asyncio.Event) -> AsyncIte
         assigned = [TopicPartition(topics.CRISIS_EVENTS, p) for p in sorted(parts)]
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
-        # Caught up = every partition read up to the end offset known at start AND a fetch came back
-        # empty. (An empty fetch alone can just be a slow broker; the end offset alone can be short on
-        # the embedded broker, which reports the last batch's base offset, still a batch we must read.)
-        ends = await consumer.end_offsets(assigned)
+        # Caught up = every partition read up to the end offset known at start (exact: pipeline.end_offsets)
+        # AND a fetch came back empty (an empty fetch alone can just be a slow broker).
+        ends = await end_offsets(consumer, assigned)
         caught_up = False
         while True:
             batches = await consumer.getmany(timeout_ms=200 if not caught_up else 500, max_records=1000)
@@ -387,11 +387,17 @@ class StartsWithTheApp(faust.Service):
 def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
               fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS) -> faust.App:
     """A Faust app configured as every crisiswatch Faust process runs (the worker, the accountability
-    process): raw keys and values, in-memory table stores (their changelogs are the durable copy), the
-    broker's acknowledgement from every replica, short rebalances for the embedded broker, and the web
-    port (``/metrics``, ``/health``) bound to the configured host only."""
+    process): raw keys and values, in-memory table stores (their changelogs are the durable copy) recovered
+    up to their exact ends (:func:`pipeline.end_offsets.exact_faust_highwaters`), the broker's
+    acknowledgement from every replica, short rebalances for the embedded broker, and the web port
+    (``/metrics``, ``/health``) bound to the configured host only.
+
+    The producer batches as aiokafka does by default: no linger (a batch goes out as soon as the
+    connection is free, and whatever was sent meanwhile waits for the next request), batches of up to
+    ``CRISISWATCH_PRODUCER_MAX_BATCH_BYTES`` (16 KiB unless set)."""
     _bound_fetch_wait(fetch_max_wait_ms)
     _rewind_uncommitted()
+    exact_faust_highwaters()
     timeout = settings.rebalance_timeout_s
     producer_options: dict[str, Any] = {}
     if settings.producer_max_batch_bytes:
@@ -413,6 +419,7 @@ def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger=0.0,  # Faust's default, said here: see the docstring
         web_host=settings.api_host,
         web_bind=settings.api_host,  # Faust listens on web_bind (0.0.0.0 unless told); web_host only names it
         web_port=web_port,

@@ -6,9 +6,8 @@ has nothing in hand. ``crisiswatch up`` uses it to drain the pipeline before it 
 acknowledged reaches PostgreSQL before the in-memory broker goes), the chaos tests to know when a
 scenario has settled, the soak command to report lag over time.
 
-The embedded broker can list an end offset short of a partition's last record batch (README, known
-limits); with the stack's one-record batches it is exact for the worker's writes, and off by at most
-one batch for the others — callers that need certainty also read the topic.
+End offsets come from :mod:`pipeline.end_offsets`: exact on the embedded broker too, whose
+``ListOffsets`` answer stops at the base offset of a partition's last record batch.
 
 :class:`LagMonitor` reads the same numbers every few seconds and exports them as the gauge
 ``crisiswatch_consumer_lag{group,topic}`` (the sink process runs it): a stage that falls behind,
@@ -24,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from pipeline import topics
+from pipeline.end_offsets import topic_end_offsets
 from pipeline.metrics import LagMetrics
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,7 @@ def groups_committed(bootstrap: str, groups: Iterable[str],
 
 def end_offsets(bootstrap: str, names: Iterable[str], client_options: Mapping[str, Any] | None = None) -> dict[Position, int]:
     """The end offset of every partition of ``names`` (topics that do not exist have none)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             client_id="crisiswatch-lag", **(client_options or {}))
-    try:
-        tps = [TopicPartition(t, p) for t in sorted(set(names)) for p in sorted(consumer.partitions_for_topic(t) or ())]
-        return {(tp.topic, tp.partition): int(o) for tp, o in consumer.end_offsets(tps).items()} if tps else {}
-    finally:
-        consumer.close()
+    return topic_end_offsets(bootstrap, set(names), client_options)
 
 
 def lags_by_topic(ends: Mapping[Position, int], committed: Mapping[str, Mapping[Position, int]],

@@ -15,9 +15,9 @@ This module reads the rows (one consistent snapshot), hands them to the pure der
    state keyed as :class:`pipeline.app._TableView` writes it: the raw citizen id as key, in the
    partition the key's murmur2 hash gives (the partition of the citizen's check-ins); the state as
    JSON, the format of earlier versions, which the worker's table store reads as well as its own
-   compact one (:mod:`pipeline.citizens`; JSON keeps these records readable by any tool). On the
-   embedded broker these go one record per batch (``producer_max_batch_bytes``, see
-   ``pipeline.stack.EMBEDDED_PRODUCER_MAX_BATCH_BYTES``) or Faust's table recovery stops short.
+   compact one (:mod:`pipeline.citizens`; JSON keeps these records readable by any tool). The worker's
+   table recovery reads them up to the changelog's exact end (:mod:`pipeline.end_offsets`), however
+   they were batched.
 
 4. the accountability table's changelog (``crisiswatch-accountability-accountability-changelog``):
    each citizen's standing per crisis, folded again from the warnings, deliveries, replies and
@@ -60,6 +60,7 @@ from pipeline.domain.recovery import (
     rebuild_standings,
 )
 from pipeline.domain.tracking import CitizenState
+from pipeline.end_offsets import topic_end_offsets
 from pipeline.settings import Settings
 from producers.publisher import BrokerUnavailable, Outgoing, Publisher, outgoing
 from schemas import Ack, Checkin, Citizen, Crisis, InvalidEvent, Warning, format_time, from_obj
@@ -288,32 +289,25 @@ def _ensure_topics(settings: Settings, targets: RestoreTargets) -> None:
 
 def topic_ends(settings: Settings, names: Sequence[str], wait_s: float = 0.0,
                timeout_s: float = 20.0) -> dict[str, dict[int, int]]:
-    """Each topic's end offset per partition (0 everywhere: empty; no partitions: no such topic, after
-    waiting up to ``wait_s`` for the metadata of a topic just created)."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
+    """Each topic's end offset per partition (:mod:`pipeline.end_offsets`; 0 everywhere: empty; no
+    partitions: no such topic, after waiting up to ``wait_s`` for the metadata of a topic just created)."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
 
-    try:
-        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-                                 client_id="crisiswatch-restore", request_timeout_ms=int(timeout_s * 1000),
-                                 **settings.kafka_client_options())
-    except KafkaError as exc:
-        raise RestoreError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
-    try:
-        ends: dict[str, dict[int, int]] = {}
-        deadline = time.monotonic() + wait_s
-        for name in names:
-            parts = consumer.partitions_for_topic(name)
-            while not parts and time.monotonic() < deadline:
-                time.sleep(0.2)
-                parts = consumer.partitions_for_topic(name)
-            offsets = consumer.end_offsets([TopicPartition(name, p) for p in sorted(parts)]) if parts else {}
-            ends[name] = {tp.partition: int(end) for tp, end in offsets.items()}
-        return ends
-    except KafkaError as exc:
-        raise RestoreError(f"Kafka did not answer for the end offsets: {exc}") from exc
-    finally:
-        consumer.close()
+    options = {**settings.kafka_client_options(), "request_timeout_ms": int(timeout_s * 1000)}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            found = topic_end_offsets(settings.kafka_bootstrap, names, options)
+        except KafkaConnectionError as exc:
+            raise RestoreError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+        except (KafkaError, TimeoutError) as exc:
+            raise RestoreError(f"Kafka did not answer for the end offsets: {exc!r}") from exc
+        ends: dict[str, dict[int, int]] = {name: {} for name in names}
+        for (name, partition), end in sorted(found.items()):
+            ends[name][partition] = end
+        if all(ends.values()) or time.monotonic() >= deadline:
+            return ends
+        time.sleep(0.2)
 
 
 def _partitions(settings: Settings, topic: str) -> int:

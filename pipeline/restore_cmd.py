@@ -20,9 +20,7 @@ Run it BEFORE starting the workers: a running worker never reads its state chang
 would overwrite what was restored, so restore refuses (exit 2) while the worker group has members.
 Without --if-needed it restores unconditionally: crisis events already on the topic are ignored by
 the workers as old versions, the registry is written back unchanged, and each citizen's state is
-replaced by the one rebuilt from PostgreSQL. On the embedded broker (Tansu) set
-CRISISWATCH_PRODUCER_MAX_BATCH_BYTES=1, as `crisiswatch up` does, or the workers' table recovery
-stops short of the restored states.
+replaced by the one rebuilt from PostgreSQL.
 The accountability standings (per crisis: warned, delivered, safe, ...) are rebuilt from PostgreSQL
 too, into the accountability process's changelog (with --if-needed: only when it is empty); restore
 refuses while `crisiswatch accountability` runs, for the same reason.

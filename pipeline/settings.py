@@ -243,14 +243,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            verbs=WORKER | _verbs("geofence")),
     EnvVar("CRISISWATCH_BATCH_SIZE", "2000", "Largest batch of check-ins geofenced, or of facts folded by accountability.",
            verbs=WORKER | _verbs("accountability", "sink", "dispatch"), minimum=1),
-    EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.05", "Longest wait to fill a batch, seconds.",
+    EnvVar("CRISISWATCH_BATCH_WAIT_S", "0.02", "Longest wait to fill a batch, seconds.",
            verbs=WORKER | _verbs("accountability")),
     EnvVar("CRISISWATCH_CHECKIN_BATCH_RECORDS", "true",
            "The API publishes a request's check-ins as one checkin-batch/1 record per partition; false: one record each.",
            verbs=STACK | _verbs("api")),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters.",
            verbs=WORKER | _verbs("accountability"), minimum=1.0),
-    EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "", "Worker producer batch size; the embedded stack sets 1 (see README, known limits).",
+    EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "",
+           "Largest producer batch per partition of the worker (empty: 16 KiB, the producer's own).",
            verbs=WORKER | _verbs("accountability") | _verbs("restore"), minimum=1),
     EnvVar("CRISISWATCH_DLQ_MAX_PAYLOAD_BYTES", "524288",
            "Largest payload kept in a dead letter; longer ones are cut (size and SHA-256 kept in headers).",
@@ -316,7 +317,7 @@ class Settings:
     dwell_seconds: float = 120.0
     hysteresis_m: float = 50.0
     batch_size: int = 2000
-    batch_wait_s: float = 0.05
+    batch_wait_s: float = 0.02
     checkin_batch_records: bool = True
     rebalance_timeout_s: float = 5.0
     producer_max_batch_bytes: int | None = None

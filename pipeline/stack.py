@@ -63,13 +63,6 @@ from pipeline.restore import RestoreError, RestoreReport, restore_if_needed
 from pipeline.settings import Secret, Settings
 from pipeline.tokens import TokenFileError, with_kept_tokens
 
-# The embedded broker (Tansu, memory storage) answers ListOffsets(latest) with the base offset of a
-# partition's last record batch + 1, not the true end, when that batch holds several records. Faust's
-# table recovery reads a changelog only up to that offset, so a restarted worker would recover stale
-# citizen state. One record per batch keeps the reported end offset exact (tests/integration/
-# test_embedded_broker.py shows both behaviours).
-EMBEDDED_PRODUCER_MAX_BATCH_BYTES = 1
-
 START_TIMEOUT_S: Final = 60.0
 DRAIN_TIMEOUT_S: Final = 30.0  # how long a stop waits for the pipeline to finish what was acknowledged
 INPUT_CHILDREN: Final = frozenset({"api", "feeds"})  # stopped first: nothing new comes in while the rest drains
@@ -248,8 +241,7 @@ class Stack:
         self.logs.mkdir(exist_ok=True)
         if s.embedded_kafka:
             self.broker = EmbeddedBroker.start(log_path=self.broker_log)
-            s = replace(s, kafka_bootstrap=self.broker.bootstrap,
-                        producer_max_batch_bytes=s.producer_max_batch_bytes or EMBEDDED_PRODUCER_MAX_BATCH_BYTES)
+            s = replace(s, kafka_bootstrap=self.broker.bootstrap)
         ensure_topics(s.kafka_bootstrap, s.partitions, s.kafka_client_options(), extra=internal_topics())
         if s.embedded_database:
             self.postgres = EmbeddedPostgres.start(s.data_dir)

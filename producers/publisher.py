@@ -131,8 +131,7 @@ class Publisher:
         self.bootstrap = bootstrap or settings.kafka_bootstrap
         self.timeout_s = settings.kafka_publish_timeout_s if timeout_s is None else timeout_s
         self.max_wait_s = self.timeout_s * self.MAX_WAIT_FACTOR
-        # 1 on the embedded broker for topics a Faust table recovers from (see pipeline.stack's
-        # EMBEDDED_PRODUCER_MAX_BATCH_BYTES): one record per batch keeps the end offset it reports exact.
+        # CRISISWATCH_PRODUCER_MAX_BATCH_BYTES when set (restore); else kafka-python's own batch size.
         self._batch = {"batch_size": max_batch_bytes} if max_batch_bytes else {}
         self._options = settings.kafka_client_options()
         self._partitions = settings.partitions

@@ -42,7 +42,6 @@ from pipeline.domain.ids import warning_id
 from pipeline.embedded import EmbeddedBroker, apply_migrations, ensure_topics, free_port
 from pipeline.metrics import DispatchMetrics, SinkMetrics
 from pipeline.settings import Secret, Settings
-from pipeline.stack import EMBEDDED_PRODUCER_MAX_BATCH_BYTES
 from pipeline.testing import VerbProcess
 from producers.publisher import Publisher
 from schemas import Crisis, Warning, decode
@@ -271,8 +270,7 @@ class ProcessStack:
         database = {} if database_url is None else {"CRISISWATCH_DATABASE_URL": database_url}
         self.settings = Settings.from_env({
             "CRISISWATCH_KAFKA_BOOTSTRAP": bootstrap, **database, "CRISISWATCH_DATA_DIR": str(data_dir),
-            **{PORT_SETTINGS[verb]: str(port) for verb, port in ports.items()},
-            "CRISISWATCH_PRODUCER_MAX_BATCH_BYTES": str(EMBEDDED_PRODUCER_MAX_BATCH_BYTES), **(env or {})})
+            **{PORT_SETTINGS[verb]: str(port) for verb, port in ports.items()}, **(env or {})})
         self.env = {**os.environ, **self.settings.env()}
         self.processes = {verb: VerbProcess(verb, self.env, data_dir / f"{verb}.log", port) for verb, port in ports.items()}
         self.publisher = Publisher(self.settings)
