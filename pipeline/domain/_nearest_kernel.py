@@ -8,9 +8,35 @@ fast-math, so that every value rounds as GEOS's does.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Callable, MutableMapping
 
-import numba
-import numpy as np
+CACHE_DIR_FALLBACK = "crisiswatch-numba-cache"
+
+
+def cache_dir_fallback(module_dir: str, environ: MutableMapping[str, str],
+                       writable: Callable[[str], bool] = lambda path: os.access(path, os.W_OK)) -> str | None:
+    """Where numba should keep the compiled kernels when it cannot keep them next to this module.
+
+    numba caches a ``cache=True`` function in ``__pycache__`` beside its module, else in the user's
+    cache directory, and refuses to compile it at all when it can write neither — as in a container
+    with a read-only root filesystem (deploy/k8s). Then, unless ``NUMBA_CACHE_DIR`` says where, the
+    kernels are cached under the temporary directory (an emptyDir in deploy/k8s): set in ``environ``
+    and returned; ``None`` when numba's own choice stands."""
+    if environ.get("NUMBA_CACHE_DIR"):
+        return None
+    pycache = os.path.join(module_dir, "__pycache__")
+    if writable(pycache if os.path.isdir(pycache) else module_dir):
+        return None
+    environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), CACHE_DIR_FALLBACK)
+    return environ["NUMBA_CACHE_DIR"]
+
+
+cache_dir_fallback(os.path.dirname(os.path.abspath(__file__)), os.environ)  # before numba reads its configuration
+
+import numba  # noqa: E402 - numba reads NUMBA_CACHE_DIR when imported
+import numpy as np  # noqa: E402
 
 # Box pruning may only skip a chunk that cannot hold the nearest segment, rounding included: the
 # bound is widened by far more than the rounding of any distance here (degrees, values below 400).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -292,3 +293,17 @@ def test_the_band_bound_skips_no_match_at_any_latitude(lat: float) -> None:
     want = exact_matches(index, lats, lons)
     assert got == want
     assert {c for _, c, d in want if d > 0} == {"tall", "small", "mid"}  # near matches of every crisis were tested
+
+
+def test_numba_cache_goes_to_the_temporary_directory_only_where_the_module_dir_is_read_only(tmp_path: Path) -> None:
+    from pipeline.domain._nearest_kernel import CACHE_DIR_FALLBACK, cache_dir_fallback
+
+    environ: dict[str, str] = {}
+    assert cache_dir_fallback(str(tmp_path), environ, writable=lambda path: True) is None
+    assert environ == {}
+    chosen = cache_dir_fallback(str(tmp_path), environ, writable=lambda path: False)
+    assert chosen is not None and chosen.endswith(CACHE_DIR_FALLBACK)
+    assert environ == {"NUMBA_CACHE_DIR": chosen}
+    told = {"NUMBA_CACHE_DIR": "/somewhere"}
+    assert cache_dir_fallback(str(tmp_path), told, writable=lambda path: False) is None
+    assert told == {"NUMBA_CACHE_DIR": "/somewhere"}
