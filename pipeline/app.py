@@ -292,6 +292,45 @@ def _rewind_uncommitted() -> None:
     setattr(Consumer, "_crisiswatch_rewind", True)  # noqa: B010
 
 
+_TABLE_MANAGER_START = '''    async def on_start(self) -> None:
+        """Call when table manager is starting."""
+        await self.sleep(1.0)
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+'''
+
+
+def _no_table_registration_wait() -> bool:
+    """Start Faust's table manager without its one-second wait; ``True`` once patched.
+
+    ``TableManager.on_start`` sleeps 1 s before it registers the tables' changelog channels, a grace
+    period for tables declared while the app is already starting; the consumer joins the group only
+    after that (the conductor waits for the tables), so every worker start paid the second. Every
+    crisiswatch table is declared while the app is built, before it starts, and a table declared any
+    later is refused loudly by Faust (``add``: "Too late to add tables at this point"), never lost:
+    the wait buys nothing here. Patched only while Faust's method is the one read here (its source,
+    compared whole); otherwise Faust is left as it is, and ``tests/unit/test_faust_start.py`` fails."""
+    import inspect
+
+    from faust.tables.manager import TableManager
+
+    if getattr(TableManager, "_crisiswatch_no_wait", False):
+        return True
+    if inspect.getsource(TableManager.on_start) != _TABLE_MANAGER_START:
+        log.warning("Faust's TableManager.on_start is not the one crisiswatch knows: its 1 s wait stays")
+        return False
+
+    async def on_start(self: Any) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+    setattr(TableManager, "on_start", on_start)  # noqa: B010 - patching a method on purpose
+    setattr(TableManager, "_crisiswatch_no_wait", True)  # noqa: B010
+    return True
+
+
 EXIT_UNFINISHED = 75  # EX_TEMPFAIL: the process manager should start the worker again
 
 
@@ -397,6 +436,7 @@ def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
     ``CRISISWATCH_PRODUCER_MAX_BATCH_BYTES`` (16 KiB unless set)."""
     _bound_fetch_wait(fetch_max_wait_ms)
     _rewind_uncommitted()
+    _no_table_registration_wait()
     exact_faust_highwaters()
     timeout = settings.rebalance_timeout_s
     producer_options: dict[str, Any] = {}
@@ -414,8 +454,8 @@ def faust_app(settings: Settings, app_id: str, web_port: int, datadir: str,
         topic_disable_leader=True,
         table_standby_replicas=0,
         broker_rebalance_timeout=timeout,
-        broker_session_timeout=max(timeout, 6.0),
-        broker_heartbeat_interval=1.0,
+        broker_session_timeout=max(timeout, settings.session_timeout_s),
+        broker_heartbeat_interval=min(1.0, max(timeout, settings.session_timeout_s) / 3),
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,

@@ -250,6 +250,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            verbs=STACK | _verbs("api")),
     EnvVar("CRISISWATCH_REBALANCE_TIMEOUT_S", "5", "Consumer-group rebalance timeout; short for the embedded broker, 60 on big clusters.",
            verbs=WORKER | _verbs("accountability"), minimum=1.0),
+    EnvVar("CRISISWATCH_SESSION_TIMEOUT_S", "6",
+           "Group session timeout: the embedded broker holds a first join for half of it; Apache Kafka's minimum is 6.",
+           verbs=WORKER | _verbs("accountability"), minimum=1.0),
     EnvVar("CRISISWATCH_PRODUCER_MAX_BATCH_BYTES", "",
            "Largest producer batch per partition of the worker (empty: 16 KiB, the producer's own).",
            verbs=WORKER | _verbs("accountability") | _verbs("restore"), minimum=1),
@@ -320,6 +323,7 @@ class Settings:
     batch_wait_s: float = 0.02
     checkin_batch_records: bool = True
     rebalance_timeout_s: float = 5.0
+    session_timeout_s: float = 6.0
     producer_max_batch_bytes: int | None = None
     dlq_max_payload_bytes: int = 524_288
     max_future_skew_s: float = 300.0

@@ -41,7 +41,7 @@ import msgspec
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError
 
-from schemas.models import MODELS, Checkin, CheckinSource, Event, parse_time
+from schemas.models import MODELS, Checkin, CheckinSource, Crisis, Event, parse_time
 
 E = TypeVar("E", bound=Event)
 
@@ -453,12 +453,18 @@ def from_obj(obj: Mapping[str, Any], expected: type[E] | None = None) -> E:
 
 def decode(raw: bytes | str, expected: type[E] | None = None) -> E:
     """Bytes from the wire to a typed event, or :class:`InvalidEvent` with the reason. A plain
-    check-in takes msgspec's path (:mod:`schemas.fast`); what that does not accept comes here."""
+    check-in takes msgspec's path (:mod:`schemas.fast`), a plain crisis too (:mod:`schemas.fast_crisis`);
+    what those do not accept comes here."""
     if expected is Checkin and isinstance(raw, bytes):
         from schemas.fast import checkin  # schemas.fast builds on this module
 
         if (event := checkin(raw)) is not None:
             return cast(E, event)
+    elif expected is Crisis and isinstance(raw, bytes):
+        from schemas.fast_crisis import crisis  # as schemas.fast, built on this module
+
+        if (known := crisis(raw)) is not None:
+            return cast(E, known)
     obj = parse_json(raw)
     if expected is Checkin:
         fast = _checkin_fast_path()(obj)

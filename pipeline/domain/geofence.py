@@ -26,8 +26,11 @@ not 40,000 km.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import shapely
@@ -105,14 +108,57 @@ def ellipsoid_distance_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, 
 def _index_crises(crises: Iterable[Crisis]) -> tuple[IndexedCrisis, ...]:
     """Each crisis indexed; the rings' segments of all of them cut in one vectorised pass (one crisis
     at a time, that took as long as the rest of the indexing)."""
-    frames = [_frame(c) for c in crises if c.geometry is not None]
+    frames = [FRAMES.of(c) for c in crises if c.geometry is not None]
     if not frames:
         return ()
     segments = RingSegments.of([f[3] for f in frames])
     return tuple(IndexedCrisis(*f[:4], segments.part(k), *f[4:]) for k, f in enumerate(frames))
 
 
-def _frame(crisis: Crisis) -> tuple[Crisis, BaseGeometry, BaseGeometry, BaseGeometry, float, bool]:
+_Frame = tuple[Crisis, BaseGeometry, BaseGeometry, BaseGeometry, float, bool]
+
+
+class Frames:
+    """Each crisis's indexing (:func:`_frame`), kept for the next index of the same crisis.
+
+    Why: every crisis a worker admits is indexed by its rehearsal
+    (:func:`pipeline.domain.admission.rehearse`) and then again by the worker's full index, and the
+    index is rebuilt with every crisis in it whenever one crisis changes; ``shape()`` of the area, its
+    frame and rings were half a rehearsal's cost and most of the full index's (about 0.3 s for 1,000
+    crises, on the way to a starting worker's first batch). The admitted crisis is one immutable object
+    shared by the rehearsal and the table (:class:`pipeline.domain.admission.AdmittedCrises`), so its
+    indexing is kept by the object's identity (the object itself is held, so the identity cannot be
+    reused while kept) and read back only for that very object: a new version of a crisis is another
+    object, indexed anew. At most ``capacity`` kept, the oldest forgotten first; shapely geometries are
+    immutable, and a prepared one may serve several indexes."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._kept: OrderedDict[int, _Frame] = OrderedDict()
+        self._lock = threading.Lock()  # the API admits (and so rehearses) in a thread pool
+        self.hits = 0
+
+    def of(self, crisis: Crisis) -> _Frame:
+        key = id(crisis)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] is crisis:
+                self._kept.move_to_end(key)
+                self.hits += 1
+                return kept
+        frame = _frame(crisis)
+        with self._lock:
+            self._kept[key] = frame
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.capacity:
+                self._kept.popitem(last=False)
+        return frame
+
+
+FRAMES: Final = Frames()
+
+
+def _frame(crisis: Crisis) -> _Frame:
     """The crisis, its area (prepared), the area and its rings in the crisis's frame, the frame's
     longitude scale, and whether the area touches the antimeridian."""
     if crisis.geometry is None:
