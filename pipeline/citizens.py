@@ -47,6 +47,7 @@ _ID = struct.Struct("<H")  # length of a crisis id (UTF-8), the id follows
 # status, crisis version, seq, flags (1: warned, 2: leaving), leaving_since (µs), its UTC offset (minutes)
 _ENTRY = struct.Struct("<BqqBqh")
 _NO_PRESENCE: Final = _COUNT.pack(0)
+_FORMAT_BYTE: Final = bytes([FORMAT])
 _STATUSES: Final = ("in", "near", "out")
 _STATUS_CODE: Final = {status: code for code, status in enumerate(_STATUSES)}
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -332,6 +333,12 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
             row = self._new_row(key, partition)
         elif partition is not None:
             self.part[row] = partition
+        if type(value) is bytes and value[:1] == _FORMAT_BYTE and row not in self._whole \
+                and value[_HEAD.size:] == self._presence.get(row, _NO_PRESENCE):
+            # The common write: a new location, the same presences (a check-in that changed nothing
+            # else). The segment was read when it was stored, so the holders index stands as it is.
+            _, self.lat[row], self.lon[row], self._t[row], self._acc[row], self._zone[row] = _HEAD.unpack_from(value, 0)
+            return row
         if not isinstance(value, Mapping) and value[:1] == bytes([FORMAT]):
             try:
                 head = _HEAD.unpack_from(value, 0)
@@ -462,6 +469,35 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         if not self._live[row]:
             raise KeyError(row)
         return self._index.key(row)
+
+    def states_of(self, citizen_ids: Iterable[str]) -> dict[str, CitizenState]:
+        """The states of the known ones of these citizens (what :meth:`state` reads, row by row), their
+        locations gathered from the columns in one vectorised read. Their rows are remembered, as
+        their new states will likely be written next. Raises if one cannot be read."""
+        index = self._index
+        found: list[tuple[str, int]] = []
+        for citizen_id in citizen_ids:
+            key = citizen_id.encode("utf-8")
+            row = index.row(key)
+            if row is not None:
+                index.remember(key, row)
+                found.append((citizen_id, row))
+        if not found:
+            return {}
+        rows = np.fromiter((row for _, row in found), dtype=np.intp, count=len(found))
+        whole, presence = self._whole, self._presence
+        out: dict[str, CitizenState] = {}
+        for (citizen_id, row), lat, lon, t, accuracy, zone in zip(
+                found, self.lat[rows].tolist(), self.lon[rows].tolist(), self._t[rows].tolist(),
+                self._acc[rows].tolist(), self._zone[rows].tolist(), strict=True):
+            raw = whole.get(row)
+            if raw is not None:
+                out[citizen_id] = decode_state(citizen_id, raw)
+                continue
+            segment = presence.get(row)
+            out[citizen_id] = CitizenState(citizen_id, lat, lon, None if math.isnan(accuracy) else accuracy,
+                                           _time(t, zone), {} if segment is None else _read_presence(segment))
+        return out
 
     def state(self, row: int) -> CitizenState:
         """The state of the citizen in a row."""

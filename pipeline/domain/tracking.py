@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -116,6 +116,9 @@ class TrackerSnapshot:
     crises: Mapping[str, Crisis]
     ended: Mapping[str, int]
     finished: Mapping[str, Crisis]
+
+
+_OUT: Final = Presence()  # what a citizen holds about a crisis they were never told of
 
 
 class Tracker:
@@ -291,30 +294,44 @@ class Tracker:
     def _move(self, state: CitizenState, item: IndexedCrisis, distance: float,
               now: datetime) -> tuple[CitizenState, Warning | None]:
         crisis = item.crisis
-        presence = state.presence.get(crisis.crisis_id, Presence())
-        band = crisis.buffer_km
-        margin = self._margin_km(state)
-        kind: WarningKind | None = None
-        new = presence
+        presence = state.presence.get(crisis.crisis_id, _OUT)
+        status = presence.status
+        # Most check-ins change nothing (still inside, still near): they return at once, with no new
+        # Presence or CitizenState built (``_emit`` would find the new presence equal and keep the state).
         if distance == 0.0:
-            new = replace(presence, leaving_since=None)
-            if presence.status != "in":
-                kind, new = "entered", replace(new, status="in")
-        elif presence.status == "in":
-            if distance <= margin:
-                new = replace(presence, leaving_since=None)
-            else:
-                since = presence.leaving_since or state.observed_at
-                if (state.observed_at - since).total_seconds() >= self.config.dwell_seconds:
-                    kind, new = "exited", replace(presence, status="near" if distance <= band else "out", leaving_since=None)
-                else:
-                    new = replace(presence, leaving_since=since)
-        elif distance <= band:
-            if presence.status == "out":
-                kind, new = "near", replace(presence, status="near")
-        elif presence.status == "near" and distance > band + margin:
-            new = replace(presence, status="out")
-        return self._emit(state, crisis, presence, new, kind, distance, now)
+            if status == "in":
+                if presence.leaving_since is None:
+                    return state, None
+                return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq,
+                                                                    presence.warned, None), None, distance, now)
+            return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq, presence.warned,
+                                                                None), "entered", distance, now)
+        band = crisis.buffer_km
+        if status == "in":
+            if distance <= self._margin_km(state):
+                if presence.leaving_since is None:
+                    return state, None
+                return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq,
+                                                                    presence.warned, None), None, distance, now)
+            since = presence.leaving_since or state.observed_at
+            if (state.observed_at - since).total_seconds() >= self.config.dwell_seconds:
+                return self._emit(state, crisis, presence,
+                                  Presence("near" if distance <= band else "out", presence.version, presence.seq,
+                                           presence.warned, None), "exited", distance, now)
+            if since is presence.leaving_since:
+                return state, None
+            return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq, presence.warned,
+                                                                since), None, distance, now)
+        if distance <= band:
+            if status == "out":
+                return self._emit(state, crisis, presence, Presence("near", presence.version, presence.seq,
+                                                                    presence.warned, presence.leaving_since),
+                                  "near", distance, now)
+            return state, None
+        if status == "near" and distance > band + self._margin_km(state):
+            return self._emit(state, crisis, presence, Presence("out", presence.version, presence.seq, presence.warned,
+                                                                presence.leaving_since), None, distance, now)
+        return state, None
 
     def _emit(self, state: CitizenState, crisis: Crisis, old: Presence, new: Presence, kind: WarningKind | None,
               distance: float, now: datetime) -> tuple[CitizenState, Warning | None]:
