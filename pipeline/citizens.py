@@ -71,15 +71,31 @@ def _micros(at: datetime) -> tuple[int, int]:
 
 
 def _time(micros: int, minutes: int) -> datetime:
+    if not minutes:
+        return _EPOCH + timedelta(0, 0, micros)
     zone = _ZONES.get(minutes)
     if zone is None:
         zone = _ZONES.setdefault(minutes, timezone(timedelta(minutes=minutes)))
     return (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
 
 
+class _StoredPresence(dict[str, Presence]):
+    """Presences read from a segment, with that segment: a state written back with the same presences
+    (most check-ins) is not encoded again. Presences are never changed in place (the tracker builds a
+    new mapping for a change), so the segment stays theirs."""
+
+    __slots__ = ("segment",)
+
+    def __init__(self, segment: bytes) -> None:
+        super().__init__()
+        self.segment = segment
+
+
 def _presence_segment(presence: Mapping[str, Presence]) -> bytes:
     if not presence:
         return _NO_PRESENCE
+    if type(presence) is _StoredPresence:
+        return presence.segment
     parts = [_COUNT.pack(len(presence))]
     for crisis_id, p in presence.items():
         name = crisis_id.encode("utf-8")
@@ -90,9 +106,11 @@ def _presence_segment(presence: Mapping[str, Presence]) -> bytes:
 
 
 def _read_presence(segment: bytes | memoryview, at: int = 0) -> dict[str, Presence]:
+    start = at
     (count,) = _COUNT.unpack_from(segment, at)
     at += _COUNT.size
     out: dict[str, Presence] = {}
+    canonical = True  # as _presence_segment writes these presences, byte for byte
     for _ in range(count):
         (size,) = _ID.unpack_from(segment, at)
         at += _ID.size
@@ -102,9 +120,15 @@ def _read_presence(segment: bytes | memoryview, at: int = 0) -> dict[str, Presen
         at += _ENTRY.size
         out[crisis_id] = Presence(_STATUSES[status], version, seq, bool(flags & 1),
                                   _time(leaving, zone) if flags & 2 else None)
+        if flags > 3 or (not flags & 2 and (leaving or zone)):
+            canonical = False
     if at != len(segment):
         raise ValueError(f"a citizen state has {len(segment) - at} bytes too many")
-    return out
+    if not canonical or len(out) != count or not out:
+        return out
+    stored = _StoredPresence(bytes(segment[start:at]))
+    stored.update(out)
+    return stored
 
 
 def _crisis_ids(segment: bytes) -> list[str]:
