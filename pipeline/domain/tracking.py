@@ -243,11 +243,11 @@ class Tracker:
                 continue
             state = CitizenState(checkin.citizen_id, checkin.lat, checkin.lon, checkin.accuracy_m, checkin.observed_at,
                                  prev.presence if prev is not None else {})
-            found = matches[i]
-            if not found and not state.presence:  # near no crisis, told of none: only the location changes
+            reached = matches[i]
+            if not reached and not state.presence:  # near no crisis, told of none: only the location changes
                 changed[checkin.citizen_id] = state
                 continue
-            relevant = {cid for cid, d in found.items() if d <= index.by_id[cid].crisis.buffer_km} \
+            relevant = {cid for cid, d in reached.items() if d <= index.by_id[cid].crisis.buffer_km} \
                 | {cid for cid, p in state.presence.items() if p.status != "out"}
             for crisis_id in sorted(relevant):
                 item = index.by_id.get(crisis_id)
@@ -255,7 +255,7 @@ class Tracker:
                     if crisis_id in self.ended:  # ended while this citizen's state still mentioned it
                         state = state.with_presence(crisis_id, None)
                     continue  # otherwise not known here yet: keep what the citizen was told
-                distance = found[crisis_id] if crisis_id in found else item.distance_km(state.lat, state.lon)
+                distance = reached[crisis_id] if crisis_id in reached else item.distance_km(state.lat, state.lon)
                 state, warning = self._move(state, item, distance, now or checkin.observed_at)
                 if warning is not None:
                     warnings.append(warning)
