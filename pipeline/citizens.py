@@ -47,6 +47,7 @@ _ID = struct.Struct("<H")  # length of a crisis id (UTF-8), the id follows
 # status, crisis version, seq, flags (1: warned, 2: leaving), leaving_since (µs), its UTC offset (minutes)
 _ENTRY = struct.Struct("<BqqBqh")
 _NO_PRESENCE: Final = _COUNT.pack(0)
+_FORMAT_BYTE: Final = bytes([FORMAT])
 _STATUSES: Final = ("in", "near", "out")
 _STATUS_CODE: Final = {status: code for code, status in enumerate(_STATUSES)}
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -70,15 +71,31 @@ def _micros(at: datetime) -> tuple[int, int]:
 
 
 def _time(micros: int, minutes: int) -> datetime:
+    if not minutes:
+        return _EPOCH + timedelta(0, 0, micros)
     zone = _ZONES.get(minutes)
     if zone is None:
         zone = _ZONES.setdefault(minutes, timezone(timedelta(minutes=minutes)))
     return (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
 
 
+class _StoredPresence(dict[str, Presence]):
+    """Presences read from a segment, with that segment: a state written back with the same presences
+    (most check-ins) is not encoded again. Presences are never changed in place (the tracker builds a
+    new mapping for a change), so the segment stays theirs."""
+
+    __slots__ = ("segment",)
+
+    def __init__(self, segment: bytes) -> None:
+        super().__init__()
+        self.segment = segment
+
+
 def _presence_segment(presence: Mapping[str, Presence]) -> bytes:
     if not presence:
         return _NO_PRESENCE
+    if type(presence) is _StoredPresence:
+        return presence.segment
     parts = [_COUNT.pack(len(presence))]
     for crisis_id, p in presence.items():
         name = crisis_id.encode("utf-8")
@@ -89,9 +106,11 @@ def _presence_segment(presence: Mapping[str, Presence]) -> bytes:
 
 
 def _read_presence(segment: bytes | memoryview, at: int = 0) -> dict[str, Presence]:
+    start = at
     (count,) = _COUNT.unpack_from(segment, at)
     at += _COUNT.size
     out: dict[str, Presence] = {}
+    canonical = True  # as _presence_segment writes these presences, byte for byte
     for _ in range(count):
         (size,) = _ID.unpack_from(segment, at)
         at += _ID.size
@@ -101,9 +120,15 @@ def _read_presence(segment: bytes | memoryview, at: int = 0) -> dict[str, Presen
         at += _ENTRY.size
         out[crisis_id] = Presence(_STATUSES[status], version, seq, bool(flags & 1),
                                   _time(leaving, zone) if flags & 2 else None)
+        if flags > 3 or (not flags & 2 and (leaving or zone)):
+            canonical = False
     if at != len(segment):
         raise ValueError(f"a citizen state has {len(segment) - at} bytes too many")
-    return out
+    if not canonical or len(out) != count or not out:
+        return out
+    stored = _StoredPresence(bytes(segment[start:at]))
+    stored.update(out)
+    return stored
 
 
 def _crisis_ids(segment: bytes) -> list[str]:
@@ -332,6 +357,12 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
             row = self._new_row(key, partition)
         elif partition is not None:
             self.part[row] = partition
+        if type(value) is bytes and value[:1] == _FORMAT_BYTE and row not in self._whole \
+                and value[_HEAD.size:] == self._presence.get(row, _NO_PRESENCE):
+            # The common write: a new location, the same presences (a check-in that changed nothing
+            # else). The segment was read when it was stored, so the holders index stands as it is.
+            _, self.lat[row], self.lon[row], self._t[row], self._acc[row], self._zone[row] = _HEAD.unpack_from(value, 0)
+            return row
         if not isinstance(value, Mapping) and value[:1] == bytes([FORMAT]):
             try:
                 head = _HEAD.unpack_from(value, 0)
@@ -462,6 +493,35 @@ class CitizenColumns(MutableMapping[bytes, bytes]):
         if not self._live[row]:
             raise KeyError(row)
         return self._index.key(row)
+
+    def states_of(self, citizen_ids: Iterable[str]) -> dict[str, CitizenState]:
+        """The states of the known ones of these citizens (what :meth:`state` reads, row by row), their
+        locations gathered from the columns in one vectorised read. Their rows are remembered, as
+        their new states will likely be written next. Raises if one cannot be read."""
+        index = self._index
+        found: list[tuple[str, int]] = []
+        for citizen_id in citizen_ids:
+            key = citizen_id.encode("utf-8")
+            row = index.row(key)
+            if row is not None:
+                index.remember(key, row)
+                found.append((citizen_id, row))
+        if not found:
+            return {}
+        rows = np.fromiter((row for _, row in found), dtype=np.intp, count=len(found))
+        whole, presence = self._whole, self._presence
+        out: dict[str, CitizenState] = {}
+        for (citizen_id, row), lat, lon, t, accuracy, zone in zip(
+                found, self.lat[rows].tolist(), self.lon[rows].tolist(), self._t[rows].tolist(),
+                self._acc[rows].tolist(), self._zone[rows].tolist(), strict=True):
+            raw = whole.get(row)
+            if raw is not None:
+                out[citizen_id] = decode_state(citizen_id, raw)
+                continue
+            segment = presence.get(row)
+            out[citizen_id] = CitizenState(citizen_id, lat, lon, None if math.isnan(accuracy) else accuracy,
+                                           _time(t, zone), {} if segment is None else _read_presence(segment))
+        return out
 
     def state(self, row: int) -> CitizenState:
         """The state of the citizen in a row."""

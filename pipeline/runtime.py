@@ -181,9 +181,11 @@ class GeofenceRuntime:
         raw = self.states.get(citizen_id)
         return None if raw is None else decode_state(citizen_id, raw)
 
-    def _value(self, state: CitizenState) -> Any:
-        """A state as the mapping stores it: compact bytes in columns, the JSON-shaped dict elsewhere."""
-        return encode_state(state) if isinstance(self.states, ColumnarStates) else state.to_dict()
+    def _states_of(self, citizen_ids: Sequence[str]) -> dict[str, CitizenState]:
+        """The known states of these citizens; from the columns in one vectorised read where there are."""
+        if isinstance(self.states, ColumnarStates):
+            return self.states.columns.states_of(citizen_ids)
+        return {citizen_id: state for citizen_id in citizen_ids if (state := self._state(citizen_id)) is not None}
 
     def _owned(self) -> tuple[CitizenColumns, Collection[int] | None]:
         """This worker's citizens in columns, and the partitions to keep of them (None: all)."""
@@ -208,8 +210,9 @@ class GeofenceRuntime:
             for kind, count in Counter(w.kind for w in outcome.warnings).items():
                 self.metrics.warnings.labels(kind=kind).inc(count)
             self.metrics.first_warning.sent((w.crisis_id for w in outcome.warnings), time.time())
+        states, encoded = self.states, isinstance(self.states, ColumnarStates)
         for citizen_id, state in outcome.states.items():
-            self.states[citizen_id] = self._value(state)
+            states[citizen_id] = encode_state(state) if encoded else state.to_dict()
         if isinstance(self.states, DurableStates):
             if settle:
                 await self.states.persisted()
@@ -278,7 +281,7 @@ class GeofenceRuntime:
         """The isolated step: geofence, send the warnings, then store the new states. Safe to re-run on
         part of a batch (see :mod:`pipeline.stage`): warnings first, states after, deterministic ids."""
         checkins = [checkin for _, checkin in batch]
-        states = {c.citizen_id: s for c in checkins if (s := self._state(c.citizen_id)) is not None}
+        states = self._states_of([c.citizen_id for c in checkins])
         outcome = self.tracker.on_checkins(checkins, states, self.clock())
         await self._commit(outcome, settle=False)
         return outcome

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -116,6 +116,9 @@ class TrackerSnapshot:
     crises: Mapping[str, Crisis]
     ended: Mapping[str, int]
     finished: Mapping[str, Crisis]
+
+
+_OUT: Final = Presence()  # what a citizen holds about a crisis they were never told of
 
 
 class Tracker:
@@ -240,7 +243,11 @@ class Tracker:
                 continue
             state = CitizenState(checkin.citizen_id, checkin.lat, checkin.lon, checkin.accuracy_m, checkin.observed_at,
                                  prev.presence if prev is not None else {})
-            relevant = {cid for cid, d in matches[i].items() if d <= index.by_id[cid].crisis.buffer_km} \
+            reached = matches[i]
+            if not reached and not state.presence:  # near no crisis, told of none: only the location changes
+                changed[checkin.citizen_id] = state
+                continue
+            relevant = {cid for cid, d in reached.items() if d <= index.by_id[cid].crisis.buffer_km} \
                 | {cid for cid, p in state.presence.items() if p.status != "out"}
             for crisis_id in sorted(relevant):
                 item = index.by_id.get(crisis_id)
@@ -248,7 +255,7 @@ class Tracker:
                     if crisis_id in self.ended:  # ended while this citizen's state still mentioned it
                         state = state.with_presence(crisis_id, None)
                     continue  # otherwise not known here yet: keep what the citizen was told
-                distance = matches[i][crisis_id] if crisis_id in matches[i] else item.distance_km(state.lat, state.lon)
+                distance = reached[crisis_id] if crisis_id in reached else item.distance_km(state.lat, state.lon)
                 state, warning = self._move(state, item, distance, now or checkin.observed_at)
                 if warning is not None:
                     warnings.append(warning)
@@ -291,30 +298,44 @@ class Tracker:
     def _move(self, state: CitizenState, item: IndexedCrisis, distance: float,
               now: datetime) -> tuple[CitizenState, Warning | None]:
         crisis = item.crisis
-        presence = state.presence.get(crisis.crisis_id, Presence())
-        band = crisis.buffer_km
-        margin = self._margin_km(state)
-        kind: WarningKind | None = None
-        new = presence
+        presence = state.presence.get(crisis.crisis_id, _OUT)
+        status = presence.status
+        # Most check-ins change nothing (still inside, still near): they return at once, with no new
+        # Presence or CitizenState built (``_emit`` would find the new presence equal and keep the state).
         if distance == 0.0:
-            new = replace(presence, leaving_since=None)
-            if presence.status != "in":
-                kind, new = "entered", replace(new, status="in")
-        elif presence.status == "in":
-            if distance <= margin:
-                new = replace(presence, leaving_since=None)
-            else:
-                since = presence.leaving_since or state.observed_at
-                if (state.observed_at - since).total_seconds() >= self.config.dwell_seconds:
-                    kind, new = "exited", replace(presence, status="near" if distance <= band else "out", leaving_since=None)
-                else:
-                    new = replace(presence, leaving_since=since)
-        elif distance <= band:
-            if presence.status == "out":
-                kind, new = "near", replace(presence, status="near")
-        elif presence.status == "near" and distance > band + margin:
-            new = replace(presence, status="out")
-        return self._emit(state, crisis, presence, new, kind, distance, now)
+            if status == "in":
+                if presence.leaving_since is None:
+                    return state, None
+                return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq,
+                                                                    presence.warned, None), None, distance, now)
+            return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq, presence.warned,
+                                                                None), "entered", distance, now)
+        band = crisis.buffer_km
+        if status == "in":
+            if distance <= self._margin_km(state):
+                if presence.leaving_since is None:
+                    return state, None
+                return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq,
+                                                                    presence.warned, None), None, distance, now)
+            since = presence.leaving_since or state.observed_at
+            if (state.observed_at - since).total_seconds() >= self.config.dwell_seconds:
+                return self._emit(state, crisis, presence,
+                                  Presence("near" if distance <= band else "out", presence.version, presence.seq,
+                                           presence.warned, None), "exited", distance, now)
+            if since is presence.leaving_since:
+                return state, None
+            return self._emit(state, crisis, presence, Presence("in", presence.version, presence.seq, presence.warned,
+                                                                since), None, distance, now)
+        if distance <= band:
+            if status == "out":
+                return self._emit(state, crisis, presence, Presence("near", presence.version, presence.seq,
+                                                                    presence.warned, presence.leaving_since),
+                                  "near", distance, now)
+            return state, None
+        if status == "near" and distance > band + self._margin_km(state):
+            return self._emit(state, crisis, presence, Presence("out", presence.version, presence.seq, presence.warned,
+                                                                presence.leaving_since), None, distance, now)
+        return state, None
 
     def _emit(self, state: CitizenState, crisis: Crisis, old: Presence, new: Presence, kind: WarningKind | None,
               distance: float, now: datetime) -> tuple[CitizenState, Warning | None]:
