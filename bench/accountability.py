@@ -2,7 +2,7 @@
 
     python -m bench.accountability [--facts 20000] [--repeat 3] [--compare DIR]
 
-On an embedded broker of its own (4 partitions, the embedded profile's one-record producer batches,
+On an embedded broker of its own (4 partitions, the producers' own batching,
 as ``crisiswatch up`` runs it), warnings, delivery outcomes and replies about many citizens of a few
 crises are preloaded on their topics; then one accountability process reads them all: re-keys them by
 crisis, folds them into the standings and writes the standings to its changelog. The rate counts the
@@ -159,7 +159,7 @@ def main() -> None:
     results = run(args.quick, args.compare)
     this = results["accountability_facts_per_s"]
     print(f"accountability: {len(facts(6_000 if args.quick else 20_000)):,} facts (warnings, deliveries, replies) of "
-          f"{CRISES} crises, {PARTITIONS} partitions, one process, one-record producer batches")
+          f"{CRISES} crises, {PARTITIONS} partitions, one process, the producers' own batching")
     print(f"  this checkout      {', '.join(f'{r:,.0f}' for r in this)} facts/s")
     if args.compare is not None:
         other = results["accountability_facts_per_s_compared"]
