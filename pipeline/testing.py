@@ -17,6 +17,16 @@ from schemas import Checkin, Crisis
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
+# Areas that test the geofence's edge cases: one split at the antimeridian, one with a hole.
+FIJI_SPLIT: dict[str, Any] = {"type": "MultiPolygon", "coordinates": [
+    [[[178.0, -18.5], [180.0, -18.5], [180.0, -16.0], [178.0, -16.0], [178.0, -18.5]]],
+    [[[-180.0, -18.5], [-179.0, -18.5], [-179.0, -16.0], [-180.0, -16.0], [-180.0, -18.5]]],
+]}
+DONUT: dict[str, Any] = {"type": "Polygon", "coordinates": [
+    [[10.0, 10.0], [12.0, 10.0], [12.0, 12.0], [10.0, 12.0], [10.0, 10.0]],
+    [[10.5, 10.5], [10.5, 11.5], [11.5, 11.5], [11.5, 10.5], [10.5, 10.5]],
+]}
+
 
 def square(lon: float, lat: float, half_side_deg: float) -> dict[str, Any]:
     """A GeoJSON square centred on (lon, lat)."""

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 from pipeline.domain.validation import decode_event
 from pipeline.testing import make_crisis, square
 from producers.api import MAX_BATCH, decode_json, parse_checkin_body, parse_checkins
-from schemas import Checkin, InvalidEvent, check, decode, encode, from_obj
-from schemas.codec import MAX_MESSAGE_BYTES, parse_json, validator
+from schemas import Checkin, InvalidEvent, check, encode
+from schemas.codec import parse_json, validator
 from schemas.fast import api_checkins, checkin
+from tests import fast_path_checks
+from tests.fast_path_checks import FRAMING_MUTATIONS, agreed
 
 VALID: dict[str, Any] = {"schema": "checkin/1", "citizen_id": "c-1", "lat": -6.2, "lon": 106.8, "accuracy_m": 12.5,
                          "observed_at": "2026-01-01T12:00:00+07:00", "source": "app"}
@@ -41,29 +43,18 @@ values = st.one_of(st.sampled_from(EDGES), st.none(), st.booleans(), st.integers
 
 
 def full(raw: bytes) -> Checkin | None:
-    """The generic path, never the fast one: parse, JSON Schema, model."""
-    try:
-        return from_obj(parse_json(raw), Checkin)
-    except InvalidEvent:
-        return None
+    return fast_path_checks.full(raw, Checkin)
 
 
 def verdict(raw: bytes) -> Checkin | None:
-    fast, reference = checkin(raw), full(raw)
-    assert fast is None or fast == reference, (raw, fast, reference)
-    try:
-        decoded: Checkin | None = decode(raw, Checkin)
-    except InvalidEvent:
-        decoded = None
-    assert decoded == reference, raw
+    fast = agreed(raw, Checkin, checkin)
     if fast is not None:  # what the API publishes without a second decode is what a stage reads
         assert decode_event(encode(fast), Checkin, fast.observed_at) == fast
     return fast
 
 
 # Byte-level changes no object-level mutation makes: escapes, encodings, duplicates, nesting, framing.
-BYTE_MUTATIONS = [
-    lambda b: b"\xef\xbb\xbf" + b, lambda b: b" \n\t" + b + b"\r\n", lambda b: b + b"x", lambda b: b[:-1],
+BYTE_MUTATIONS = [*FRAMING_MUTATIONS,
     lambda b: b.replace(b'"c-1"', b'"c\\u002d1"'), lambda b: b.replace(b'"c-1"', b'"c-1\\u0000"'),
     lambda b: b.replace(b'"c-1"', b'"c-1\\ud800"'), lambda b: b.replace(b'"c-1"', b'"c-1\xff"'),
     lambda b: b.replace(b'"c-1"', b'"c-1\xed\xa0\x80"'), lambda b: b.replace(b'"app"', b'"\\u0061pp"'),
@@ -71,11 +62,8 @@ BYTE_MUTATIONS = [
     lambda b: b.replace(b'"lat":-6.2', b'"lat":1e400'), lambda b: b.replace(b'"lat":-6.2', b'"lat":-6.2e0'),
     lambda b: b.replace(b'"lat":-6.2', b'"lat":NaN'), lambda b: b.replace(b'"lat":-6.2', b'"lat":' + b"9" * 5000),
     lambda b: b.replace(b'"lat":-6.2', b'"lat":-0'), lambda b: b.replace(b'"lat":-6.2', b'"lat":-6.20000000000000000001'),
-    lambda b: b.replace(b'"source"', b'"sourc\\u0065"'), lambda b: b.replace(b'"schema"', b'"Schema"'),
-    lambda b: b[:-1] + b',"x":' + b"[" * 70 + b"]" * 70 + b"}", lambda b: b[:-1] + b',"x":"\\u0000"}',
-    lambda b: b[:-1] + b',"x":' + str(2**63).encode() + b"}", lambda b: b[:-1] + b',"x":1}',
-    lambda b: b[:-1] + b',"\\ud800":1}', lambda b: b"[" + b + b"]", lambda b: json.dumps(json.loads(b)).encode("utf-16"),
-    lambda b: b[:-1] + b',"pad":"' + b"x" * MAX_MESSAGE_BYTES + b'"}', lambda b: b.replace(b"{", b"{ ", 1),
+    lambda b: b.replace(b'"source"', b'"sourc\\u0065"'), lambda b: b[:-1] + b',"x":"\\u0000"}',
+    lambda b: b[:-1] + b',"x":' + str(2**63).encode() + b"}", lambda b: b[:-1] + b',"\\ud800":1}',
 ]
 
 

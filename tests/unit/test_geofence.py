@@ -9,17 +9,7 @@ import pytest
 from geopy.distance import geodesic
 
 from pipeline.domain.geofence import CrisisIndex
-from pipeline.testing import make_crisis, square
-
-FIJI_SPLIT = {"type": "MultiPolygon", "coordinates": [
-    [[[178.0, -18.5], [180.0, -18.5], [180.0, -16.0], [178.0, -16.0], [178.0, -18.5]]],
-    [[[-180.0, -18.5], [-179.0, -18.5], [-179.0, -16.0], [-180.0, -16.0], [-180.0, -18.5]]],
-]}
-
-DONUT = {"type": "Polygon", "coordinates": [
-    [[10.0, 10.0], [12.0, 10.0], [12.0, 12.0], [10.0, 12.0], [10.0, 10.0]],
-    [[10.5, 10.5], [10.5, 11.5], [11.5, 11.5], [11.5, 10.5], [10.5, 10.5]],
-]}
+from pipeline.testing import DONUT, FIJI_SPLIT, make_crisis, square
 
 
 def kinds(index: CrisisIndex, lat: float, lon: float) -> dict[str, float]:

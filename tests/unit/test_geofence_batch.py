@@ -5,16 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.domain.geofence import CrisisIndex
-from pipeline.testing import make_crisis, square
-
-FIJI_SPLIT = {"type": "MultiPolygon", "coordinates": [
-    [[[178.0, -18.5], [180.0, -18.5], [180.0, -16.0], [178.0, -16.0], [178.0, -18.5]]],
-    [[[-180.0, -18.5], [-179.0, -18.5], [-179.0, -16.0], [-180.0, -16.0], [-180.0, -18.5]]],
-]}
-DONUT = {"type": "Polygon", "coordinates": [
-    [[10.0, 10.0], [12.0, 10.0], [12.0, 12.0], [10.0, 12.0], [10.0, 10.0]],
-    [[10.5, 10.5], [10.5, 11.5], [11.5, 11.5], [11.5, 10.5], [10.5, 10.5]],
-]}
+from pipeline.testing import DONUT, FIJI_SPLIT, make_crisis, square
 
 
 def index_and_points() -> tuple[CrisisIndex, np.ndarray, np.ndarray]:

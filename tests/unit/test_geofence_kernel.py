@@ -21,16 +21,8 @@ from bench.workload import workload
 from pipeline.domain.geofence import CrisisIndex, IndexedCrisis, ellipsoid_distance_km
 from pipeline.domain.nearest import CHUNK, RingSegments
 from pipeline.domain.tracking import CitizenState, Tracker
-from pipeline.testing import T0, make_checkin, make_crisis, square
+from pipeline.testing import DONUT, FIJI_SPLIT, T0, make_checkin, make_crisis, square
 
-FIJI_SPLIT = {"type": "MultiPolygon", "coordinates": [
-    [[[178.0, -18.5], [180.0, -18.5], [180.0, -16.0], [178.0, -16.0], [178.0, -18.5]]],
-    [[[-180.0, -18.5], [-179.0, -18.5], [-179.0, -16.0], [-180.0, -16.0], [-180.0, -18.5]]],
-]}
-DONUT = {"type": "Polygon", "coordinates": [
-    [[10.0, 10.0], [12.0, 10.0], [12.0, 12.0], [10.0, 12.0], [10.0, 10.0]],
-    [[10.5, 10.5], [10.5, 11.5], [11.5, 11.5], [11.5, 10.5], [10.5, 10.5]],
-]}
 TWO_PARTS = {"type": "MultiPolygon", "coordinates": [  # two parts 0.02° apart, one with a hole
     [[[20.0, 40.0], [20.3, 40.0], [20.3, 40.3], [20.0, 40.3], [20.0, 40.0]],
      [[20.1, 40.1], [20.1, 40.2], [20.2, 40.2], [20.2, 40.1], [20.1, 40.1]]],

@@ -6,7 +6,7 @@ chunk's, and nothing counts as done (offsets) before every one of them is durabl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -16,9 +16,10 @@ from prometheus_client import CollectorRegistry
 from pipeline.app import EXIT_UNFINISHED, finish_or_exit
 from pipeline.domain.tracking import GeofenceConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.runtime import DurableStates, GeofenceRuntime, RawMessage
+from pipeline.runtime import GeofenceRuntime, RawMessage
 from pipeline.testing import T0, make_checkin, make_crisis, square
 from schemas import Warning, encode
+from tests.unit.test_runtime import SlowStates  # the same mapping; its writes are acknowledged on cue here
 
 AREA = square(106.8, -6.2, 0.1)
 
@@ -42,32 +43,18 @@ class JournalEmitter:
         raise AssertionError("nothing here is bad")
 
 
-class ChangelogStates(DurableStates):
+class ChangelogStates(SlowStates):
     """Writes become durable when the test releases them (a changelog whose acks the test controls)."""
 
     def __init__(self, journal: Journal, fail: bool = False) -> None:
+        super().__init__(fail)
         self.journal = journal
-        self.data: dict[str, object] = {}
-        self.durable: dict[str, object] = {}
         self.unsent: list[str] = []
         self.acks: list[asyncio.Future[None]] = []
-        self.fail = fail
-
-    def __getitem__(self, key: str) -> object:
-        return self.data[key]
 
     def __setitem__(self, key: str, value: object) -> None:
         self.data[key] = value
         self.unsent.append(key)
-
-    def __delitem__(self, key: str) -> None:
-        del self.data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     async def persisted(self) -> None:
         await asyncio.gather(*await self.handed())

@@ -5,23 +5,14 @@ give exactly what the long way gives."""
 from __future__ import annotations
 
 import struct
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 import pytest
 
 from pipeline.citizens import _COUNT, _HEAD, FORMAT, CitizenColumns, decode_state, encode_state
 from pipeline.domain.tracking import CitizenState, Presence
 from pipeline.testing import T0
-
-JAKARTA = timezone(timedelta(hours=7))
-STATES = [
-    CitizenState("a", -6.2, 106.8, 10.0, T0),
-    CitizenState("b", 1e-9, -179.99999999, None, T0.astimezone(JAKARTA) + timedelta(microseconds=7)),
-    CitizenState("ü-ß", 48.85, 2.35, 3.5, T0, {
-        "flood": Presence("in", 3, 2, True, T0 + timedelta(seconds=30)),
-        "fire": Presence("near", 1, 1, True),
-        "quake-é": Presence("out", 2, 5, False, (T0 - timedelta(days=400)).astimezone(JAKARTA))}),
-]
+from tests.unit.test_citizens import JAKARTA, STATES  # the same awkward states as the layout's own tests
 
 
 @pytest.mark.parametrize("state", STATES, ids=lambda s: s.citizen_id)
